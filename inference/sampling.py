@@ -1,0 +1,93 @@
+"""Shared denoising and decoding steps used by every method.
+
+Kept apart from the methods so that `independent`, `joint` and editing produce latents and
+pixels the same way (same noise, same upcasting, same clipping).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import Cancelled
+from .progress import CancelToken, Progress, ProgressCallback
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell, from the VAE's depth (8 for every SD VAE; never hard-coded)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def initial_noise(seed: int, vae, unet, width: int, height: int, device, dtype) -> torch.Tensor:
+    """Seeded starting noise drawn on the CPU so a seed means the same image on every device."""
+    f = vae_scale_factor(vae)
+    shape = (1, unet.config.in_channels, height // f, width // f)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def job_pipeline(pipeline):
+    """A pipeline sharing the loaded modules but with its own scheduler (schedulers hold state)."""
+    scheduler = pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
+    components = {**pipeline.components, "scheduler": scheduler}
+    return pipeline.__class__(**components)
+
+
+def denoise(pipe, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+            guidance: float, noise: torch.Tensor, progress: ProgressCallback,
+            cancel: CancelToken, layer: int, layers: int) -> torch.Tensor:
+    """Run the pipeline's sampler to the final latent (scaled, as the UNet sees it).
+
+    Cancel is checked after every step and raises out of the sampler, so a cancelled job
+    stops within one step and never reaches the VAE.
+    """
+
+    def on_step_end(_pipe, step, _timestep, kwargs):
+        if cancel.cancelled:
+            raise Cancelled(cancel.reason)
+        progress(Progress(phase="denoise", step=step + 1, total=steps, layer=layer, layers=layers))
+        return kwargs
+
+    progress(Progress(phase="denoise", step=0, total=steps, layer=layer, layers=layers))
+    out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, width=width, height=height,
+               num_inference_steps=steps, guidance_scale=guidance, latents=noise,
+               output_type="latent", callback_on_step_end=on_step_end, return_dict=False)
+    return out[0]
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """From the UNet's latent space back to the VAE's (`z / scaling_factor`, or mean/std)."""
+    cfg = vae.config
+    mean = getattr(cfg, "latents_mean", None)
+    std = getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return latents * std_t / cfg.scaling_factor + mean_t
+    return latents / cfg.scaling_factor
+
+
+@torch.inference_mode()
+def decode_rgb(vae, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode UNet latents to RGB in [0, 1]; returns (pixels, unscaled latents) in float32.
+
+    The SDXL VAE overflows in fp16 (`force_upcast`), so decoding runs in float32 then.
+    """
+    z = unscale_latents(vae, latents)
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        decode_dtype = next(vae.post_quant_conv.parameters()).dtype if vae.post_quant_conv is not None \
+            else vae.dtype
+        image = vae.decode(z.to(decode_dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    pixels = (image.float() * 0.5 + 0.5).clamp(0, 1)
+    return pixels, z.float()
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[1, C, H, W] float in [0, 1] → (H, W, C) uint8, rounding half up like PIL does."""
+    arr = image[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return np.floor(arr * 255.0 + 0.5).astype(np.uint8)

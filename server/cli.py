@@ -1,0 +1,197 @@
+"""Command line: `python -m server generate|serve|demo`.
+
+Bad input prints one clear line on stderr and exits with code 2, before anything is
+written or loaded. Engine errors (missing weights...) exit with 1 and their message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + exits 2; we want one line
+        raise UsageError(message)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"box {text!r} must be x0,y0,x1,y1 numbers") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"box {text!r} must have 4 numbers x0,y0,x1,y1")
+    return values  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m server", description="Multiplane inference engine and server")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate one layer stack into a folder")
+    add_generation_arguments(gen)
+    gen.add_argument("--out", required=True, type=Path, help="stack folder to create (must not exist)")
+
+    demo = sub.add_parser("demo", help="the main job, headless: generate a stack (and a .blend when available)")
+    demo.add_argument("--out", type=Path, default=Path("demo"))
+    demo.add_argument("--model", default=None, help="default: sdxl when its weights are present, else tiny")
+    demo.add_argument("--device", default="auto")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (the Blender add-on starts this)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    serve.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    serve.add_argument("--output-root", type=Path, default=None)
+    serve.add_argument("--models-dir", type=Path, default=None)
+    serve.add_argument("--device", default="auto")
+    return parser
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    from inference.request import StackRequest
+
+    d = StackRequest(prompt="")
+    p.add_argument("--prompt", required=True, help="the global scene prompt, shared by all layers")
+    p.add_argument("--negative", "--negative-prompt", dest="negative", default="")
+    p.add_argument("--background", default="", help="the background layer's own prompt")
+    p.add_argument("--layer", action="append", default=[], metavar="PROMPT",
+                   help="a foreground layer's prompt, back to front; repeat for more layers")
+    p.add_argument("--box", action="append", default=[], type=parse_box, metavar="X0,Y0,X1,Y1",
+                   help="optional normalized layout box for the layer at the same position")
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--method", default=d.method)
+    p.add_argument("--tta", type=int, default=d.tta_passes, help="transparent decoder passes: 1, 2, 4 or 8")
+    p.add_argument("--model", default="sdxl", help="tiny, sdxl, sd15, a diffusers folder or a .safetensors file")
+    p.add_argument("--models-dir", type=Path, default=None, help="extra folder searched for weight files")
+    p.add_argument("--offline", action="store_true", help="never download; fail with the list of missing files")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--offload", action="store_true", help="model CPU offload (low GPU memory)")
+    p.add_argument("--vae-tiling", action="store_true", help="tile the VAE decode (low memory)")
+    p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
+    p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def request_from_args(args):
+    """Build and validate the StackRequest; raises InvalidRequest naming the field."""
+    from inference.errors import InvalidRequest
+    from inference.request import LayerSpec, StackRequest
+
+    if len(args.box) > len(args.layer):
+        raise InvalidRequest("box", f"{len(args.box)} boxes given for {len(args.layer)} layers")
+    layers = tuple(LayerSpec(prompt=p, box=args.box[i] if i < len(args.box) else None)
+                   for i, p in enumerate(args.layer))
+    return StackRequest(prompt=args.prompt, background=args.background, layers=layers,
+                        negative_prompt=args.negative, width=args.width, height=args.height,
+                        steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        method=args.method, tta_passes=args.tta).validated()
+
+
+class ProgressBar:
+    """A one-line progress display on stderr (tqdm), one bar per phase and layer."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar = None
+        self._key = None
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        key = (p.phase, p.layer)
+        if key != self._key:
+            self.close()
+            self._key = key
+            label = p.phase if p.layer is None else f"{p.phase} layer {p.layer + 1}/{p.layers}"
+            if p.message:
+                label += f" {p.message}"
+            unit = "B" if p.phase == "download" else "it"
+            self._bar = tqdm(total=p.total or None, desc=label, unit=unit, unit_scale=p.phase == "download",
+                             leave=False, file=sys.stderr, dynamic_ncols=True)
+        if self._bar is not None:
+            if p.total and self._bar.total != p.total:
+                self._bar.total = p.total
+            self._bar.n = p.step
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def cmd_generate(args) -> int:
+    from inference.engine import Engine, EngineSettings
+    from inference.progress import CancelToken
+
+    request = request_from_args(args)  # InvalidRequest → exit 2 in main()
+    out = args.out
+    if out.exists():
+        raise UsageError(f"--out: {out} already exists; choose a new folder")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
+                                   allow_download=not args.offline, offload=args.offload,
+                                   vae_tiling=args.vae_tiling))
+    bar = ProgressBar(args.quiet)
+    cancel = CancelToken()
+    try:
+        stack = engine.generate(request, args.model, out, progress=bar, cancel=cancel,
+                                export_psd=args.psd, export_ora=args.ora)
+    except KeyboardInterrupt:
+        cancel.cancel("interrupted")
+        raise
+    finally:
+        bar.close()
+    print(f"wrote {out} ({len(stack.layers)} layers, {stack.width}x{stack.height}, "
+          f"{stack.timings.get('total', 0):.1f} s)")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from .process import run_server
+
+    return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
+                      output_root=args.output_root, device=args.device,
+                      models_dir=args.models_dir) or EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, model=args.model, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inference.errors import Cancelled, InvalidRequest, MultiplaneError
+
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"generate": cmd_generate, "serve": cmd_serve, "demo": cmd_demo}[args.command]
+        return handler(args)
+    except (UsageError, InvalidRequest) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Cancelled as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("cancelled: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MultiplaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
