@@ -1,0 +1,74 @@
+"""The CLI's contract for bad input: one clear line on stderr, exit code 2, nothing written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = ["--prompt", "a forest", "--layer", "a fox", "--width", "256", "--height", "256",
+        "--steps", "1", "--model", "tiny"]
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def replace(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize("change, needle", [
+    (("--prompt", ""), "prompt: must not be empty"),
+    (("--width", "300"), "width: must be a multiple of 64"),
+    (("--height", "128"), "height: must be in 256..2048"),
+    (("--width", "4096"), "width: must be in 256..2048"),
+    (("--steps", "0"), "steps: must be an integer in 1..150"),
+    (("--steps", "151"), "steps"),
+    (("--steps", "many"), "invalid int value"),
+    (("--model", "no-such-model"), "model"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, change, needle):
+    out = tmp_path / "stack"
+    result = run_cli("generate", *replace(GOOD, *change), "--out", str(out), "--offline", "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0]
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_many_layers(tmp_path):
+    args = list(GOOD)
+    for i in range(8):
+        args += ["--layer", f"thing {i}"]
+    result = run_cli("generate", *args, "--out", str(tmp_path / "s"), "--quiet")
+    assert result.returncode == 2
+    assert "layers: at most 8 foreground layers, got 9" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_folder_is_refused(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("mine")
+    result = run_cli("generate", *GOOD, "--out", str(tmp_path / "s"), "--quiet")
+    assert result.returncode == 2
+    assert "already exists" in result.stderr
+    assert (tmp_path / "s" / "keep.txt").read_text() == "mine"
+
+
+def test_more_boxes_than_layers(tmp_path):
+    result = run_cli("generate", *GOOD, "--box", "0,0,1,1", "--box", "0,0,.5,.5",
+                     "--out", str(tmp_path / "s"), "--quiet")
+    assert result.returncode == 2
+    assert "box" in result.stderr
+
+
+def test_malformed_box(tmp_path):
+    result = run_cli("generate", *GOOD, "--box", "0,0,1", "--out", str(tmp_path / "s"), "--quiet")
+    assert result.returncode == 2
+    assert "4 numbers" in result.stderr
