@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side ratios, printed as JSON (`make bench`)."""
