@@ -1,0 +1,687 @@
+"""The on-disk layer stack: round trip, compositing, determinism, atomic writes, strict reading,
+PSD/ORA exports. Small images (64x48) keep this fast."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference import stack as stack_module
+from inference.errors import Cancelled, StackFormatError
+from inference.progress import CancelToken
+from inference.stack import (
+    FORMAT_VERSION,
+    LayerStack,
+    StackExists,
+    StackLayer,
+    alpha_over,
+    cleanup_temp,
+    list_stacks,
+    load_layer_images,
+    load_png,
+    load_stack,
+    write_stack,
+)
+from inference.stack_export import export_ora, export_psd, ora_bytes
+
+H, W = 48, 64
+SHA = "sha256:" + "ab" * 32
+
+
+def make_layers(seed: int = 0, foregrounds: int = 2):
+    """Random pixels with alpha that covers 0, 255 and everything in between."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    fgs = []
+    for _ in range(foregrounds):
+        fg = rng.integers(0, 256, (H, W, 4), dtype=np.uint8)
+        fg[:8, :, 3] = 0
+        fg[8:16, :, 3] = 255
+        fgs.append(fg)
+    return background, fgs
+
+
+def make_stack(foregrounds: int = 2, **overrides) -> LayerStack:
+    layers = [StackLayer(name="", kind="background", prompt="a misty valley", seed=11)]
+    for i in range(foregrounds):
+        layers.append(StackLayer(name="" if i else "old oak", kind="foreground", prompt=f"thing {i}",
+                                 seed=100 + i, box=(0.1, 0.2, 0.6, 0.9) if i == 0 else None,
+                                 depth=4.5 if i == 0 else None))
+    fields = dict(
+        name="Valley", method="independent", width=W, height=H, prompt="fantasy landscape",
+        negative_prompt="blurry", seed=7, steps=20, guidance=5.5,
+        model={"preset": "sdxl", "base": "stabilityai/sdxl", "files": {"unet.safetensors": SHA, "vae": None}},
+        layers=layers, timings={"load": 1.25, "denoise": 3.5},
+    )
+    fields.update(overrides)
+    return LayerStack(**fields)
+
+
+@pytest.fixture
+def written(tmp_path):
+    """A valid stack folder with a mask and a blend; returns (folder, manifest, arrays)."""
+    background, fgs = make_layers()
+    mask = (np.arange(H * W, dtype=np.uint32).reshape(H, W) % 256).astype(np.uint8)
+    blended = 255 - background
+    folder = tmp_path / "out" / "valley"
+    result = write_stack(folder, make_stack(), background, fgs, masks=[None, mask], blended=blended)
+    return folder, result, dict(background=background, foregrounds=fgs, mask=mask, blended=blended)
+
+
+def hidden_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip(written):
+    folder, result, arrays = written
+    loaded = load_stack(folder)
+    assert loaded == result
+    assert load_stack(folder / "stack.json") == result
+    assert [layer.file for layer in loaded.layers] == ["background.png", "layer_01.png", "layer_02.png"]
+    assert [layer.name for layer in loaded.layers] == ["background", "old oak", "layer_02"]
+    assert loaded.layers[1].box == (0.1, 0.2, 0.6, 0.9) and loaded.layers[1].depth == 4.5
+    assert loaded.layers[2].mask == "mask_02.png" and loaded.layers[1].mask is None
+    assert loaded.blended == "blended.png" and loaded.composite == "composite.png"
+    assert loaded.model["files"] == {"unet.safetensors": SHA, "vae": None}
+    assert loaded.timings["denoise"] == 3.5 and loaded.timings["save"] > 0
+    assert loaded.name == "Valley" and loaded.format_version == FORMAT_VERSION
+    assert loaded.created.endswith("Z")
+
+    images = load_layer_images(loaded, folder)
+    np.testing.assert_array_equal(images[0], arrays["background"])
+    for got, want in zip(images[1:], arrays["foregrounds"]):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_png(folder / "mask_02.png", "L", W, H), arrays["mask"])
+    np.testing.assert_array_equal(load_png(folder / "blended.png", "RGB", W, H), arrays["blended"])
+    # Only what the format lists is in the folder.
+    assert sorted(os.listdir(folder)) == ["background.png", "blended.png", "composite.png", "layer_01.png",
+                                          "layer_02.png", "mask_02.png", "stack.json"]
+
+
+def test_json_round_trip_and_unknown_keys_ignored():
+    stack = make_stack(created="2025-01-02T03:04:05Z")
+    stack.layers[0].file = "background.png"
+    for i, layer in enumerate(stack.layers[1:], start=1):
+        layer.file = f"layer_{i:02d}.png"
+    stack.layers[0].name = "background"
+    stack.layers[2].name = "layer_02"
+    again = LayerStack.from_json(stack.to_json())
+    assert again.to_dict() == stack.to_dict()
+    data = json.loads(stack.to_json())
+    data["future_optional_key"] = {"x": 1}
+    data["layers"][1]["future_layer_key"] = 3
+    assert LayerStack.from_dict(data).to_dict() == stack.to_dict()
+
+
+def test_caller_stack_not_modified(tmp_path):
+    background, fgs = make_layers()
+    stack = make_stack()
+    before = stack.to_dict()
+    write_stack(tmp_path / "s", stack, background, fgs)
+    assert stack.to_dict() == before
+
+
+# --------------------------------------------------------------------------- compositing
+
+
+def test_alpha_over_matches_pillow():
+    background, fgs = make_layers(seed=3, foregrounds=3)
+    ours = alpha_over([background, *fgs])
+    assert ours.dtype == np.uint8 and ours.shape == (H, W, 3)
+    # Independent route: Pillow's integer alpha_composite on RGBA images.
+    canvas = Image.fromarray(np.dstack([background, np.full((H, W), 255, np.uint8)]), "RGBA")
+    for fg in fgs:
+        canvas = Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA"))
+    theirs = np.asarray(canvas)
+    assert (theirs[..., 3] == 255).all()
+    diff = np.abs(ours.astype(int) - theirs[..., :3].astype(int))
+    assert diff.max() <= 1
+    assert diff.mean() < 0.5
+
+
+def test_alpha_over_equals_premultiplied_over():
+    background, fgs = make_layers(seed=5, foregrounds=2)
+    # Premultiplied route with an explicit result alpha and un-premultiply at the end.
+    color = background.astype(np.float64) / 255.0
+    alpha = np.ones((H, W, 1))
+    for fg in fgs:
+        a = fg[..., 3:4] / 255.0
+        premultiplied = fg[..., :3] / 255.0 * a
+        color = premultiplied + color * (1 - a)
+        alpha = a + alpha * (1 - a)
+    expected = np.rint(color / alpha * 255.0)
+    got = alpha_over([background, *fgs]).astype(float)
+    assert np.abs(got - expected).max() <= 1
+    assert (got == expected).mean() > 0.99
+
+
+def test_alpha_over_edge_values():
+    background = np.full((2, 2, 3), 200, np.uint8)
+    fg = np.zeros((2, 2, 4), np.uint8)
+    fg[..., :3] = 100
+    fg[0, 0, 3] = 0      # invisible: background unchanged
+    fg[0, 1, 3] = 255    # opaque: foreground exactly
+    fg[1, 0, 3] = 128    # 100*128/255 + 200*127/255 = 149.80 -> 150
+    fg[1, 1, 3] = 51     # 100*0.2 + 200*0.8 = 180
+    out = alpha_over([background, fg])
+    assert out[0, 0].tolist() == [200] * 3
+    assert out[0, 1].tolist() == [100] * 3
+    assert out[1, 0].tolist() == [150] * 3
+    assert out[1, 1].tolist() == [180] * 3
+    np.testing.assert_array_equal(alpha_over([background]), background)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([], "at least the background"),
+    ([np.zeros((4, 4, 4), np.uint8)], "(H, W, 3)"),
+    ([np.zeros((4, 4, 3), np.float32)], "uint8"),
+    ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)], "layers_back_to_front[1]"),
+    ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 4), np.uint8)], "4x4"),
+])
+def test_alpha_over_rejects_bad_input(layers, message):
+    with pytest.raises(ValueError, match=None) as info:
+        alpha_over(layers)
+    assert message in str(info.value)
+
+
+def test_composite_file_is_alpha_over_of_layers(written):
+    folder, result, arrays = written
+    composite = load_png(folder / result.composite, "RGB", W, H)
+    np.testing.assert_array_equal(composite, alpha_over([arrays["background"], *arrays["foregrounds"]]))
+    canvas = Image.fromarray(np.dstack([arrays["background"], np.full((H, W), 255, np.uint8)]), "RGBA")
+    for fg in arrays["foregrounds"]:
+        canvas = Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA"))
+    assert np.abs(composite.astype(int) - np.asarray(canvas)[..., :3].astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    types, offset = [], 8
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        types.append(data[offset + 4:offset + 8])
+        offset += 12 + length
+    return types
+
+
+def test_bytes_are_deterministic(tmp_path):
+    background, fgs = make_layers(seed=9)
+    mask = np.full((H, W), 77, np.uint8)
+    first = write_stack(tmp_path / "one", make_stack(), background, fgs, masks=[mask, None],
+                        export_psd=True, export_ora=True)
+    second = write_stack(tmp_path / "two", make_stack(), background.copy(), [f.copy() for f in fgs],
+                         masks=[mask.copy(), None], export_psd=True, export_ora=True)
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert files == sorted(os.listdir(tmp_path / "two"))
+    for name in files:
+        if name == "stack.json":
+            continue
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+        if name.endswith(".png"):
+            types = png_chunk_types((tmp_path / "one" / name).read_bytes())
+            assert types[0] == b"IHDR" and types[-1] == b"IEND"
+            assert set(types) == {b"IHDR", b"IDAT", b"IEND"}, (name, types)
+    # Manifests differ only in the time of writing.
+    one, two = first.to_dict(), second.to_dict()
+    for d in (one, two):
+        d.pop("created"), d["timings"].pop("save"), d.pop("name")
+    assert one == two
+    # Different pixels give different bytes (the comparison above can fail).
+    fgs[0][20, 20, 0] ^= 1
+    write_stack(tmp_path / "three", make_stack(), background, fgs)
+    assert (tmp_path / "three" / "layer_01.png").read_bytes() != (tmp_path / "one" / "layer_01.png").read_bytes()
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def failing_after(monkeypatch, calls: int, action):
+    """Replace the PNG writer so that call number `calls` runs `action` first."""
+    real = stack_module._write_png
+    count = {"n": 0}
+
+    def writer(path, array):
+        count["n"] += 1
+        if count["n"] == calls:
+            action()
+        real(path, array)
+
+    monkeypatch.setattr(stack_module, "_write_png", writer)
+    return count
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    background, fgs = make_layers()
+
+    def boom():
+        raise OSError("disk full (simulated)")
+
+    count = failing_after(monkeypatch, 3, boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_stack(tmp_path / "s", make_stack(), background, fgs)
+    assert count["n"] == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_between_files_leaves_nothing(tmp_path, monkeypatch):
+    background, fgs = make_layers()
+    token = CancelToken()
+    count = failing_after(monkeypatch, 2, lambda: token.cancel("user pressed stop"))
+    with pytest.raises(Cancelled, match="user pressed stop"):
+        write_stack(tmp_path / "s", make_stack(), background, fgs, cancel=token)
+    assert count["n"] == 2  # the third file was never started
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_before_start_writes_nothing(tmp_path):
+    background, fgs = make_layers()
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        write_stack(tmp_path / "s", make_stack(), background, fgs, cancel=token)
+    assert list(tmp_path.iterdir()) == []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_existing_dest_refused_and_untouched(written):
+    folder, _, _ = written
+    before = snapshot(folder)
+    background, fgs = make_layers(seed=1)
+    with pytest.raises(StackExists, match="already exists.*overwrite=True"):
+        write_stack(folder, make_stack(), background, fgs)
+    assert snapshot(folder) == before
+    assert hidden_entries(folder.parent) == []
+
+
+def test_overwrite_replaces_and_cleans_up(written):
+    folder, _, _ = written
+    background, fgs = make_layers(seed=1, foregrounds=1)
+    result = write_stack(folder, make_stack(foregrounds=1), background, fgs, overwrite=True)
+    assert load_stack(folder) == result
+    assert sorted(os.listdir(folder)) == ["background.png", "composite.png", "layer_01.png", "stack.json"]
+    np.testing.assert_array_equal(load_layer_images(result, folder)[0], background)
+    assert hidden_entries(folder.parent) == []
+
+
+def test_failed_overwrite_keeps_old_stack(written, monkeypatch):
+    folder, _, _ = written
+    before = snapshot(folder)
+    background, fgs = make_layers(seed=1)
+
+    def boom():
+        raise OSError("simulated")
+
+    failing_after(monkeypatch, 2, boom)
+    with pytest.raises(OSError):
+        write_stack(folder, make_stack(), background, fgs, overwrite=True)
+    assert snapshot(folder) == before
+    assert hidden_entries(folder.parent) == []
+
+
+def test_failed_final_rename_restores_old_stack(written, monkeypatch):
+    folder, _, _ = written
+    before = snapshot(folder)
+    background, fgs = make_layers(seed=1)
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # old -> aside worked; temp -> dest fails
+            raise OSError("simulated rename failure")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(stack_module.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated rename"):
+        write_stack(folder, make_stack(), background, fgs, overwrite=True)
+    monkeypatch.undo()
+    assert calls[0][0] == "valley" and calls[0][1].startswith(".valley.old-")
+    assert calls[2] == (calls[0][1], "valley")
+    assert snapshot(folder) == before
+    assert hidden_entries(folder.parent) == []
+
+
+def test_overwrite_refuses_non_stack_folder(tmp_path):
+    precious = tmp_path / "documents"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    background, fgs = make_layers()
+    with pytest.raises(StackExists, match="not a layer stack"):
+        write_stack(precious, make_stack(), background, fgs, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "keep me"
+    assert hidden_entries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- write-side validation
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda a: a.update(background=a["background"][:, :, :2]), ValueError, "background: expected shape (H, W, 3)"),
+    (lambda a: a.update(background=a["background"].astype(np.float32)), ValueError, "background: expected dtype uint8"),
+    (lambda a: a.update(background=a["background"][:-1]), ValueError, "background: expected height x width 48x64"),
+    (lambda a: a["foregrounds"].__setitem__(1, a["foregrounds"][1][..., :3]), ValueError, "foregrounds[1] (layer_02)"),
+    (lambda a: a["foregrounds"].pop(), ValueError, "stack.layers has 3 entries"),
+    (lambda a: a.update(masks=[None]), ValueError, "masks has 1 entries"),
+    (lambda a: a.update(masks=[None, np.zeros((H, W, 1), np.uint8)]), ValueError, "masks[1]"),
+    (lambda a: a.update(blended=np.zeros((H, W, 4), np.uint8)), ValueError, "blended"),
+    (lambda a: a["stack"].layers[1].__setattr__("box", (0.5, 0.0, 0.2, 1.0)), StackFormatError, "layers[1].box"),
+    (lambda a: a["stack"].layers[2].__setattr__("seed", -1), StackFormatError, "layers[2].seed"),
+    (lambda a: a["stack"].layers[2].__setattr__("kind", "background"), StackFormatError, "layers[2].kind"),
+    (lambda a: a["stack"].layers[2].__setattr__("name", "old oak"), StackFormatError, "duplicate name 'old oak'"),
+    (lambda a: a["stack"].__setattr__("steps", "20"), StackFormatError, "steps"),
+    (lambda a: a["stack"].__setattr__("guidance", float("nan")), StackFormatError, "guidance"),
+    (lambda a: a["stack"].model.__setitem__("files", {"x": "md5:00"}), StackFormatError, "model.files['x']"),
+    (lambda a: a.update(dest_name=".hidden"), ValueError, "hidden"),
+])
+def test_write_rejects_bad_input(tmp_path, mutate, error, message):
+    background, fgs = make_layers()
+    args = dict(stack=make_stack(), background=background, foregrounds=fgs, masks=None, blended=None,
+                dest_name="s")
+    mutate(args)
+    dest = tmp_path / args.pop("dest_name")
+    with pytest.raises(error) as info:
+        write_stack(dest, **args)
+    assert message in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- read-side validation
+
+
+def edit_manifest(folder: Path, edit) -> Path:
+    path = folder / "stack.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+MANIFEST_CASES = [
+    (lambda d: d.update(format="something.else"), "format"),
+    (lambda d: d.update(format_version=FORMAT_VERSION + 1), "format_version"),
+    (lambda d: d.update(format_version="1"), "format_version"),
+    (lambda d: d.pop("width"), "width: missing"),
+    (lambda d: d.pop("model"), "model: missing"),
+    (lambda d: d["model"].pop("base"), "model.base: missing"),
+    (lambda d: d.update(steps="20"), "steps: must be an integer"),
+    (lambda d: d.update(seed=True), "seed: must be an integer"),
+    (lambda d: d.update(height=0), "height: must be >= 1"),
+    (lambda d: d.update(guidance="high"), "guidance: must be a finite number"),
+    (lambda d: d.update(prompt=3), "prompt: must be a string"),
+    (lambda d: d.update(created="yesterday"), "created: must be an ISO 8601"),
+    (lambda d: d.update(layers=[]), "layers: must be a non-empty list"),
+    (lambda d: d.update(layers={"a": 1}), "layers: must be a non-empty list"),
+    (lambda d: d["layers"].reverse(), "layers[0].kind"),
+    (lambda d: d["layers"][1].update(kind="background"), "layers[1].kind"),
+    (lambda d: d["layers"][1].update(kind="sky"), "layers[1].kind: must be one of"),
+    (lambda d: d["layers"][2].update(name="old oak"), "layers[2].name: duplicate name 'old oak'"),
+    (lambda d: d["layers"][2].update(name=""), "layers[2].name: must not be empty"),
+    (lambda d: d["layers"][1].pop("seed"), "layers[1].seed: missing"),
+    (lambda d: d["layers"][1].update(file="sub/layer_01.png"), "layers[1].file"),
+    (lambda d: d["layers"][1].update(file="..\\layer_01.png"), "layers[1].file"),
+    (lambda d: d["layers"][1].update(file=".."), "layers[1].file"),
+    (lambda d: d["layers"][1].update(file="/etc/passwd.png"), "layers[1].file"),
+    (lambda d: d["layers"][1].update(file="layer_01.jpg"), "layers[1].file: 'layer_01.jpg' must be a .png"),
+    (lambda d: d["layers"][2].update(file="layer_01.png"), "layers[2].file: 'layer_01.png' is already used"),
+    (lambda d: d.update(composite="background.png"), "composite: 'background.png' is already used"),
+    (lambda d: d["layers"][1].update(box=[0.1, 0.2, 1.5, 0.9]), "layers[1].box: coordinates must lie in [0, 1]"),
+    (lambda d: d["layers"][1].update(box=[0.6, 0.2, 0.1, 0.9]), "layers[1].box: needs x0 < x1"),
+    (lambda d: d["layers"][1].update(box=[0.1, 0.2, 0.6]), "layers[1].box: must be null or [x0, y0, x1, y1]"),
+    (lambda d: d["layers"][1].update(box=[0.1, "a", 0.6, 0.9]), "layers[1].box[1]"),
+    (lambda d: d["layers"][1].update(depth=-2), "layers[1].depth: must be > 0"),
+    (lambda d: d["layers"][2].update(mask="../mask.png"), "layers[2].mask"),
+    (lambda d: d["model"]["files"].update(x="deadbeef"), "model.files['x']"),
+    (lambda d: d["timings"].update(total=-1), "timings.total: must be >= 0"),
+    (lambda d: d.update(exports="stack.psd"), "exports: must be a list"),
+    (lambda d: d.update(exports=["../stack.psd"]), "exports[0]"),
+    (lambda d: d.update(blended=7), "blended: must be a string"),
+]
+
+
+@pytest.mark.parametrize("edit, field", MANIFEST_CASES)
+def test_load_names_bad_field(written, edit, field):
+    folder, _, _ = written
+    path = edit_manifest(folder, edit)
+    with pytest.raises(StackFormatError) as info:
+        load_stack(folder)
+    message = str(info.value)
+    assert str(path) in message
+    assert field in message
+
+
+def test_load_missing_manifest(tmp_path):
+    with pytest.raises(StackFormatError, match="stack.json: missing"):
+        load_stack(tmp_path)
+
+
+def test_load_bad_json(written):
+    folder, _, _ = written
+    (folder / "stack.json").write_text('{"format": "multiplane.stack",\n  "width": 64,,}')
+    with pytest.raises(StackFormatError, match=r"stack.json: invalid JSON at line 2"):
+        load_stack(folder)
+
+
+def test_load_refuses_nan_and_non_object(written):
+    folder, _, _ = written
+    text = (folder / "stack.json").read_text().replace('"guidance": 5.5', '"guidance": NaN')
+    (folder / "stack.json").write_text(text)
+    with pytest.raises(StackFormatError, match="NaN"):
+        load_stack(folder)
+    (folder / "stack.json").write_text("[1, 2]")
+    with pytest.raises(StackFormatError, match="must be a JSON object"):
+        load_stack(folder)
+
+
+def test_newer_version_message_says_update(written):
+    folder, _, _ = written
+    edit_manifest(folder, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(StackFormatError, match=f"format version {FORMAT_VERSION + 1}.*update"):
+        load_stack(folder)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+@pytest.mark.parametrize("damage, file_name, field, message", [
+    (lambda f: (f / "layer_02.png").unlink(), "layer_02.png", "layers[2].file", "file is missing"),
+    (lambda f: (f / "mask_02.png").unlink(), "mask_02.png", "layers[2].mask", "file is missing"),
+    (lambda f: (f / "composite.png").unlink(), "composite.png", "composite", "file is missing"),
+    (lambda f: (f / "blended.png").unlink(), "blended.png", "blended", "file is missing"),
+    (lambda f: save_png(f / "layer_01.png", np.zeros((H, W + 1, 4), np.uint8)), "layer_01.png", "layers[1].file",
+     "image is 65x48, but the stack's width x height is 64x48"),
+    (lambda f: save_png(f / "background.png", np.zeros((H, W, 4), np.uint8)), "background.png", "layers[0].file",
+     "mode is RGBA, expected RGB"),
+    (lambda f: save_png(f / "layer_01.png", np.zeros((H, W, 3), np.uint8)), "layer_01.png", "layers[1].file",
+     "mode is RGB, expected RGBA"),
+    (lambda f: save_png(f / "mask_02.png", np.zeros((H, W, 3), np.uint8)), "mask_02.png", "layers[2].mask",
+     "expected L"),
+    (lambda f: save_png(f / "composite.png", np.zeros((H, W), np.uint8)), "composite.png", "composite",
+     "expected RGB"),
+    (lambda f: (f / "layer_01.png").write_bytes(b"not an image"), "layer_01.png", "layers[1].file",
+     "not a readable image"),
+    (lambda f: Image.fromarray(np.zeros((H, W, 4), np.uint8)).save(f / "layer_01.png", format="TIFF"),
+     "layer_01.png", "layers[1].file", "expected a PNG file"),
+])
+def test_load_names_bad_image(written, damage, file_name, field, message):
+    folder, _, _ = written
+    damage(folder)
+    with pytest.raises(StackFormatError) as info:
+        load_stack(folder)
+    text = str(info.value)
+    assert str(folder / file_name) in text and field in text and message in text
+
+
+def test_missing_export_and_truncated_png(written):
+    folder, _, _ = written
+    edit_manifest(folder, lambda d: d.update(exports=["stack.psd"]))
+    with pytest.raises(StackFormatError, match=r"stack.psd \(exports\[0\]\): file is missing"):
+        load_stack(folder)
+    edit_manifest(folder, lambda d: d.update(exports=[]))
+    data = (folder / "layer_01.png").read_bytes()
+    (folder / "layer_01.png").write_bytes(data[: len(data) // 2])
+    stack = load_stack(folder)  # headers are intact: listing stays cheap ...
+    with pytest.raises(StackFormatError, match=r"layer_01.png \(layers\[1\].file\): cannot decode"):
+        load_layer_images(stack, folder)  # ... decoding names the broken file
+
+
+# --------------------------------------------------------------------------- output roots
+
+
+def test_list_stacks_and_cleanup(tmp_path, caplog):
+    background, fgs = make_layers(foregrounds=1)
+    root = tmp_path / "outputs"
+    write_stack(root / "first", make_stack(foregrounds=1, created="2025-01-01T00:00:00Z"), background, fgs)
+    write_stack(root / "second", make_stack(foregrounds=1, created="2025-06-01T00:00:00Z"), background, fgs)
+    write_stack(root / "broken", make_stack(foregrounds=1), background, fgs)
+    (root / "broken" / "layer_01.png").unlink()
+    (root / "notes").mkdir()
+    # Leftovers of crashed runs.
+    write_stack(root / "restore_me", make_stack(foregrounds=1), background, fgs)
+    os.rename(root / "restore_me", root / ".restore_me.old-0123abcd")      # crash between renames
+    write_stack(root / "superseded", make_stack(foregrounds=1), background, fgs)
+    write_stack(root / "tmpdir", make_stack(foregrounds=1), background, fgs)
+    os.rename(root / "tmpdir", root / ".superseded.old-89abcdef")          # crash after the new one landed
+    (root / ".half.tmp-deadbeef").mkdir()
+    (root / ".half.tmp-deadbeef" / "background.png").write_bytes(b"partial")
+    (root / ".git").mkdir()                                                 # not ours: left alone
+
+    listed = list_stacks(root)
+    names = [path.name for path, _ in listed]
+    assert set(names) == {"first", "second", "superseded"}
+    assert names.index("second") < names.index("first")  # newest first
+    assert "broken" in caplog.text
+
+    handled = cleanup_temp(root)
+    assert sorted(p.name for p in handled) == [".half.tmp-deadbeef", ".restore_me.old-0123abcd",
+                                               ".superseded.old-89abcdef"]
+    assert hidden_entries(root) == [".git"]
+    assert load_stack(root / "restore_me").layers[0].file == "background.png"
+    assert {p.name for p, _ in list_stacks(root)} == {"first", "second", "superseded", "restore_me"}
+    assert cleanup_temp(root) == []
+    assert list_stacks(tmp_path / "nothing here") == [] and cleanup_temp(tmp_path / "nothing here") == []
+
+
+def test_cleanup_respects_min_age(tmp_path):
+    (tmp_path / ".fresh.tmp-00000000").mkdir()
+    assert cleanup_temp(tmp_path, min_age_seconds=3600) == []
+    assert (tmp_path / ".fresh.tmp-00000000").is_dir()
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def test_psd_export_reads_back(written, tmp_path):
+    from psd_tools import PSDImage
+
+    folder, result, arrays = written
+    out = export_psd(folder, tmp_path / "exports" / "valley.psd")
+    assert snapshot(folder).keys() == {p.name for p in folder.iterdir()}  # folder not modified
+    psd = PSDImage.open(out)
+    assert (psd.width, psd.height) == (W, H)
+    layers = list(psd)
+    assert [layer.name for layer in layers] == ["background", "old oak", "layer_02"]  # bottom to top
+    for layer in layers:
+        assert layer.kind == "pixel" and layer.bbox == (0, 0, W, H) and not layer.has_mask()
+    background = np.asarray(layers[0].topil())
+    np.testing.assert_array_equal(background[..., :3], arrays["background"])
+    assert (background[..., 3] == 255).all()
+    for layer, want in zip(layers[1:], arrays["foregrounds"]):
+        np.testing.assert_array_equal(np.asarray(layer.topil()), want)
+    composite = load_png(folder / "composite.png", "RGB", W, H).astype(int)
+    flattened = np.asarray(psd.composite())[..., :3].astype(int)
+    assert np.abs(flattened - composite).max() <= 1
+    merged = np.asarray(psd.topil())[..., :3].astype(int)  # the stored merged image
+    assert np.abs(merged - composite).max() <= 1
+
+
+def test_psd_keeps_unicode_layer_names(written, tmp_path):
+    from psd_tools import PSDImage
+
+    folder, result, _ = written
+    result.layers[1].name = "Eiche über dem Fluss 木"
+    out = export_psd(result, tmp_path / "u.psd", folder=folder)
+    assert [layer.name for layer in PSDImage.open(out)][1] == "Eiche über dem Fluss 木"
+    with pytest.raises(ValueError, match="folder"):
+        export_psd(result, tmp_path / "v.psd")
+
+
+def test_ora_export_reads_back(written, tmp_path):
+    folder, result, arrays = written
+    out = export_ora(folder / "stack.json", tmp_path / "valley.ora")
+    data = out.read_bytes()
+    # The mimetype entry comes first, stored, so its text sits at a fixed offset.
+    assert data[30:38] == b"mimetype" and data[38:54] == b"image/openraster"
+    with zipfile.ZipFile(out) as archive:
+        infos = archive.infolist()
+        assert infos[0].filename == "mimetype" and infos[0].compress_type == zipfile.ZIP_STORED
+        names = {info.filename for info in infos}
+        assert {"stack.xml", "mergedimage.png", "Thumbnails/thumbnail.png"} <= names
+        root = ElementTree.fromstring(archive.read("stack.xml"))
+        assert (root.get("w"), root.get("h")) == (str(W), str(H))
+        xml_layers = root.find("stack").findall("layer")
+        assert [e.get("name") for e in xml_layers] == ["layer_02", "old oak", "background"]  # top first
+        images = {e.get("name"): np.asarray(Image.open(io.BytesIO(archive.read(e.get("src")))))
+                  for e in xml_layers}
+        np.testing.assert_array_equal(images["background"][..., :3], arrays["background"])
+        assert (images["background"][..., 3] == 255).all()
+        np.testing.assert_array_equal(images["old oak"], arrays["foregrounds"][0])
+        np.testing.assert_array_equal(images["layer_02"], arrays["foregrounds"][1])
+        merged = np.asarray(Image.open(io.BytesIO(archive.read("mergedimage.png"))))
+        np.testing.assert_array_equal(merged[..., :3], load_png(folder / "composite.png", "RGB", W, H))
+        thumb = Image.open(io.BytesIO(archive.read("Thumbnails/thumbnail.png")))
+        assert thumb.size == (W, H) and thumb.mode == "RGBA"
+
+
+def test_ora_thumbnail_is_at_most_256():
+    rng = np.random.default_rng(2)
+    width, height = 320, 64
+    layers = [StackLayer("background", "background", file="background.png"),
+              StackLayer("layer_01", "foreground", file="layer_01.png")]
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+              rng.integers(0, 256, (height, width, 4), dtype=np.uint8)]
+    with zipfile.ZipFile(io.BytesIO(ora_bytes(layers, images, width, height))) as archive:
+        thumb = Image.open(io.BytesIO(archive.read("Thumbnails/thumbnail.png")))
+        assert thumb.size == (256, 51)
+        merged = Image.open(io.BytesIO(archive.read("mergedimage.png")))
+        assert merged.size == (width, height)
+
+
+def test_write_stack_with_exports_lists_them(tmp_path):
+    background, fgs = make_layers()
+    result = write_stack(tmp_path / "s", make_stack(), background, fgs, export_psd=True, export_ora=True)
+    assert result.exports == ["stack.psd", "stack.ora"]
+    assert load_stack(tmp_path / "s").exports == ["stack.psd", "stack.ora"]
+    assert zipfile.is_zipfile(tmp_path / "s" / "stack.ora")
+    assert (tmp_path / "s" / "stack.psd").read_bytes()[:4] == b"8BPS"
+
+
+# --------------------------------------------------------------------------- import cost
+
+
+def test_import_does_not_pull_torch_or_psd_tools():
+    code = ("import sys, inference.stack, inference.stack_export; "
+            "bad = [m for m in ('torch', 'diffusers', 'psd_tools') if m in sys.modules]; "
+            "sys.exit(', '.join(bad) or 0)")
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
