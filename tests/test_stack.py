@@ -594,8 +594,10 @@ def test_psd_export_reads_back(written, tmp_path):
     from psd_tools import PSDImage
 
     folder, result, arrays = written
+    before = snapshot(folder)
     out = export_psd(folder, tmp_path / "exports" / "valley.psd")
-    assert snapshot(folder).keys() == {p.name for p in folder.iterdir()}  # folder not modified
+    assert snapshot(folder) == before  # exporting never modifies the stack
+    assert sorted(p.name for p in out.parent.iterdir()) == ["valley.psd"]  # no temp file left
     psd = PSDImage.open(out)
     assert (psd.width, psd.height) == (W, H)
     layers = list(psd)
