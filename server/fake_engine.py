@@ -1,0 +1,98 @@
+"""A stand-in for `inference.engine.Engine` with the same interface and no torch.
+
+For fast tests of the queue and the HTTP layer (and API fuzzing), where a real model would
+only add minutes. It reports progress like the engine (denoise steps per layer, decode,
+save), honours the CancelToken at every step, and writes a small but valid stack folder
+atomically (temp folder, then rename). Tests that need real pixels use the real engine
+with the `tiny` model.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from inference.errors import Cancelled, InvalidRequest
+from inference.progress import CancelToken, Progress, ignore_progress
+from inference.request import StackRequest
+
+
+class FakeEngine:
+    """`generate` sleeps `step_seconds` per denoising step; `fail_with` makes it raise."""
+
+    def __init__(self, step_seconds: float = 0.0, fail_with: Optional[BaseException] = None):
+        self.step_seconds = step_seconds
+        self.fail_with = fail_with
+        self.loaded_model: Optional[str] = None
+        self.device = "cpu"
+        self.calls: list[str] = []  # request prompts, in the order generated
+        self._lock = threading.Lock()
+
+    def unload(self) -> None:
+        self.loaded_model = None
+
+    def generate(self, request: StackRequest, model: str, out_dir: Path, *, progress=None,
+                 cancel: Optional[CancelToken] = None, export_psd: bool = False,
+                 export_ora: bool = False):
+        request = request.validated()
+        progress = progress or ignore_progress
+        cancel = cancel or CancelToken()
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            raise InvalidRequest("out", f"{out_dir} already exists")
+        with self._lock:
+            self.calls.append(request.prompt)
+            if self.loaded_model != model:
+                progress(Progress(phase="load", message=f"loading {model}"))
+                self.loaded_model = model
+            n_layers = 1 + len(request.layers)
+            for layer in range(n_layers):
+                progress(Progress(phase="denoise", step=0, total=request.steps, layer=layer, layers=n_layers))
+                for step in range(request.steps):
+                    if self.step_seconds:
+                        time.sleep(self.step_seconds)
+                    if cancel.cancelled:
+                        raise Cancelled(cancel.reason)
+                    progress(Progress(phase="denoise", step=step + 1, total=request.steps,
+                                      layer=layer, layers=n_layers))
+                if self.fail_with is not None:
+                    raise self.fail_with
+                progress(Progress(phase="decode", step=1, total=1, layer=layer, layers=n_layers))
+            cancel.raise_if_cancelled()
+            progress(Progress(phase="save", layers=n_layers))
+            return self._write(request, model, out_dir, export_psd, export_ora, cancel)
+
+    def _write(self, request: StackRequest, model: str, out_dir: Path, export_psd: bool,
+               export_ora: bool, cancel: CancelToken):
+        """A flat-coloured but valid stack, through the real atomic writer."""
+        import numpy as np
+
+        from inference.stack import LayerStack, StackLayer, write_stack
+
+        h, w = request.height, request.width
+        background = np.full((h, w, 3), (40, 80, 120), dtype=np.uint8)
+        foregrounds = [np.full((h, w, 4), (200, 50, 50, 128), dtype=np.uint8)
+                       for _ in request.layers]
+        layers = [StackLayer(name="background", kind="background", prompt=request.background,
+                             seed=request.seed)]
+        for i, spec in enumerate(request.layers, start=1):
+            layers.append(StackLayer(name=spec.name, kind="foreground", prompt=spec.prompt,
+                                     seed=spec.seed if spec.seed is not None else i,
+                                     box=spec.box))
+        stack = LayerStack(name=request.name, method=request.method, width=w, height=h,
+                           prompt=request.prompt, negative_prompt=request.negative_prompt,
+                           seed=request.seed, steps=request.steps,
+                           guidance=float(request.guidance),
+                           model={"preset": model, "base": "fake", "files": {}}, layers=layers)
+        return write_stack(out_dir, stack, background, foregrounds, export_psd=export_psd,
+                           export_ora=export_ora, cancel=cancel)
+
+
+class BrokenEngine(FakeEngine):
+    """Raises an unexpected (non-Multiplane) error: the server must survive it."""
+
+    def __init__(self):
+        super().__init__(fail_with=RuntimeError("simulated crash"))
+
+

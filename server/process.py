@@ -1,0 +1,275 @@
+"""The server process the Blender add-on starts: bind, announce, serve, and die with the add-on.
+
+Life cycle:
+1. Clean half-written stacks under the output root, pick the device, bind the socket
+   (port 0 = a free port, known before serving because we bind it ourselves).
+2. Print exactly one JSON line on stdout, `{"event": "ready", "url", "pid", "version",
+   "token_file"}`; everything else goes to stderr.
+3. Serve until one of: SIGTERM/SIGINT; the parent process (`parent_pid`) is gone; stdin
+   reaches end-of-file (watched only when stdin is a pipe: the add-on starts us with
+   stdin=PIPE and never writes, so when Blender dies the pipe closes even if the pid
+   check is fooled). Then the running job is cancelled, queued ones dropped, and the
+   process exits within about two seconds, leaving no temp folders.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager, _cleanup_temp
+
+log = logging.getLogger("multiplane.server")
+
+POLL_SECONDS = 0.1
+WORKER_JOIN_SECONDS = 1.2
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def server_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def default_output_root() -> Path:
+    """Per-user data folder: $XDG_DATA_HOME, ~/Library/Application Support, %LOCALAPPDATA%."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "multiplane" / "stacks"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; with port 0 the OS picks a free port (read it back)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from inference.errors import InvalidRequest
+
+        raise InvalidRequest("port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def stdin_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class ParentWatch:
+    """Is the process that started us still there? (pid + start time, so a reused pid does
+    not count; a zombie counts as dead.)"""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.pid = pid
+        self._psutil = psutil
+        try:
+            self._process = psutil.Process(pid)
+            self._created = self._process.create_time()
+        except psutil.Error:
+            self._process = None
+
+    def alive(self) -> bool:
+        if self._process is None:
+            return False
+        psutil = self._psutil
+        try:
+            if self._process.create_time() != self._created:
+                return False
+            return self._process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+class _Uvicorn:
+    """uvicorn.Server without its habit of re-raising the caught signal after shutdown
+    (we clean up and return an exit code instead)."""
+
+    @staticmethod
+    def make(config):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                import signal
+
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                handled = [signal.SIGINT, signal.SIGTERM]
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
+
+
+def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int] = None,
+               output_root: Optional[Path] = None, device: str = "auto",
+               models_dir: Optional[Path] = None, token: Optional[str] = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
+               engine=None, watch_stdin: Optional[bool] = None,
+               keepalive_seconds: Optional[float] = None) -> int:
+    """Run the server until told to stop; returns the exit code (0).
+
+    `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
+    file named in the ready line. `engine`: any object with the Engine interface (tests);
+    default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
+    Raises InvalidRequest for a bad device, port or option before anything is announced.
+    """
+    from inference.errors import InvalidRequest
+
+    from .app import SSE_KEEPALIVE_SECONDS, ServerInfo, create_app
+    from .security import allowed_hosts, remove_token_file, resolve_token
+
+    announce = sys.stdout
+    sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the one ready line
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if max_queue < 1:
+        raise InvalidRequest("max_queue", f"must be at least 1, got {max_queue}")
+    if retention < 1:
+        raise InvalidRequest("retention", f"must be at least 1, got {retention}")
+    if not 0 <= port <= 65535:
+        raise InvalidRequest("port", f"must be in 0..65535, got {port}")
+    if host not in LOOPBACK_HOSTS:
+        log.warning("listening on %s, not loopback: anyone who can reach it and has the token "
+                    "can use this machine's GPU", host)
+
+    output_root = Path(output_root).expanduser() if output_root else default_output_root()
+    output_root.mkdir(parents=True, exist_ok=True)
+    _cleanup_temp(output_root)
+
+    info = ServerInfo(version=server_version())
+    if engine is None:
+        from inference.devices import describe_device, select_device
+        from inference.engine import Engine, EngineSettings
+
+        selected = select_device(device)  # a bad or missing device fails here, before "ready"
+        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
+        info.device = describe_device(selected)
+    else:
+        info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
+    info.torch = _package_version("torch")
+    info.diffusers = _package_version("diffusers")
+
+    try:
+        token_value, token_file = resolve_token(token)
+    except ValueError as exc:
+        raise InvalidRequest("token", str(exc)) from None
+    parent = ParentWatch(parent_pid) if parent_pid else None
+    if parent is not None and not parent.alive():
+        remove_token_file(token_file)
+        raise InvalidRequest("parent_pid", f"process {parent_pid} does not exist")
+
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    manager = JobManager(engine, output_root, models_dir=models_dir, max_queue=max_queue,
+                         retention=retention)
+    manager.start()
+    app = create_app(manager, token=token_value, hosts=allowed_hosts(host, bound_port), info=info,
+                     keepalive_seconds=keepalive_seconds or SSE_KEEPALIVE_SECONDS)
+
+    import uvicorn
+
+    config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=0.5, lifespan="off")
+    server = _Uvicorn.make(config)
+
+    stdin_closed = threading.Event()
+    if watch_stdin is None:
+        watch_stdin = stdin_is_pipe()
+    if watch_stdin:
+        threading.Thread(target=_read_until_eof, args=(stdin_closed,), name="multiplane-stdin",
+                         daemon=True).start()
+
+    def supervise() -> None:
+        """Turn every reason to stop into: cancel jobs, then let uvicorn exit."""
+        reason = None
+        while reason is None:
+            time.sleep(POLL_SECONDS)
+            if server.should_exit:
+                reason = "signal"
+            elif stdin_closed.is_set():
+                reason = "stdin closed"
+            elif parent is not None and not parent.alive():
+                reason = f"parent process {parent_pid} exited"
+        log.warning("stopping: %s", reason)
+        manager.begin_shutdown()
+        server.should_exit = True
+
+    url_host = f"[{host}]" if ":" in host else host
+
+    async def serve() -> None:
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.005)
+        if server.started:
+            announce.write(json.dumps({
+                "event": "ready", "url": f"http://{url_host}:{bound_port}", "pid": os.getpid(),
+                "version": info.version, "token_file": str(token_file) if token_file else None,
+            }) + "\n")
+            announce.flush()
+            threading.Thread(target=supervise, name="multiplane-supervisor", daemon=True).start()
+        await task
+
+    try:
+        asyncio.run(serve())
+    finally:
+        stopped = manager.close(timeout=WORKER_JOIN_SECONDS)
+        _cleanup_temp(output_root)
+        remove_token_file(token_file)
+        with contextlib.suppress(OSError):
+            sock.close()
+    if not stopped:
+        # A worker is stuck inside one long device call; do not wait for it (the next start
+        # removes whatever temp folder it leaves).
+        log.warning("a job did not stop in time; exiting anyway")
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _read_until_eof(closed: threading.Event) -> None:
+    try:
+        fd = sys.stdin.fileno()
+        while os.read(fd, 65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    closed.set()
+
+
+def _package_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
