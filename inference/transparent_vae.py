@@ -332,7 +332,7 @@ def _unaugment(x: torch.Tensor, flip: bool, turns: int) -> torch.Tensor:
 
 
 def _check_decode_inputs(decoder: TransparentDecoder, pixel: torch.Tensor, latent: torch.Tensor, passes: int):
-    if passes not in TTA_PASSES:
+    if isinstance(passes, bool) or passes not in TTA_PASSES:
         raise InvalidRequest("tta_passes", f"must be one of {TTA_PASSES}, got {passes!r}")
     if pixel.ndim != 4 or pixel.shape[1] != decoder.config.in_channels:
         raise InvalidRequest(
