@@ -236,7 +236,8 @@ def setup_exact_render(scene, width: int, height: int, samples: int = 4) -> None
 
     Standard view transform (no tone curve), black world, no dither, no denoise, a tiny
     pixel filter (every sample at the pixel centre), enough transparent bounces to see
-    through every plane.
+    through every plane. Cycles samples partial transparency stochastically, so soft
+    edges need a few dozen samples to settle.
     """
     import bpy
 
@@ -266,7 +267,9 @@ def setup_exact_render(scene, width: int, height: int, samples: int = 4) -> None
     cycles.samples = samples
     cycles.use_adaptive_sampling = False
     cycles.use_denoising = False
-    cycles.pixel_filter_type = "BOX"
+    # A 0.01-pixel Gaussian puts every sample at the pixel centre (Cycles' BOX filter
+    # ignores the width and would average the whole pixel, blurring the texture).
+    cycles.pixel_filter_type = "GAUSSIAN"
     cycles.filter_width = 0.01
     cycles.transparent_max_bounces = 32
     cycles.max_bounces = 4

@@ -1,0 +1,220 @@
+"""Thin operators over importer, compositor and parallax: options, reports, undo.
+
+User mistakes (no camera, not a stack, bad depths) end as one ERROR report and
+CANCELLED, never as a traceback; the work itself lives in the modules named above.
+"""
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.types import Operator
+
+from . import compositor, importer, parallax
+
+
+def _backdrop_or_report(operator: Operator, scene: bpy.types.Scene):
+    collection = importer.find_backdrop(scene)
+    if collection is None:
+        operator.report({"ERROR"}, "No Multiplane backdrop to work on: import a layer stack first "
+                                   "(or pick one as the scene's Multiplane backdrop)")
+    return collection
+
+
+class MULTIPLANE_OT_import_stack(Operator):
+    """Import a layer stack as image planes that exactly fill the active camera's view"""
+
+    bl_idname = "multiplane.import_stack"
+    bl_label = "Import Layer Stack"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(
+        name="Stack",
+        description="Stack folder or its stack.json",
+        subtype="FILE_PATH",
+        options={"SKIP_SAVE"},
+    )
+    filter_glob: StringProperty(default="*.json", options={"HIDDEN"})
+    near: FloatProperty(
+        name="Near",
+        description="Distance of the nearest foreground layer from the camera",
+        default=4.0, min=0.001, soft_max=100.0, unit="LENGTH",
+    )
+    far: FloatProperty(
+        name="Far",
+        description="Distance of the background from the camera (foregrounds spread between Near and Far)",
+        default=40.0, min=0.002, soft_max=1000.0, unit="LENGTH",
+    )
+    use_stack_depths: BoolProperty(
+        name="Use Stack Depths",
+        description="Place layers at the depths stored in the stack where it has them",
+        default=True,
+    )
+    fit_mode: EnumProperty(
+        name="Fit",
+        items=(
+            ("FILL", "Fill Frame", "Stretch each layer to exactly fill the camera frame"),
+            ("COVER", "Cover Frame", "Keep the layer's proportions and cover the frame, cropping the overflow"),
+        ),
+        default="FILL",
+    )
+    overscan: FloatProperty(
+        name="Overscan",
+        description="Make every plane this much larger than the frame (1 = exact fit)",
+        default=1.0, min=1.0, soft_max=3.0,
+    )
+    interpolation: EnumProperty(
+        name="Interpolation",
+        items=(
+            ("Linear", "Linear", "Smooth texture filtering"),
+            ("Closest", "Closest", "No filtering: sharp texels"),
+            ("Cubic", "Cubic", "Cubic texture filtering"),
+        ),
+        default="Linear",
+    )
+    render_method: EnumProperty(
+        name="Render Method",
+        description="How EEVEE draws the layers' transparency",
+        items=(
+            ("BLENDED", "Blended", "Smooth alpha blending, sorted back to front"),
+            ("DITHERED", "Dithered", "Dithered alpha: works with render passes and ray tracing"),
+        ),
+        default="BLENDED",
+    )
+
+    def invoke(self, context, _event):
+        # Open the file browser at the last stack; buttons that already know the stack call
+        # the operator with EXEC_DEFAULT and a filepath instead.
+        if not self.filepath:
+            self.filepath = context.scene.multiplane.stack_path
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        scene = context.scene
+        path = bpy.path.abspath(self.filepath or scene.multiplane.stack_path)
+        settings = importer.ImportSettings(
+            near=self.near, far=self.far, use_stack_depths=self.use_stack_depths, fit_mode=self.fit_mode,
+            overscan=self.overscan, interpolation=self.interpolation, render_method=self.render_method,
+        )
+        try:
+            result = importer.import_stack(context, path, settings)
+        except importer.ImportFailed as error:
+            self.report({"ERROR"}, f"Cannot import the layer stack: {error}")
+            return {"CANCELLED"}
+        scene.multiplane.backdrop = result.collection
+        scene.multiplane.stack_path = path
+        verb = "Re-imported" if result.replaced else "Imported"
+        storage = "packed into the .blend" if result.packed else "saved beside the .blend"
+        self.report({"INFO"}, f"{verb} {len(result.planes)} layers into {result.collection.name!r} "
+                              f"at {result.depths[0]:g} to {result.depths[-1]:g} from the camera; images {storage}")
+        for note in result.notes:
+            self.report({"WARNING"}, note)
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_build_compositor(Operator):
+    """Composite the backdrop's layers around the render with Alpha Over nodes"""
+
+    bl_idname = "multiplane.build_compositor"
+    bl_label = "Build Backdrop Compositor"
+    bl_options = {"REGISTER", "UNDO"}
+
+    behind: IntProperty(
+        name="Layers Behind Render",
+        description="How many stack layers, from the back, go behind the rendered image (1: the background)",
+        default=1, min=0, soft_max=8,
+    )
+    hide_planes: BoolProperty(
+        name="Hide Planes in Render",
+        description="Exclude the backdrop's planes from the render, so the layers are not there twice",
+        default=True,
+    )
+
+    def execute(self, context):
+        scene = context.scene
+        collection = _backdrop_or_report(self, scene)
+        if collection is None:
+            return {"CANCELLED"}
+        try:
+            result = compositor.build_compositor(scene, collection, self.behind, self.hide_planes)
+        except compositor.CompositorFailed as error:
+            self.report({"ERROR"}, f"Cannot build the compositor: {error}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, "Compositor: " + " < ".join(reversed(result.order)) + " (front to back)")
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_parallax_move(Operator):
+    """Key a camera move over the scene's frame range and enlarge the backdrop planes so their edges never show"""
+
+    bl_idname = "multiplane.parallax_move"
+    bl_label = "Parallax Camera Move"
+    bl_options = {"REGISTER", "UNDO"}
+
+    truck: FloatProperty(
+        name="Truck", description="Sideways move, along the camera's right axis",
+        default=1.0, soft_min=-10.0, soft_max=10.0, unit="LENGTH",
+    )
+    pedestal: FloatProperty(
+        name="Pedestal", description="Vertical move, along the camera's up axis",
+        default=0.0, soft_min=-10.0, soft_max=10.0, unit="LENGTH",
+    )
+    dolly: FloatProperty(
+        name="Dolly", description="Move forward, along the view axis (negative: backward)",
+        default=0.0, soft_min=-10.0, soft_max=10.0, unit="LENGTH",
+    )
+    margin: FloatProperty(
+        name="Margin", description="Extra overscan on top of what the move needs",
+        default=0.01, min=0.0, max=1.0, subtype="FACTOR",
+    )
+    interpolation: EnumProperty(
+        name="Easing",
+        items=(
+            ("BEZIER", "Ease In/Out", "Start and stop smoothly"),
+            ("LINEAR", "Linear", "Constant speed"),
+        ),
+        default="BEZIER",
+    )
+
+    def execute(self, context):
+        scene = context.scene
+        if scene.camera is None:
+            self.report({"ERROR"}, "The scene has no active camera to move")
+            return {"CANCELLED"}
+        collection = _backdrop_or_report(self, scene)
+        if collection is None:
+            return {"CANCELLED"}
+        try:
+            result = parallax.parallax_move(scene, collection, self.truck, self.pedestal, self.dolly,
+                                            self.margin, self.interpolation)
+        except parallax.ParallaxFailed as error:
+            self.report({"ERROR"}, f"Cannot make the camera move: {error}")
+            return {"CANCELLED"}
+        largest = max(result.overscans.values())
+        self.report({"INFO"}, f"Keyed the camera move on frames {result.frame_start}-{result.frame_end}; "
+                              f"planes enlarged up to {largest:.3f}x so their edges stay out of view")
+        if largest > 2.0:
+            self.report({"WARNING"}, f"overscan {largest:.2f}x stretches the nearest layer a lot; "
+                                     "a smaller move or farther layers keep it sharper")
+        return {"FINISHED"}
+
+
+def _menu_import(self, _context):
+    self.layout.operator(MULTIPLANE_OT_import_stack.bl_idname, text="Multiplane Layer Stack (stack.json)")
+
+
+CLASSES = (
+    MULTIPLANE_OT_import_stack,
+    MULTIPLANE_OT_build_compositor,
+    MULTIPLANE_OT_parallax_move,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.TOPBAR_MT_file_import.append(_menu_import)
+
+
+def unregister() -> None:
+    bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

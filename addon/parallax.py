@@ -1,0 +1,112 @@
+"""A previs camera move over the backdrop (the work behind `multiplane.parallax_move`).
+
+The camera is keyed from its pose at the scene's first frame to that pose moved by a
+truck (right), pedestal (up) and dolly (forward), in its own axes, at the last frame. The
+planes stay where they are in the world - that is what makes near layers slide faster
+than far ones - but each is re-fitted with the overscan it needs
+(`geometry.parallax_overscan`) so no plane edge comes into view at any point of the move.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import bpy
+from mathutils import Matrix, Vector
+
+from . import compat
+from .geometry import GeometryError, fit_plane_to_camera, parallax_overscan
+from .importer import (
+    PROP_FIT_MODE,
+    PROP_IMAGE_SIZE,
+    PROP_OVERSCAN,
+    backdrop_planes,
+    camera_basis,
+    camera_spec,
+    set_plane_size,
+)
+
+# How far (radians) a plane may be turned away from facing the camera before the move is refused.
+_FACING_TOLERANCE = 1e-3
+
+
+class ParallaxFailed(Exception):
+    """A user-facing reason the move cannot be made."""
+
+
+@dataclass
+class ParallaxResult:
+    frame_start: int
+    frame_end: int
+    overscans: dict[str, float]  # plane name -> overscan applied
+
+
+def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truck: float, pedestal: float,
+                  dolly: float, margin: float = 0.0, interpolation: str = "BEZIER") -> ParallaxResult:
+    """Key the scene camera's move over the frame range and re-fit the planes of `collection`."""
+    camera = scene.camera
+    if camera is None:
+        raise ParallaxFailed("the scene has no active camera")
+    planes = backdrop_planes(collection)
+    if not planes:
+        raise ParallaxFailed(f"collection {collection.name!r} has no Multiplane layer planes; import a stack first")
+    frame_start, frame_end = scene.frame_start, scene.frame_end
+    if frame_end <= frame_start:
+        raise ParallaxFailed(f"the scene's frame range {frame_start}-{frame_end} is empty; "
+                             "the move needs a last frame after the first")
+    if truck == 0.0 and pedestal == 0.0 and dolly == 0.0:
+        raise ParallaxFailed("truck, pedestal and dolly are all zero: nothing to move")
+
+    frame_before = scene.frame_current
+    scene.frame_set(frame_start)
+    try:
+        spec = camera_spec(scene, camera)
+    except Exception as error:  # ImportFailed for panoramic cameras
+        scene.frame_set(frame_before)
+        raise ParallaxFailed(str(error)) from None
+    start_matrix = camera.matrix_world.copy()
+    basis = camera_basis(camera)
+    to_camera = basis.inverted()
+
+    # Everything is computed before anything changes.
+    new_sizes = {}
+    for plane in planes:
+        local = to_camera @ plane.matrix_world
+        turn = local.to_3x3().normalized().to_quaternion()
+        if 2.0 * math.acos(min(1.0, abs(turn.w))) > _FACING_TOLERANCE:
+            scene.frame_set(frame_before)
+            raise ParallaxFailed(f"plane {plane.name!r} no longer faces the camera; re-import the stack "
+                                 "from the camera's start pose first")
+        center = local.to_translation()
+        distance = -center.z
+        image_size = tuple(plane.get(PROP_IMAGE_SIZE, (1, 1)))
+        try:
+            base = fit_plane_to_camera(spec, distance, 1.0, str(plane.get(PROP_FIT_MODE, "FILL")), image_size)
+            overscan = parallax_overscan(spec, distance, (truck, pedestal, dolly),
+                                         plane_size=(base.width, base.height), plane_center=(center.x, center.y))
+        except GeometryError as error:
+            scene.frame_set(frame_before)
+            raise ParallaxFailed(f"plane {plane.name!r}: {error}") from None
+        overscan *= 1.0 + margin
+        new_sizes[plane.name] = (base.width * overscan, base.height * overscan, overscan)
+
+    move_world = basis.to_3x3() @ Vector((truck, pedestal, -dolly))
+    camera.matrix_world = start_matrix
+    camera.keyframe_insert("location", frame=frame_start)
+    camera.matrix_world = Matrix.Translation(move_world) @ start_matrix
+    camera.keyframe_insert("location", frame=frame_end)
+    for fcurve in compat.fcurves_of(camera):
+        if fcurve.data_path != "location":
+            continue
+        for point in fcurve.keyframe_points:
+            if point.co.x in (frame_start, frame_end):
+                point.interpolation = interpolation
+        fcurve.update()
+
+    for plane in planes:
+        width, height, overscan = new_sizes[plane.name]
+        set_plane_size(plane, width, height)
+        plane.scale = (1.0, 1.0, 1.0)  # the size lives in the mesh
+        plane[PROP_OVERSCAN] = overscan
+    scene.frame_set(frame_before)
+    return ParallaxResult(frame_start, frame_end, {name: size[2] for name, size in new_sizes.items()})
