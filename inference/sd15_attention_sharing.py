@@ -5,8 +5,9 @@ attention modules of the SD 1.5 UNet with a unit that treats consecutive batch i
 the *frames* of one sample (foreground / background / blended for the joint model):
 
 1. per frame f, attention whose q/k/v/out weights get a frame-specific rank-256 LoRA
-   (W + up·down, no alpha); keys/values come from the frame's own text context (cross
-   attention) or the frame's own hidden states (self attention);
+   (W + up·down, no alpha; applied here as W·x + up·(down·x), the same value); keys and
+   values come from the frame's own text context (cross attention) or the frame's own
+   hidden states (self attention);
 2. a cross-frame attention at every pixel: LayerNorm → temporal_i → q/k/v over the f
    frames (same head count) → temporal_o, added as a residual.
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MissingWeights, WeightMismatch
+from .errors import MissingWeights
 from .weights import check_state_dict, load_safetensors, refuse_pickle, safetensors_shapes
 
 #: Published SD 1.5 attention-sharing files: name → (frames, uses control).
@@ -54,17 +55,20 @@ CONTROL_KWARG = "attention_sharing_control"
 
 
 class FrameLoRA(nn.Module):
-    """A rank-r weight update `up @ down` for one linear layer of one frame."""
+    """A rank-r weight update `up @ down` for one linear layer of one frame (no alpha)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=False)
 
-    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """W + up·down (the published LoRAs have no alpha/scale)."""
-        update = self.up.weight.to(base_weight.dtype) @ self.down.weight.to(base_weight.dtype)
-        return base_weight + update
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's contribution x·(up·down)ᵀ, to add to the base layer's output."""
+        return self.up(self.down(x))
+
+    def weight_update(self) -> torch.Tensor:
+        """up·down, the dense [out, in] change of the base weight."""
+        return self.up.weight @ self.down.weight
 
 
 def _multihead_attention(
@@ -184,65 +188,61 @@ class AttentionSharingProcessor(nn.Module):
                 f"{frames} consecutive frames, but the batch size {batch} is not a multiple of "
                 f"{frames} (with classifier-free guidance each half must be)"
             )
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} "
+                             f"does not match the hidden-states batch {batch}")
         samples = batch // frames
         heads = attn.heads
 
-        # (samples frames) tokens channels -> frames samples tokens channels
-        framed = hidden_states.reshape(samples, frames, tokens, channels).transpose(0, 1)
+        control = self._control_residual(attention_sharing_control, samples, tokens, hidden_states)
+        x = hidden_states if control is None else hidden_states + control
+        context = x if encoder_hidden_states is None else encoder_hidden_states
 
-        control = self._control_residual(attention_sharing_control, framed)  # [f, s|1, d, c]
-        if control is not None:
-            framed = framed + control
-
-        if encoder_hidden_states is None:
-            framed_context = framed
-        else:
-            if encoder_hidden_states.shape[0] != batch:
-                raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} "
-                                 f"does not match the hidden-states batch {batch}")
-            context_len, context_dim = encoder_hidden_states.shape[1:]
-            framed_context = encoder_hidden_states.reshape(
-                samples, frames, context_len, context_dim).transpose(0, 1)
-
-        framed_mask = None
+        # Per-frame LoRA projections, applied as base(x) + up(down(x_f)): the same value as
+        # linear(x_f, W + up·down), but the base part runs on the whole batch exactly as the
+        # plain processor does, so zero LoRAs reproduce plain attention bit for bit.
+        query = attn.to_q(x) + self._lora_update(self.to_q_lora, x)
+        key = attn.to_k(context) + self._lora_update(self.to_k_lora, context)
+        value = attn.to_v(context) + self._lora_update(self.to_v_lora, context)
+        mask = None
         if attention_mask is not None:
-            key_len = framed_context.shape[2]
-            mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
-            framed_mask = mask.reshape(samples, frames, heads, -1, key_len)
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            mask = mask.view(batch, heads, -1, mask.shape[-1])
+        # Items never attend across the batch here, so whole-batch attention is per frame.
+        attended = _multihead_attention(query, key, value, heads, mask)
+        attention_out = attn.to_out[0](attended) + self._lora_update(self.to_out_lora, attended)
+        attention_out = attn.to_out[1](attention_out)  # dropout, as in the original attention
 
-        base_out = attn.to_out[0]
-        attention_out = []
-        for f in range(frames):
-            h_f = framed[f].contiguous()
-            context_f = framed_context[f].contiguous()
-            q = F.linear(h_f, self.to_q_lora[f].merged_weight(attn.to_q.weight), attn.to_q.bias)
-            k = F.linear(context_f, self.to_k_lora[f].merged_weight(attn.to_k.weight), attn.to_k.bias)
-            v = F.linear(context_f, self.to_v_lora[f].merged_weight(attn.to_v.weight), attn.to_v.bias)
-            mask_f = framed_mask[:, f] if framed_mask is not None else None
-            o = _multihead_attention(q, k, v, heads, mask_f)
-            o = F.linear(o, self.to_out_lora[f].merged_weight(base_out.weight), base_out.bias)
-            o = attn.to_out[1](o)  # dropout, as in the original attention
-            attention_out.append(o)
-        attention_out = torch.stack(attention_out, dim=0)  # [f, s, d, c]
-        shared = framed + attention_out
-
+        shared = x + attention_out
         # Cross-frame attention at every token position: sequences of length `frames`.
-        x = self.temporal_i(self.temporal_n(shared))
-        x = x.permute(1, 2, 0, 3).reshape(samples * tokens, frames, channels)
-        x = _multihead_attention(self.temporal_q(x), self.temporal_k(x), self.temporal_v(x), heads)
-        x = self.temporal_o(x)
-        x = x.reshape(samples, tokens, frames, channels).permute(2, 0, 1, 3)  # [f, s, d, c]
+        y = self.temporal_i(self.temporal_n(shared))
+        y = y.reshape(samples, frames, tokens, channels).transpose(1, 2)
+        y = y.reshape(samples * tokens, frames, channels)
+        y = _multihead_attention(self.temporal_q(y), self.temporal_k(y), self.temporal_v(y), heads)
+        y = self.temporal_o(y)
+        y = y.reshape(samples, tokens, frames, channels).transpose(1, 2).reshape(batch, tokens, channels)
 
-        residual = attention_out + x
+        # (x + attention + cross-frame) − input, summed without the subtraction.
+        residual = attention_out + y
         if control is not None:
             residual = residual + control
-        # frames samples tokens channels -> (samples frames) tokens channels
-        return residual.transpose(0, 1).reshape(batch, tokens, channels)
+        return residual
+
+    def _lora_update(self, loras: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """up_f(down_f(x)) for the items of each frame f; x is [(samples frames), L, in]."""
+        batch, length, _ = x.shape
+        framed = x.reshape(batch // self.frames, self.frames, length, x.shape[-1])
+        out = [lora(framed[:, f]) for f, lora in enumerate(loras)]
+        return torch.stack(out, dim=1).reshape(batch, length, -1)
 
     def _control_residual(
-        self, control: Mapping[int, torch.Tensor] | None, framed: torch.Tensor
+        self,
+        control: Mapping[int, torch.Tensor] | None,
+        samples: int,
+        tokens: int,
+        hidden_states: torch.Tensor,
     ) -> torch.Tensor | None:
-        """Per-frame projections of the condition features, [frames, samples or 1, d, c]."""
+        """Per-frame projections of the condition features, [(samples frames), tokens, c]."""
         if self.control_convs is None:
             if control is not None:
                 raise ValueError(f"{CONTROL_KWARG} was given but this attention-sharing model "
@@ -252,7 +252,6 @@ class AttentionSharingProcessor(nn.Module):
             raise ValueError(f"this attention-sharing model (fg2bg/bg2fg) needs the condition "
                              f"image: pass cross_attention_kwargs={{'{CONTROL_KWARG}': "
                              "adapter.encode_control(image)}")
-        frames, samples, tokens, channels = framed.shape
         features = control.get(tokens)
         if features is None:
             raise ValueError(f"{CONTROL_KWARG} has no features for {tokens} tokens (has "
@@ -260,12 +259,13 @@ class AttentionSharingProcessor(nn.Module):
         if features.shape[0] not in (1, samples):
             raise ValueError(f"{CONTROL_KWARG} batch {features.shape[0]} must be 1 or the number "
                              f"of samples per frame ({samples})")
-        features = features.to(device=framed.device, dtype=framed.dtype)
-        outs = []
-        for f in range(frames):
-            out = self.control_convs[f](features)  # [n, c, h, w]
-            outs.append(out.flatten(2).transpose(1, 2))  # [n, h*w, c], row-major like the UNet
-        return torch.stack(outs, dim=0)
+        features = features.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        per_frame = []
+        for conv in self.control_convs:
+            out = conv(features)  # [n, c, h, w]
+            out = out.flatten(2).transpose(1, 2)  # [n, h*w, c], row-major like the UNet's tokens
+            per_frame.append(out.expand(samples, -1, -1))
+        return torch.stack(per_frame, dim=1).reshape(samples * self.frames, tokens, -1)
 
 
 class ControlConditionEncoder(nn.Module):
@@ -364,7 +364,8 @@ class AttentionSharingAdapter(nn.Module):
     ) -> "AttentionSharingAdapter":
         """Units for every transformer attention of `unet`, widths read from the UNet.
 
-        Build inside `torch.device("meta")` to get names and shapes without memory.
+        The k/v LoRA input width is the attention's `to_k.in_features` (768 for SD 1.5's
+        text context), as in the reference. Build inside `torch.device("meta")` to get names and shapes without memory.
         """
         modules = dict(unet.named_modules())
         names = sd15_attention_module_names(unet)
