@@ -462,7 +462,7 @@ def attention_sharing_from_state_dict(
     check_state_dict(state_dict, adapter.expected_shapes(),
                      f"{what} (frames={frames}, control={use_control})")
     adapter.load_state_dict(dict(state_dict), strict=True, assign=True)
-    return adapter
+    return adapter.requires_grad_(False).eval()
 
 
 def load_attention_sharing(
@@ -482,4 +482,4 @@ def load_attention_sharing(
     check_state_dict(safetensors_shapes(path), adapter.expected_shapes(), what)
     state = load_safetensors(path)
     adapter.load_state_dict(state, strict=True, assign=True)
-    return adapter
+    return adapter.requires_grad_(False).eval()
