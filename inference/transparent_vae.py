@@ -62,9 +62,10 @@ _UP_BLOCKS = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
 def _load_strict(model_cls, path: str | Path, what: str, dtype: torch.dtype, device, config: dict):
     """Build `model_cls(**config)` without allocating, check the file against it, load it.
 
-    The model is created on the meta device so a mismatching file is rejected before a
-    single weight is allocated; the checked tensors are then assigned in place of the meta
-    parameters (strict=True) and converted to `dtype` (the published files are fp16).
+    The model is created on the meta device, so checking the file's names and shapes
+    against it costs nothing and a mismatching file is rejected before any model memory is
+    allocated; the file's own tensors, converted to `dtype`/`device` (the published files
+    are fp16), then replace the meta parameters (strict=True).
     """
     refuse_pickle(path)
     state_dict = load_safetensors(path)
