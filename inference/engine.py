@@ -42,6 +42,17 @@ class GeneratedLayers:
     timings: dict = field(default_factory=dict)
 
 
+def quiet_libraries() -> None:
+    """Our own progress events replace the libraries' progress bars and log chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 class Engine:
     """One warm model per process; `generate` is safe to call from one worker thread."""
 
@@ -74,6 +85,7 @@ class Engine:
         from .models import load_model, resolve_model
 
         self.unload()
+        quiet_libraries()
         resolved = resolve_model(model, models_dir=self.settings.models_dir,
                                  allow_download=self.settings.allow_download,
                                  progress=progress, cancel=cancel)

@@ -29,7 +29,9 @@ def job_pipeline(pipeline):
     """A pipeline sharing the loaded modules but with its own scheduler (schedulers hold state)."""
     scheduler = pipeline.scheduler.__class__.from_config(pipeline.scheduler.config)
     components = {**pipeline.components, "scheduler": scheduler}
-    return pipeline.__class__(**components)
+    pipe = pipeline.__class__(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def denoise(pipe, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,

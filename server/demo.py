@@ -19,8 +19,8 @@ def choose_model(requested: str | None) -> tuple[str, str]:
         return requested, "requested"
     from inference.models import preset_availability
 
-    avail = preset_availability(None).get("sdxl")
-    if avail is not None and avail.get("available"):
+    sdxl = next((p for p in preset_availability(None) if p["name"] == "sdxl"), None)
+    if sdxl is not None and sdxl["available"]:
         return "sdxl", "SDXL weights found on disk"
     return "tiny", "SDXL + LayerDiffuse weights are not on this machine"
 

@@ -80,7 +80,5 @@ def decode_foreground(loaded, vae, latents, passes: int, progress: ProgressCallb
 
     pixels, z = decode_rgb(vae, latents)
     rgba = decode_transparent(loaded.decoder, pixels, z, passes=passes, cancel=cancel,
-                              progress=lambda p: progress(Progress(
-                                  phase="decode", step=p.step, total=p.total, layer=layer,
-                                  layers=layers)))
+                              progress=progress, layer=layer, layers=layers)
     return to_uint8(rgba)
