@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.errors import InvalidRequest
 
@@ -52,6 +54,16 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers 400 for a body it cannot even decode (e.g. not UTF-8); for the
+        # client that is malformed JSON like any other: 422, in the usual shape.
+        if exc.status_code == 400 and str(exc.detail).startswith("There was an error parsing the body"):
+            return JSONResponse({"detail": [{"loc": ["body"], "type": "json_invalid",
+                                             "msg": "the body is not valid JSON text"}]},
+                                status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid_request(_request: Request, exc: InvalidRequest):
@@ -190,24 +202,20 @@ def media_type(name: str) -> str:
 
 
 def model_list(manager: JobManager) -> list[dict]:
+    """inference.models.preset_availability, in the API's shape (file lists under details)."""
     from inference.models import preset_availability
 
-    presets = {}
-    try:
-        from inference.models import PRESETS
-
-        presets = dict(PRESETS)
-    except ImportError:
-        pass
     out = []
-    for name, facts in preset_availability(manager.models_dir).items():
-        facts = dict(facts or {})
-        preset = presets.get(name)
+    for facts in preset_availability(manager.models_dir):
+        facts = dict(facts)
+        files = facts.get("files") or []
+        sizes = [_int_or_none(f.get("size")) for f in files if isinstance(f, dict)]
         out.append(ModelOut(
-            name=name, available=bool(facts.pop("available", False)),
-            size_bytes=_int_or_none(facts.pop("size_bytes", None)),
+            name=str(facts.pop("name")), available=bool(facts.pop("available", False)),
+            size_bytes=sum(sizes) if sizes and None not in sizes else (0 if not files else None),
+            download_bytes=_int_or_none(facts.pop("download_bytes", None)),
             missing=[str(m) for m in facts.pop("missing", []) or []],
-            description=str(facts.pop("description", "") or getattr(preset, "description", "") or ""),
+            description=str(facts.pop("description", "") or ""),
             details=json.loads(json.dumps(facts, default=str))).model_dump())
     return out
 

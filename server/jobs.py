@@ -75,7 +75,7 @@ class ShuttingDown(ServiceError):
 def iso_time(ts: Optional[float]) -> Optional[str]:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def overall_fraction(p: Progress) -> float:
@@ -89,7 +89,7 @@ def overall_fraction(p: Progress) -> float:
     part = (p.step / p.total) if p.total else 0.0
     part = min(max(part, 0.0), 1.0)
     within = DENOISE_SHARE * part if p.phase == "denoise" else DENOISE_SHARE + (1 - DENOISE_SHARE) * part
-    return SAVE_START * (layer + within) / layers
+    return min(SAVE_START * (layer + within) / layers, SAVE_START)
 
 
 def download_fraction(p: Progress) -> float:
@@ -169,6 +169,26 @@ class Job:
 Subscriber = Callable[[Optional[dict]], None]
 
 
+class _ByteCounter:
+    """Per-file byte reports (the hub reports each file from 0) → one running total."""
+
+    def __init__(self, expected: int, forward: Callable[[Progress], None]):
+        self.expected = expected
+        self.forward = forward
+        self.done: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+
+    def __call__(self, p: Progress) -> None:
+        if p.phase != "download":
+            self.forward(p)
+            return
+        self.done[p.message] = p.step
+        self.totals[p.message] = p.total
+        total = max(self.expected, sum(self.totals.values()))
+        self.forward(Progress(phase="download", step=sum(self.done.values()), total=total,
+                              message=p.message))
+
+
 class _Lane:
     """A FIFO of jobs and the thread that runs them one at a time."""
 
@@ -220,6 +240,7 @@ class JobManager:
         self._download = _Lane("download", self._lock, self._run_download)
         self._closing = False
         self._started = False
+        self._last_created = 0.0
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -292,7 +313,7 @@ class JobManager:
             if len(self._generate.queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); "
                                 f"wait for a job to finish or cancel one")
-            job = Job(id=self._new_id(), kind="generate", created=time.time(), body=body,
+            job = Job(id=self._new_id(), kind="generate", created=self._now(), body=body,
                       model=body.model)
             return self._enqueue(self._generate, job)
 
@@ -309,7 +330,7 @@ class JobManager:
             for other in (*self._download.queue, self._download.current):
                 if other is not None and other.model == model:
                     return self._snapshot(other)  # already on its way
-            job = Job(id=self._new_id(), kind="download", created=time.time(), model=model)
+            job = Job(id=self._new_id(), kind="download", created=self._now(), model=model)
             return self._enqueue(self._download, job)
 
     def _check_open(self) -> None:
@@ -317,6 +338,11 @@ class JobManager:
             raise ShuttingDown("the server is shutting down")
         if not self._started:
             raise ShuttingDown("the server is not started yet")
+
+    def _now(self) -> float:
+        """Creation time, strictly increasing (so sorting by it is sorting by arrival)."""
+        self._last_created = max(time.time(), self._last_created + 2e-6)
+        return self._last_created
 
     def _new_id(self) -> str:
         while True:
@@ -472,13 +498,16 @@ class JobManager:
         if not self._start(job, self._download):
             return
         try:
-            from inference import models
+            from inference.models import preset_availability, resolve_model
 
-            download = getattr(models, "download_preset", None)
-            if download is None:
-                raise MultiplaneError("this engine build cannot download models")
-            download(job.model, models_dir=self.models_dir,
-                     progress=self._progress_callback(job, download_fraction), cancel=job.cancel)
+            expected = next((int(m.get("download_bytes") or 0)
+                             for m in preset_availability(self.models_dir)
+                             if m.get("name") == job.model), 0)
+            # Resolving a preset with downloads allowed fetches whatever is missing (and
+            # builds the tiny model); loading is left to the next generation job.
+            resolve_model(job.model, models_dir=self.models_dir, allow_download=True,
+                          progress=_ByteCounter(expected, self._progress_callback(job, download_fraction)),
+                          cancel=job.cancel)
         except BaseException as exc:  # noqa: BLE001
             self._fail(job, exc)
             if not isinstance(exc, Exception):

@@ -35,8 +35,8 @@ def check_model_name(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     presets = known_presets()
-    if value in presets:
-        return value
+    if value.lower() in presets:
+        return value.lower()
     looks_like_path = any(sep in value for sep in ("/", "\\")) or value.endswith(".safetensors")
     if looks_like_path:
         path = Path(value).expanduser()
@@ -228,7 +228,8 @@ class JobList(BaseModel):
 class ModelOut(BaseModel):
     name: str
     available: bool = Field(description="every file it needs is on disk")
-    size_bytes: Optional[int] = Field(default=None, description="total download size, if known")
+    size_bytes: Optional[int] = Field(default=None, description="all its files together")
+    download_bytes: Optional[int] = Field(default=None, description="what is still to download")
     missing: list[str] = Field(default_factory=list)
     description: str = ""
     details: dict = Field(default_factory=dict)

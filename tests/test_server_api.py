@@ -1,0 +1,465 @@
+"""The HTTP API in-process, over a fake engine (fast): auth, Host guard, validation, queue,
+cancel, failures, retention and restart. The real process with the real engine is tested in
+test_server_process.py."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from inference.errors import MissingWeights
+from inference.progress import Progress
+from inference.stack import load_stack
+from server.app import ServerInfo, create_app
+from server.fake_engine import BrokenEngine, FakeEngine
+from server.jobs import DENOISE_SHARE, SAVE_START, JobManager, overall_fraction
+from server.security import allowed_hosts
+
+PORT = 45123
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SMALL = {"prompt": "a misty lake", "model": "tiny", "width": 256, "height": 256, "steps": 2,
+         "tta_passes": 1}
+
+
+class Api:
+    """A TestClient bound to one JobManager; `wait` polls a job to a terminal state."""
+
+    def __init__(self, root: Path, engine=None, **manager_options):
+        self.engine = engine or FakeEngine()
+        self.manager = JobManager(self.engine, root, **manager_options)
+        self.manager.start()
+        app = create_app(self.manager, token=TOKEN, hosts=allowed_hosts("127.0.0.1", PORT),
+                         info=ServerInfo(version="test"))
+        self.client = TestClient(app, base_url=f"http://127.0.0.1:{PORT}")
+
+    def submit(self, **fields) -> dict:
+        r = self.client.post("/v1/jobs", json={**SMALL, **fields}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def job(self, job_id: str) -> dict:
+        r = self.client.get(f"/v1/jobs/{job_id}", headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id: str, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.01)
+        raise AssertionError(f"job {job_id} did not finish: {job}")
+
+    def wait_running(self, job_id: str, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] == "running" and job["progress"]["phase"] == "denoise":
+                return job
+            time.sleep(0.005)
+        raise AssertionError(f"job {job_id} did not start: {job}")
+
+    def close(self):
+        self.client.close()
+        assert self.manager.close(timeout=5.0)
+
+
+@pytest.fixture
+def api(tmp_path):
+    a = Api(tmp_path / "out")
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def slow_api(tmp_path):
+    a = Api(tmp_path / "out", engine=FakeEngine(step_seconds=0.05), max_queue=3)
+    yield a
+    a.close()
+
+
+# -- security -------------------------------------------------------------------------
+
+PRIVATE = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
+           ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events"),
+           ("GET", "/v1/jobs/x/files/stack.json"), ("GET", "/v1/models"),
+           ("POST", "/v1/models/tiny/download")]
+
+
+@pytest.mark.parametrize("method,path", PRIVATE)
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-0123456789", "Basic abc", "Bearer"])
+def test_every_endpoint_but_health_needs_the_token(api, method, path, header):
+    headers = {"Authorization": header} if header else {}
+    r = api.client.request(method, path, headers=headers, json=SMALL if method == "POST" else None)
+    assert r.status_code == 401, (method, path, r.text)
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "token" in r.json()["detail"]
+
+
+def test_health_needs_no_token_and_reports_the_queue(api):
+    r = api.client.get("/v1/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["version"] == "test"
+    assert body["queue_length"] == 0 and body["running"] is None
+
+
+@pytest.mark.parametrize("host", ["evil.example:45123", "127.0.0.1:1", "localhost", "",
+                                  "127.0.0.1.evil.example:45123", "0.0.0.0:45123"])
+def test_foreign_host_header_is_rejected(api, host):
+    for path in ("/v1/health", "/v1/jobs"):
+        r = api.client.get(path, headers={**AUTH, "Host": host})
+        assert r.status_code == 421, (host, path)
+        assert "Host header" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:45123", "localhost:45123", "[::1]:45123",
+                                  "LOCALHOST:45123"])
+def test_loopback_host_names_are_accepted(api, host):
+    assert api.client.get("/v1/jobs", headers={**AUTH, "Host": host}).status_code == 200
+
+
+def test_no_cors_headers(api):
+    r = api.client.options("/v1/jobs", headers={"Origin": "http://evil.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
+
+
+def test_oversized_body_is_refused_before_parsing(api):
+    r = api.client.post("/v1/jobs", content=b"x" * 300_000,
+                        headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- validation -----------------------------------------------------------------------
+
+INVALID = [
+    ({"prompt": ""}, ["prompt"]),
+    ({"prompt": "   "}, ["prompt"]),
+    ({"prompt": "x" * 1001}, ["prompt"]),
+    ({"negative_prompt": "x" * 1001}, ["negative_prompt"]),
+    ({"background": "x" * 1001}, ["background"]),
+    ({"layers": [{"prompt": "a"}] * 9}, ["layers"]),
+    ({"layers": [{"prompt": ""}]}, ["layers", 0, "prompt"]),
+    ({"layers": [{"prompt": "a", "seed": 2**32}]}, ["layers", 0, "seed"]),
+    ({"layers": [{"prompt": "a", "seed": -1}]}, ["layers", 0, "seed"]),
+    ({"layers": [{"prompt": "a", "box": [0, 0, 1.5, 1]}]}, ["layers", 0, "box"]),
+    ({"layers": [{"prompt": "a", "box": [-0.1, 0, 1, 1]}]}, ["layers", 0, "box"]),
+    ({"layers": [{"prompt": "a", "box": [0.5, 0, 0.5, 1]}]}, ["layers", 0, "box"]),
+    ({"layers": [{"prompt": "a", "box": [0, 0.8, 1, 0.2]}]}, ["layers", 0, "box"]),
+    ({"layers": [{"prompt": "a", "box": [0, 0, 1]}]}, ["layers", 0, "box"]),
+    ({"layers": [{"prompt": "a", "colour": "red"}]}, ["layers", 0, "colour"]),
+    ({"layers": [{"prompt": "a", "name": "x"}, {"prompt": "b", "name": "x"}]}, ["layers"]),
+    ({"width": 255}, ["width"]),
+    ({"width": 2049}, ["width"]),
+    ({"width": 300}, ["width"]),
+    ({"width": "512"}, ["width"]),
+    ({"width": 512.0}, ["width"]),
+    ({"height": 192}, ["height"]),
+    ({"height": 4096}, ["height"]),
+    ({"steps": 0}, ["steps"]),
+    ({"steps": 151}, ["steps"]),
+    ({"steps": True}, ["steps"]),
+    ({"guidance": -0.5}, ["guidance"]),
+    ({"guidance": 30.01}, ["guidance"]),
+    ({"seed": -1}, ["seed"]),
+    ({"seed": 2**32}, ["seed"]),
+    ({"tta_passes": 3}, ["tta_passes"]),
+    ({"method": "magic"}, ["method"]),
+    ({"model": "no-such-model"}, ["model"]),
+    ({"model": "relative/path"}, ["model"]),
+    ({"model": "/no/such/folder"}, ["model"]),
+    ({"export_psd": "yes"}, ["export_psd"]),
+    ({"colour": "red"}, ["colour"]),
+]
+
+
+@pytest.mark.parametrize("change,loc", INVALID, ids=[json.dumps(c)[:40] for c, _ in INVALID])
+def test_each_out_of_range_field_is_a_422_naming_it(api, change, loc):
+    r = api.client.post("/v1/jobs", json={**SMALL, **change}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert ["body", *loc] in [e["loc"] for e in errors], errors
+    assert api.manager.list() == []  # nothing was queued
+
+
+def test_custom_validator_messages_are_specific(api):
+    r = api.client.post("/v1/jobs", json={**SMALL, "width": 300}, headers=AUTH)
+    assert "multiple of 64" in r.json()["detail"][0]["msg"] and "320" in r.json()["detail"][0]["msg"]
+    r = api.client.post("/v1/jobs", json={**SMALL, "model": "no-such-model"}, headers=AUTH)
+    msg = r.json()["detail"][0]["msg"]
+    assert "no-such-model" in msg and "tiny" in msg
+
+
+@pytest.mark.parametrize("body", [b"{bad json", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe{"])
+def test_malformed_json_is_a_422(api, body):
+    r = api.client.post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_limits_come_from_the_engine_request_module(api, monkeypatch):
+    """The accepted maximum is exactly inference.request's: 2048 ok, 2112 not; 8 layers ok."""
+    from inference import request
+
+    ok = {**SMALL, "width": request.MAX_SIZE, "layers": [{"prompt": "a"}] * request.MAX_FOREGROUNDS}
+    r = api.client.post("/v1/jobs", json=ok, headers=AUTH)
+    assert r.status_code == 202, r.text
+    api.client.delete(f"/v1/jobs/{r.json()['id']}", headers=AUTH)
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+def test_happy_path_files_are_served_from_the_stack(api):
+    created = api.submit(layers=[{"prompt": "a heron", "box": [0.1, 0.2, 0.5, 0.9]}],
+                         export_psd=True, name="Lake")
+    assert created["status"] in ("queued", "running") and created["position"] in (0, 1)
+    job = api.wait(created["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["fraction"] == 1.0 and job["error"] is None
+    assert job["started"] and job["finished"] and job["created"] <= job["started"] <= job["finished"]
+    stack = job["stack"]
+    assert stack["name"] == "Lake"
+    assert set(stack["files"]) == {"stack.json", "background.png", "layer_01.png", "composite.png",
+                                   "stack.psd"}
+    assert Path(stack["path"]) == api.manager.output_root / job["id"]
+    load_stack(stack["path"])
+    for name in stack["files"]:
+        r = api.client.get(f"/v1/jobs/{job['id']}/files/{name}", headers=AUTH)
+        assert r.status_code == 200
+        assert r.content == (Path(stack["path"]) / name).read_bytes()
+    manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
+    assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "%2E%2E", ".hidden", "nothing.png",
+                                  "%2Fetc%2Fpasswd", "stack.json%00.png"])
+def test_only_listed_files_are_served(api, name):
+    job = api.wait(api.submit()["id"])
+    (Path(job["stack"]["path"]) / "extra.txt").write_text("not listed")
+    for bad in (name, "extra.txt"):
+        r = api.client.get(f"/v1/jobs/{job['id']}/files/{bad}", headers=AUTH)
+        assert r.status_code == 404, (bad, r.status_code)
+
+
+def test_unknown_job_is_404(api):
+    for method, path in [("GET", "/v1/jobs/nope"), ("DELETE", "/v1/jobs/nope"),
+                         ("GET", "/v1/jobs/nope/events"), ("GET", "/v1/jobs/nope/files/stack.json"),
+                         ("GET", "/v1/jobs/..%2F..")]:
+        assert api.client.request(method, path, headers=AUTH).status_code == 404, path
+
+
+def test_jobs_run_in_fifo_order_and_report_positions(tmp_path):
+    a = Api(tmp_path / "out", engine=FakeEngine(step_seconds=0.02))
+    try:
+        jobs = [a.submit(prompt=f"job {i}") for i in range(5)]
+        assert [j["position"] for j in jobs] == [0, 1, 2, 3, 4]
+        done = [a.wait(j["id"]) for j in jobs]
+        assert all(j["status"] == "succeeded" for j in done)
+        assert a.engine.calls == [f"job {i}" for i in range(5)]
+        starts = [j["started"] for j in done]
+        assert starts == sorted(starts)
+        listed = a.client.get("/v1/jobs", headers=AUTH).json()["jobs"]
+        assert [j["id"] for j in listed] == [j["id"] for j in reversed(jobs)]  # newest first
+    finally:
+        a.close()
+
+
+def test_full_queue_is_a_429_with_a_message(slow_api):
+    first = slow_api.submit(steps=40)
+    slow_api.wait_running(first["id"])
+    waiting = [slow_api.submit() for _ in range(3)]
+    r = slow_api.client.post("/v1/jobs", json=SMALL, headers=AUTH)
+    assert r.status_code == 429
+    assert "queue is full" in r.json()["detail"]
+    assert slow_api.client.get("/v1/health").json()["queue_length"] == 3
+    for job in [first, *waiting]:
+        slow_api.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
+
+
+def test_cancel_queued_job_is_immediate_and_it_never_runs(slow_api):
+    running = slow_api.submit(steps=20, prompt="running")
+    queued = slow_api.submit(prompt="queued")
+    behind = slow_api.submit(prompt="behind")
+    assert slow_api.job(behind["id"])["position"] == 2
+    r = slow_api.client.delete(f"/v1/jobs/{queued['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert slow_api.job(behind["id"])["position"] == 1  # moved up
+    assert slow_api.wait(behind["id"])["status"] == "succeeded"
+    assert "queued" not in slow_api.engine.calls
+    assert slow_api.job(running["id"])["status"] == "succeeded"
+    assert not (slow_api.manager.output_root / queued["id"]).exists()
+
+
+def test_cancel_running_job_stops_within_a_step(slow_api):
+    job = slow_api.submit(steps=100)
+    slow_api.wait_running(job["id"])
+    t0 = time.monotonic()
+    r = slow_api.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    done = slow_api.wait(job["id"])
+    assert done["status"] == "cancelled" and done["stack"] is None
+    assert time.monotonic() - t0 < 0.5  # one fake step is 0.05 s
+    assert done["progress"]["step"] < 100
+    assert list(slow_api.manager.output_root.iterdir()) == []  # no folder, no temp folder
+    r = slow_api.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
+    assert r.status_code == 409
+
+
+def test_engine_error_fails_the_job_with_its_message(tmp_path):
+    engine = FakeEngine(fail_with=MissingWeights(["unet.safetensors"], "run the download"))
+    a = Api(tmp_path / "out", engine=engine)
+    try:
+        job = a.wait(a.submit()["id"])
+        assert job["status"] == "failed"
+        assert job["error"].startswith("missing model files:") and "unet.safetensors" in job["error"]
+    finally:
+        a.close()
+
+
+def test_unexpected_error_is_reported_and_the_server_keeps_serving(tmp_path, caplog):
+    a = Api(tmp_path / "out", engine=BrokenEngine())
+    try:
+        job = a.wait(a.submit()["id"])
+        assert job["status"] == "failed"
+        assert job["error"] == "internal error: RuntimeError: simulated crash"
+        assert "Traceback" in caplog.text and "simulated crash" in caplog.text
+        a.engine.fail_with = None
+        assert a.wait(a.submit()["id"])["status"] == "succeeded"
+    finally:
+        a.close()
+
+
+def test_out_of_memory_frees_the_model(tmp_path):
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    engine = FakeEngine(fail_with=OutOfMemoryError("CUDA out of memory"))
+    a = Api(tmp_path / "out", engine=engine)
+    try:
+        job = a.wait(a.submit()["id"])
+        assert job["status"] == "failed" and job["error"].startswith("out of memory")
+        assert engine.loaded_model is None
+    finally:
+        a.close()
+
+
+def test_progress_is_monotone_and_reaches_one(slow_api):
+    api = slow_api
+    seen = []
+    api.submit(steps=2)  # keeps the worker busy while we subscribe
+    job = api.submit(layers=[{"prompt": "a"}, {"prompt": "b"}], steps=3)
+    first, unsubscribe = api.manager.subscribe(job["id"], lambda s: s and seen.append(s))
+    assert first["status"] == "queued"
+    api.wait(job["id"])
+    unsubscribe()
+    fractions = [s["progress"]["fraction"] for s in [first, *seen]]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    versions = [s["version"] for s in seen]
+    assert versions == sorted(set(versions))  # one snapshot per change, in order
+    layers = {s["progress"]["layer"] for s in seen if s["progress"]["phase"] == "denoise"}
+    assert layers == {0, 1, 2}
+
+
+def test_overall_fraction_weights_layers_equally():
+    def f(phase, step=0, total=0, layer=None, layers=3):
+        return overall_fraction(Progress(phase=phase, step=step, total=total, layer=layer, layers=layers))
+
+    assert f("load") == 0.0
+    assert f("denoise", 0, 10, 0) == 0.0
+    assert f("denoise", 10, 10, 0) == pytest.approx(SAVE_START * DENOISE_SHARE / 3)
+    assert f("decode", 1, 1, 0) == pytest.approx(SAVE_START / 3)
+    assert f("denoise", 5, 10, 1) == pytest.approx(SAVE_START * (1 + DENOISE_SHARE / 2) / 3)
+    assert f("decode", 1, 1, 2) == pytest.approx(SAVE_START)
+    assert f("save") == SAVE_START
+    # every event of a 3-layer job, in the engine's order, never goes down
+    events = [("load", 0, 0, None)]
+    for layer in range(3):
+        events += [("denoise", s, 4, layer) for s in range(5)] + [("decode", s, 8, layer) for s in range(9)]
+    values = [f(*e) for e in events] + [f("save")]
+    assert values == sorted(values)
+
+
+def test_eta_is_estimated_while_denoising(tmp_path):
+    a = Api(tmp_path / "out", engine=FakeEngine(step_seconds=0.02))
+    try:
+        job = a.submit(steps=30)
+        deadline = time.monotonic() + 5
+        eta = None
+        while eta is None and time.monotonic() < deadline:
+            eta = a.job(job["id"])["progress"]["eta_seconds"]
+            time.sleep(0.02)
+        assert eta is not None and 0 < eta < 5
+        a.wait(job["id"])
+    finally:
+        a.close()
+
+
+def test_retention_removes_the_oldest_stacks(tmp_path):
+    a = Api(tmp_path / "out", retention=2)
+    try:
+        ids = []
+        for i in range(4):
+            ids.append(a.wait(a.submit(prompt=f"p{i}")["id"])["id"])
+        folders = sorted(p.name for p in a.manager.output_root.iterdir())
+        assert folders == sorted(ids[2:])
+        listed = [j["id"] for j in a.client.get("/v1/jobs", headers=AUTH).json()["jobs"]]
+        assert listed == [ids[3], ids[2]]
+        assert a.client.get(f"/v1/jobs/{ids[0]}", headers=AUTH).status_code == 404
+    finally:
+        a.close()
+
+
+def test_restart_lists_finished_stacks_and_serves_them(tmp_path):
+    root = tmp_path / "out"
+    a = Api(root)
+    job = a.wait(a.submit(name="Kept", layers=[{"prompt": "a"}])["id"])
+    a.close()
+    # leftovers of a crash: a half-written stack and a foreign folder
+    (root / f".{'x' * 5}.tmp-0123abcd").mkdir()
+    (root / "not-a-stack").mkdir()
+    b = Api(root)
+    try:
+        listed = b.client.get("/v1/jobs", headers=AUTH).json()["jobs"]
+        assert [j["id"] for j in listed] == [job["id"]]
+        restored = listed[0]
+        assert restored["status"] == "succeeded" and restored["stack"]["name"] == "Kept"
+        assert restored["stack"]["files"] == job["stack"]["files"]
+        r = b.client.get(f"/v1/jobs/{job['id']}/files/layer_01.png", headers=AUTH)
+        assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sorted(p.name for p in root.iterdir()) == sorted([job["id"], "not-a-stack"])
+    finally:
+        b.close()
+
+
+def test_models_are_listed_with_availability(api, tmp_path):
+    r = api.client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 200
+    models = {m["name"]: m for m in r.json()["models"]}
+    assert "tiny" in models and "sdxl" in models
+    assert isinstance(models["sdxl"]["available"], bool)
+
+
+def test_download_of_unknown_model_is_404(api):
+    r = api.client.post("/v1/models/no-such-model/download", headers=AUTH)
+    assert r.status_code == 404 and "no-such-model" in r.json()["detail"]
+
+
+def test_shutdown_cancels_queued_and_running_jobs(tmp_path):
+    a = Api(tmp_path / "out", engine=FakeEngine(step_seconds=0.05))
+    running = a.submit(steps=100)
+    queued = a.submit()
+    a.wait_running(running["id"])
+    t0 = time.monotonic()
+    assert a.manager.close(timeout=2.0)
+    assert time.monotonic() - t0 < 0.5
+    assert a.manager.get(running["id"])["status"] == "cancelled"
+    assert a.manager.get(queued["id"])["status"] == "cancelled"
+    assert list(a.manager.output_root.iterdir()) == []
+    r = a.client.post("/v1/jobs", json=SMALL, headers=AUTH)
+    assert r.status_code == 503
+    a.client.close()
