@@ -582,6 +582,7 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
         raise InvalidRequest("model", f"{resolved.base_label}: the base model could not be loaded "
                                       f"({type(exc).__name__}: {first_line}); its files may be incomplete "
                                       "or corrupt — delete them and download again, or check the path") from exc
+    _check_all_weights_loaded(pipeline, resolved)
     pipeline.set_progress_bar_config(disable=True)
 
     offloaded = bool(offload and device.type != "cpu")
@@ -613,3 +614,17 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,
                        family=resolved.family, resolved=resolved, device=device, dtype=dtype,
                        offloaded=offloaded)
+
+
+def _check_all_weights_loaded(pipeline, resolved: ResolvedModel) -> None:
+    """Single-file loading leaves tensors the checkpoint lacks on the meta device (no data);
+    name them instead of failing later with "Cannot copy out of meta tensor"."""
+    for name, component in pipeline.components.items():
+        if not hasattr(component, "named_parameters"):
+            continue
+        empty = [n for n, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+            raise InvalidRequest("model", f"{resolved.base_label}: no weights for {name} tensors {shown}; "
+                                          "the checkpoint is incomplete or not a standard SDXL/SD 1.5 file")
+

@@ -35,8 +35,11 @@ DECODER_FILE = "vae_transparent_decoder.safetensors"
 ENCODER_FILE = "vae_transparent_encoder.safetensors"
 
 # -- configurations ----------------------------------------------------------------------
-TEXT_HIDDEN = 32  # each text encoder; the UNet's cross-attention sees both concatenated
-TEXT_PROJECTION = 32  # pooled embedding of text_encoder_2
+# The two text encoders differ in width, as in SDXL (768 and 1280): tools that tell them
+# apart by shape (diffusers' single-file loader does) must see two different encoders.
+TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L's role)
+TEXT_HIDDEN_2 = 64  # text_encoder_2 (OpenCLIP bigG's role)
+TEXT_PROJECTION = TEXT_HIDDEN_2  # pooled embedding of text_encoder_2
 TIME_EMBED = 8  # SDXL's addition_time_embed_dim (256) scaled down; 6 micro-conditions
 
 UNET_CONFIG = dict(
@@ -50,7 +53,7 @@ UNET_CONFIG = dict(
     transformer_layers_per_block=(1, 2),
     attention_head_dim=(2, 4),  # SDXL's field name; it holds the head *count* per block
     norm_num_groups=8,
-    cross_attention_dim=2 * TEXT_HIDDEN,
+    cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,  # both encoders' hidden states, concatenated
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=TIME_EMBED,
@@ -74,12 +77,12 @@ VAE_CONFIG = dict(
 )
 
 
-def _text_encoder_config(hidden_act: str) -> dict:
+def _text_encoder_config(hidden_size: int, hidden_act: str) -> dict:
     return dict(
         vocab_size=49408,
         max_position_embeddings=77,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,  # SDXL reads the penultimate layer
         num_attention_heads=4,
         projection_dim=TEXT_PROJECTION,
@@ -90,8 +93,8 @@ def _text_encoder_config(hidden_act: str) -> dict:
     )
 
 
-TEXT_ENCODER_CONFIG = _text_encoder_config("quick_gelu")  # CLIP ViT-L/14 text tower
-TEXT_ENCODER_2_CONFIG = _text_encoder_config("gelu")  # OpenCLIP bigG text tower
+TEXT_ENCODER_CONFIG = _text_encoder_config(TEXT_HIDDEN, "quick_gelu")  # CLIP ViT-L/14 text tower
+TEXT_ENCODER_2_CONFIG = _text_encoder_config(TEXT_HIDDEN_2, "gelu")  # OpenCLIP bigG text tower
 
 # EulerDiscreteScheduler as configured in stabilityai/stable-diffusion-xl-base-1.0.
 SCHEDULER_CONFIG = dict(

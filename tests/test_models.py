@@ -545,7 +545,8 @@ def test_tiny_transparency_switches_the_unet_and_restores_it(tiny_loaded):
     torch.manual_seed(0)
     sample = torch.randn(1, 4, 8, 8)
     context = torch.randn(1, 77, unet.config.cross_attention_dim)
-    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    pooled = tiny_loaded.pipeline.text_encoder_2.config.projection_dim
+    added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
 
     def run():
         with torch.no_grad():
@@ -630,3 +631,136 @@ def test_wrong_layerdiffuse_file_is_a_weight_mismatch(tmp_path):
               str(patch))
     with pytest.raises(WeightMismatch, match="to_q"):
         load_model(resolve_model(str(copy), models_dir=None, allow_download=False), "cpu", torch.float32)
+
+
+# -- a real single-file load, offline ------------------------------------------------------------------
+_RESNET_TO_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                       "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION_TO_ORIGINAL = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_to_original(unet) -> dict:
+    """diffusers UNet names → the original (ldm/sgm) layout single-file checkpoints use."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    per_block = unet.config.layers_per_block + 1
+    fixed = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    up_has_attention = {i: hasattr(b, "attentions") for i, b in enumerate(unet.up_blocks)}
+    out = {}
+    for name, tensor in unet.state_dict().items():
+        if name in fixed:
+            out[fixed[name]] = tensor
+            continue
+        m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", name)
+        if m:
+            kind, block, part, index, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            if part == "resnets":
+                layer, rest = rest.split(".", 1)
+                rest = f"{_RESNET_TO_ORIGINAL[layer]}.{rest}"
+            first = 1 if kind == "down_blocks" else 0
+            last_row = first + block * per_block + per_block - 1  # the sampler shares the last row
+            if part == "downsamplers":
+                key = f"input_blocks.{last_row}.0.op.{rest.removeprefix('conv.')}"
+            elif part == "upsamplers":
+                key = f"output_blocks.{last_row}.{2 if up_has_attention[block] else 1}.{rest}"
+            else:
+                slot = 0 if part == "resnets" else 1
+                key = f"{'input' if kind == 'down_blocks' else 'output'}_blocks.{first + block * per_block + index}.{slot}.{rest}"
+            out[key] = tensor
+            continue
+        m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
+        assert m, name
+        part, index, rest = m[1], int(m[2]), m[3]
+        if part == "resnets":
+            layer, rest = rest.split(".", 1)
+            out[f"middle_block.{2 * index}.{_RESNET_TO_ORIGINAL[layer]}.{rest}"] = tensor
+        else:
+            out[f"middle_block.1.{rest}"] = tensor
+    return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+def _vae_to_original(vae) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    n_up = len(vae.config.up_block_types)
+    out = {}
+    for name, tensor in vae.state_dict().items():
+        if name in fixed:
+            out[fixed[name]] = tensor
+            continue
+        rest = name
+        rest = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block.", rest)
+        rest = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample.", rest)
+        rest = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", rest)
+        rest = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", rest)
+        rest = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", rest)
+        rest = rest.replace("conv_shortcut", "nin_shortcut")
+        m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", rest)
+        if m:
+            rest = f"{m[1]}.mid.attn_1.{_VAE_ATTENTION_TO_ORIGINAL[m[2]]}.{m[3]}"
+            if tensor.ndim == 2:  # the original stores 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        out[rest] = tensor
+    return {"first_stage_model." + k: v for k, v in out.items()}
+
+
+def _text_encoders_to_original(text_encoder, text_encoder_2) -> dict:
+    out = {}
+    for name, tensor in text_encoder.state_dict().items():  # CLIP-L: HF names under a prefix
+        name = name if name.startswith("text_model.") else "text_model." + name
+        out["conditioner.embedders.0.transformer." + name] = tensor
+    sd = text_encoder_2.state_dict()
+    prefix = "conditioner.embedders.1.model."
+    out[prefix + "token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out[prefix + "positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out[prefix + "ln_final.weight"] = sd["text_model.final_layer_norm.weight"]
+    out[prefix + "ln_final.bias"] = sd["text_model.final_layer_norm.bias"]
+    out[prefix + "text_projection"] = sd["text_projection.weight"].T.contiguous()
+    for i in range(text_encoder_2.config.num_hidden_layers):
+        hf, og = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[og + f"attn.in_proj_{kind}"] = torch.cat([sd[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out[og + f"attn.out_proj.{kind}"] = sd[hf + f"self_attn.out_proj.{kind}"]
+            out[og + f"ln_1.{kind}"] = sd[hf + f"layer_norm1.{kind}"]
+            out[og + f"ln_2.{kind}"] = sd[hf + f"layer_norm2.{kind}"]
+            out[og + f"mlp.c_fc.{kind}"] = sd[hf + f"mlp.fc1.{kind}"]
+            out[og + f"mlp.c_proj.{kind}"] = sd[hf + f"mlp.fc2.{kind}"]
+    return out
+
+
+def test_real_single_file_load_offline_from_config_only_folder(tmp_path, tiny_loaded):
+    """The tiny model saved as an original-layout SDXL checkpoint loads through diffusers'
+    from_single_file with only the config files of its base, offline, weight for weight."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = tiny_loaded.pipeline
+    checkpoint = {**_unet_to_original(pipe.unet), **_vae_to_original(pipe.vae),
+                  **_text_encoders_to_original(pipe.text_encoder, pipe.text_encoder_2)}
+    ckpt = tmp_path / "finetune.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in checkpoint.items()}, str(ckpt))
+    assert models.inspect_checkpoint(ckpt) == "sdxl"
+
+    base = tiny_loaded.resolved.base
+    config_only = tmp_path / "configs"
+    shutil.copytree(base, config_only, ignore=shutil.ignore_patterns("*.safetensors", "layerdiffuse"))
+    resolved = dataclasses.replace(tiny_loaded.resolved, base=ckpt, base_kind="single_file",
+                                   base_config=config_only, base_label=str(ckpt))
+    loaded = load_model(resolved, "cpu", torch.float32)
+    assert isinstance(loaded.pipeline, StableDiffusionXLPipeline)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want = getattr(pipe, component).state_dict()
+        got = getattr(loaded.pipeline, component).state_dict()
+        assert got.keys() == want.keys(), component
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"{component}.{name}"
+    with loaded.transparency():  # the patch binds to the single-file UNet as well
+        pass
+
+    # A checkpoint missing tensors is named as such (diffusers leaves them without data).
+    del checkpoint["conditioner.embedders.1.model.text_projection"]
+    save_file({k: v.detach().clone().contiguous() for k, v in checkpoint.items()}, str(ckpt))
+    with pytest.raises(InvalidRequest, match="text_encoder_2 tensors text_projection.weight"):
+        load_model(resolved, "cpu", torch.float32)

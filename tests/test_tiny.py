@@ -79,7 +79,7 @@ def test_folder_layout_and_configs(tiny_dir):
         assert (tiny_dir / part).exists(), part
     unet = json.loads((tiny_dir / "unet" / "config.json").read_text())
     assert unet["addition_embed_type"] == "text_time"
-    assert unet["cross_attention_dim"] == 2 * tiny.TEXT_HIDDEN
+    assert unet["cross_attention_dim"] == tiny.TEXT_HIDDEN + tiny.TEXT_HIDDEN_2
     assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + tiny.TEXT_PROJECTION
     vae = json.loads((tiny_dir / "vae" / "config.json").read_text())
     assert 2 ** (len(vae["block_out_channels"]) - 1) == 8
@@ -94,6 +94,9 @@ def test_models_are_small(pipeline):
               for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
     assert counts["unet"] < 2_000_000 and counts["vae"] < 500_000, counts
     assert counts["text_encoder"] < 2_000_000, counts  # mostly the 49408 x 32 embedding
+    assert counts["text_encoder_2"] < 4_000_000, counts
+    # different widths, like SDXL's 768/1280, so the two encoders cannot be confused
+    assert pipeline.text_encoder.config.hidden_size != pipeline.text_encoder_2.config.hidden_size
 
 
 def test_pipeline_generates_deterministically(pipeline):
@@ -115,7 +118,7 @@ def test_prompt_reaches_the_unet(pipeline):
     """Two encoders concatenated for cross-attention, pooled projection from the second."""
     embeds, neg, pooled, neg_pooled = pipeline.encode_prompt("a red fox", do_classifier_free_guidance=True,
                                                              negative_prompt=None)
-    assert embeds.shape == (1, 77, 2 * tiny.TEXT_HIDDEN)
+    assert embeds.shape == (1, 77, tiny.TEXT_HIDDEN + tiny.TEXT_HIDDEN_2)
     assert pooled.shape == (1, tiny.TEXT_PROJECTION)
     assert pipeline.config.force_zeros_for_empty_prompt  # as SDXL base: no negative prompt → zeros
     assert torch.count_nonzero(neg) == 0
