@@ -18,6 +18,7 @@ from . import compat
 from .geometry import GeometryError, fit_plane_to_camera, parallax_overscan
 from .importer import (
     PROP_FIT_MODE,
+    ImportFailed,
     PROP_IMAGE_SIZE,
     PROP_OVERSCAN,
     backdrop_planes,
@@ -57,38 +58,14 @@ def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truc
     if truck == 0.0 and pedestal == 0.0 and dolly == 0.0:
         raise ParallaxFailed("truck, pedestal and dolly are all zero: nothing to move")
 
+    move = (truck, pedestal, dolly)
     frame_before = scene.frame_current
-    scene.frame_set(frame_start)
     try:
-        spec = camera_spec(scene, camera)
-    except Exception as error:  # ImportFailed for panoramic cameras
+        # Everything is worked out before anything changes.
+        start_matrix, new_sizes = _plan(scene, camera, planes, frame_start, frame_end, move, margin)
+    finally:
         scene.frame_set(frame_before)
-        raise ParallaxFailed(str(error)) from None
-    start_matrix = camera.matrix_world.copy()
-    basis = camera_basis(camera)
-    to_camera = basis.inverted()
-
-    # Everything is computed before anything changes.
-    new_sizes = {}
-    for plane in planes:
-        local = to_camera @ plane.matrix_world
-        turn = local.to_3x3().normalized().to_quaternion()
-        if 2.0 * math.acos(min(1.0, abs(turn.w))) > _FACING_TOLERANCE:
-            scene.frame_set(frame_before)
-            raise ParallaxFailed(f"plane {plane.name!r} no longer faces the camera; re-import the stack "
-                                 "from the camera's start pose first")
-        center = local.to_translation()
-        distance = -center.z
-        image_size = tuple(plane.get(PROP_IMAGE_SIZE, (1, 1)))
-        try:
-            base = fit_plane_to_camera(spec, distance, 1.0, str(plane.get(PROP_FIT_MODE, "FILL")), image_size)
-            overscan = parallax_overscan(spec, distance, (truck, pedestal, dolly),
-                                         plane_size=(base.width, base.height), plane_center=(center.x, center.y))
-        except GeometryError as error:
-            scene.frame_set(frame_before)
-            raise ParallaxFailed(f"plane {plane.name!r}: {error}") from None
-        overscan *= 1.0 + margin
-        new_sizes[plane.name] = (base.width * overscan, base.height * overscan, overscan)
+    basis = start_matrix.normalized()
 
     move_world = basis.to_3x3() @ Vector((truck, pedestal, -dolly))
     camera.matrix_world = start_matrix
@@ -110,3 +87,43 @@ def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truc
         plane[PROP_OVERSCAN] = overscan
     scene.frame_set(frame_before)
     return ParallaxResult(frame_start, frame_end, {name: size[2] for name, size in new_sizes.items()})
+
+
+def _turn_angle(rotation) -> float:
+    """Angle (radians) of a rotation quaternion, the same for q and -q."""
+    return 2.0 * math.acos(min(1.0, abs(rotation.w)))
+
+
+def _plan(scene: bpy.types.Scene, camera: bpy.types.Object, planes: list, frame_start: int, frame_end: int,
+          move: tuple[float, float, float], margin: float) -> tuple[Matrix, dict]:
+    """The camera's start matrix and, per plane, (width, height, overscan) for the move."""
+    scene.frame_set(frame_end)
+    end_rotation = camera.matrix_world.to_quaternion()
+    scene.frame_set(frame_start)
+    start_matrix = camera.matrix_world.copy()
+    if _turn_angle(start_matrix.to_quaternion().rotation_difference(end_rotation)) > _FACING_TOLERANCE:
+        raise ParallaxFailed(f"the camera turns between frames {frame_start} and {frame_end} (rotation keys or "
+                             "constraints); a parallax move keeps the view direction fixed, so remove the turn first")
+    try:
+        spec = camera_spec(scene, camera)
+    except ImportFailed as error:
+        raise ParallaxFailed(str(error)) from None
+    to_camera = camera_basis(camera).inverted()
+    new_sizes = {}
+    for plane in planes:
+        local = to_camera @ plane.matrix_world
+        if _turn_angle(local.to_3x3().normalized().to_quaternion()) > _FACING_TOLERANCE:
+            raise ParallaxFailed(f"plane {plane.name!r} no longer faces the camera; re-import the stack "
+                                 "from the camera's start pose first")
+        center = local.to_translation()
+        distance = -center.z
+        image_size = tuple(plane.get(PROP_IMAGE_SIZE, (1, 1)))
+        try:
+            base = fit_plane_to_camera(spec, distance, 1.0, str(plane.get(PROP_FIT_MODE, "FILL")), image_size)
+            overscan = parallax_overscan(spec, distance, move, plane_size=(base.width, base.height),
+                                         plane_center=(center.x, center.y))
+        except GeometryError as error:
+            raise ParallaxFailed(f"plane {plane.name!r}: {error}") from None
+        overscan *= 1.0 + margin
+        new_sizes[plane.name] = (base.width * overscan, base.height * overscan, overscan)
+    return start_matrix, new_sizes

@@ -60,6 +60,14 @@ def blender_parallax(stack_dir: str, projection: str, margin: float) -> dict:
             errors[key] = None
         except RuntimeError as error:
             errors[key] = str(error)
+    camera.keyframe_insert("rotation_euler", frame=1)
+    camera.rotation_euler.z += 0.2
+    camera.keyframe_insert("rotation_euler", frame=48)
+    try:
+        bpy.ops.multiplane.parallax_move(truck=1.0)
+        errors["camera_turns"] = None
+    except RuntimeError as error:
+        errors["camera_turns"] = str(error)
     scene.frame_end = 1
     try:
         bpy.ops.multiplane.parallax_move(truck=1.0)
@@ -142,5 +150,6 @@ def test_impossible_moves_are_reported(parallax):
     assert "through the plane at distance 4" in errors["through_plane"]
     assert "nothing to move" in errors["no_move"]
     assert "frame range 1-1 is empty" in errors["empty_range"]
+    assert "the camera turns between frames 1 and 48" in errors["camera_turns"]
     for message in filter(None, errors.values()):
         assert "Traceback" not in message
