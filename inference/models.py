@@ -565,7 +565,7 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
 
     device = torch.device(device)
     pipeline_class = StableDiffusionXLPipeline if resolved.family == "sdxl" else StableDiffusionPipeline
-    kwargs: dict = dict(torch_dtype=dtype, local_files_only=True)
+    kwargs: dict = dict(dtype=dtype, local_files_only=True)
     if resolved.family == "sd15":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
