@@ -15,7 +15,8 @@ MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 64
 MIN_STEPS, MAX_STEPS = 1, 150
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 2**32 - 1
-METHODS = ("independent",)
+METHODS = ("joint", "independent", "harmonized")
+MIN_INTER_LAYER, MAX_INTER_LAYER = 0.0, 4.0
 TTA_PASSES = (1, 2, 4, 8)
 
 Box = tuple[float, float, float, float]
@@ -47,10 +48,14 @@ class StackRequest:
     steps: int = 30
     guidance: float = 5.0
     seed: int = 0
-    method: str = "independent"
+    method: str = "joint"
     tta_passes: int = 8
     background_seed: Optional[int] = None
     name: str = ""
+    # joint/harmonized: weight of another layer's keys relative to an own key (0 = layers
+    # do not attend to each other), and how strongly estimated masks confine foregrounds.
+    inter_layer_strength: float = 0.3
+    mask_guidance: float = 0.5
 
     def validated(self) -> "StackRequest":
         """Return self (with layers as a tuple) or raise InvalidRequest naming the field."""
@@ -76,6 +81,10 @@ class StackRequest:
             validate_seed("background_seed", self.background_seed)
         if self.method not in METHODS:
             raise InvalidRequest("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "harmonized" and len(self.layers) != 1:
+            raise InvalidRequest("layers", f"method 'harmonized' blends exactly one foreground layer, got {len(self.layers)}")
+        validate_fraction("inter_layer_strength", self.inter_layer_strength, MIN_INTER_LAYER, MAX_INTER_LAYER)
+        validate_fraction("mask_guidance", self.mask_guidance, 0.0, 1.0)
         if self.tta_passes not in TTA_PASSES:
             raise InvalidRequest("tta_passes", f"must be one of {TTA_PASSES}, got {self.tta_passes!r}")
         return replace(self, layers=tuple(self.layers))
@@ -102,6 +111,11 @@ def validate_size(field_name: str, value: int) -> None:
             f"must be a multiple of {SIZE_MULTIPLE} (the transparent decoder works on 64-pixel tiles), "
             f"got {value}; try {lower} or {lower + SIZE_MULTIPLE}",
         )
+
+
+def validate_fraction(field_name: str, value, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+        raise InvalidRequest(field_name, f"must be a number in {lo:g}..{hi:g}, got {value!r}")
 
 
 def validate_seed(field_name: str, value: int) -> None:

@@ -10,4 +10,12 @@ def run_method(loaded, request, *, progress, cancel):
         from .independent import generate_independent
 
         return generate_independent(loaded, request, progress=progress, cancel=cancel)
+    if request.method == "joint":
+        from .joint import generate_joint
+
+        return generate_joint(loaded, request, progress=progress, cancel=cancel)
+    if request.method == "harmonized":
+        from .harmonized import generate_harmonized
+
+        return generate_harmonized(loaded, request, progress=progress, cancel=cancel)
     raise InvalidRequest("method", f"method {request.method!r} is not available")

@@ -1,0 +1,124 @@
+"""Method `joint` end to end on the tiny model: one UNet call per step, files, determinism,
+cancel, layout boxes and request validation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference.engine import Engine, EngineSettings
+from inference.errors import Cancelled, InvalidRequest
+from inference.progress import CancelToken, ignore_progress
+from inference.request import LayerSpec, StackRequest
+from inference.stack import alpha_over, load_layer_images, load_stack
+
+BOX = (0.5, 0.0, 1.0, 0.5)  # top-right quarter
+
+
+def request(**kw) -> StackRequest:
+    base = dict(prompt="a forest at dusk", background="pine trees",
+                layers=(LayerSpec("a red fox", box=BOX), LayerSpec("a rock")),
+                width=256, height=256, steps=2, guidance=4.0, seed=5, tta_passes=1, method="joint")
+    base.update(kw)
+    return StackRequest(**base)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    engine = Engine(EngineSettings(device="cpu", allow_download=False))
+    engine.load("tiny")
+    return engine
+
+
+def png_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_one_unet_call_per_step_and_stack_files(engine, tmp_path):
+    unet = engine.load("tiny").pipeline.unet
+    batches = []
+    handle = unet.register_forward_pre_hook(lambda _m, args, kwargs=None: batches.append(args[0].shape[0]))
+    events = []
+    try:
+        engine.generate(request(steps=3), "tiny", tmp_path / "s", progress=events.append)
+    finally:
+        handle.remove()
+    assert batches == [2 * (2 + 2)] * 3  # CFG × (background + 2 foregrounds + blended), once per step
+
+    stack = load_stack(tmp_path / "s")
+    assert stack.method == "joint" and stack.blended == "blended.png"
+    assert [layer.mask for layer in stack.layers] == [None, "mask_01.png", "mask_02.png"]
+    images = load_layer_images(stack, tmp_path / "s")
+    composite = np.asarray(Image.open(tmp_path / "s" / "composite.png"))
+    assert np.array_equal(composite, alpha_over(images))
+    mask = np.asarray(Image.open(tmp_path / "s" / "mask_01.png"))
+    assert mask[:128, 128:].max() > 0 and mask[160:, :96].max() == 0  # inside / far outside the box
+    denoise = [e for e in events if e.phase == "denoise"]
+    assert [e.step for e in denoise] == [0, 1, 2, 3] and {e.layer for e in denoise} == {None}
+    assert {e.layers for e in denoise} == {3} and {e.total for e in denoise} == {3}
+    assert {e.layer for e in events if e.phase == "decode"} == {0, 1, 2}
+
+
+def test_same_request_same_bytes_and_strength_matters(engine, tmp_path):
+    engine.generate(request(), "tiny", tmp_path / "a")
+    engine.generate(request(), "tiny", tmp_path / "b")
+    a, b = png_bytes(tmp_path / "a"), png_bytes(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 7
+    assert all(a[k] == b[k] for k in a)
+    engine.generate(request(inter_layer_strength=0.0), "tiny", tmp_path / "c")
+    c = png_bytes(tmp_path / "c")
+    assert c["background.png"] != a["background.png"]  # layers do see each other at 0.3
+
+
+def test_cancel_mid_run_leaves_nothing(engine, tmp_path):
+    token = CancelToken()
+
+    def on_progress(event):
+        if event.phase == "denoise" and event.step == 1:
+            token.cancel("user")
+
+    unet = engine.load("tiny").pipeline.unet
+    before = dict(unet.attn_processors)
+    with pytest.raises(Cancelled):
+        engine.generate(request(steps=3), "tiny", tmp_path / "s", progress=on_progress, cancel=token)
+    assert list(tmp_path.iterdir()) == []
+    assert all(unet.attn_processors[k] is v for k, v in before.items())  # processors restored
+
+
+def test_box_confines_foreground_latent(engine):
+    from inference.methods.joint import empty_latent, joint_items, sample_layers
+    from inference.methods.independent import layer_seeds
+    from inference.sampling import job_pipeline
+
+    loaded = engine.load("tiny")
+    pipe = job_pipeline(loaded.pipeline)
+    req = request().validated()
+    items = joint_items(pipe, req, layer_seeds(req), pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
+    result = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
+                           negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.5,
+                           progress=ignore_progress, cancel=CancelToken(), layers=3)
+    empty = empty_latent(loaded, pipe.vae)
+    energy = (result.latents[1].float() - empty[0]).pow(2).sum(dim=0)  # fox, box = top-right quarter
+    inside, outside = energy[:16, 16:], energy[16:, :]
+    assert outside.max() <= 1e-6 * inside.mean()
+    free = (result.latents[2].float() - empty[0]).pow(2).sum(dim=0)  # the rock has no box
+    assert free[16:, :].mean() > 1e-3 * inside.mean()
+
+
+@pytest.mark.parametrize("field,value", [("inter_layer_strength", -0.1), ("inter_layer_strength", 5.0),
+                                         ("inter_layer_strength", float("nan")), ("mask_guidance", 1.5),
+                                         ("mask_guidance", True)])
+def test_invalid_joint_fields_are_named(field, value):
+    with pytest.raises(InvalidRequest) as err:
+        request(**{field: value}).validated()
+    assert err.value.field == field
+
+
+def test_harmonized_needs_one_layer_and_joint_is_default():
+    with pytest.raises(InvalidRequest) as err:
+        request(method="harmonized").validated()
+    assert err.value.field == "layers"
+    assert StackRequest(prompt="x").method == "joint"
