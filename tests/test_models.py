@@ -587,14 +587,14 @@ def test_single_file_loading_uses_the_local_config_folder(tmp_path, monkeypatch,
     def fake_from_single_file(path, **kwargs):
         calls.append((path, kwargs))
         return StableDiffusionXLPipeline.from_pretrained(str(resolved.base), local_files_only=True,
-                                                         torch_dtype=kwargs["torch_dtype"])
+                                                         dtype=kwargs["dtype"])
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", fake_from_single_file)
     ckpt = fake_checkpoint(tmp_path / "finetune.safetensors", "sdxl")
     single = dataclasses.replace(resolved, base=ckpt, base_kind="single_file", base_config=resolved.base,
                                  base_label=str(ckpt))
     lm = load_model(single, "cpu", torch.float32)
-    assert calls == [(str(ckpt), {"config": str(resolved.base), "torch_dtype": torch.float32,
+    assert calls == [(str(ckpt), {"config": str(resolved.base), "dtype": torch.float32,
                                   "local_files_only": True})]
     assert lm.describe()["base"] == str(ckpt)
     with lm.transparency():
