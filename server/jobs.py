@@ -248,6 +248,7 @@ class JobManager:
         self.output_root.mkdir(parents=True, exist_ok=True)
         _cleanup_temp(self.output_root)
         self.restore()
+        self._apply_retention()  # the limit may have been lowered since the last run
         self._generate.thread.start()
         self._download.thread.start()
         self._started = True

@@ -32,7 +32,8 @@ from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager, _cleanup_tem
 log = logging.getLogger("multiplane.server")
 
 POLL_SECONDS = 0.1
-WORKER_JOIN_SECONDS = 1.2
+GIL_SWITCH_SECONDS = 0.0005
+WORKER_JOIN_SECONDS = 1.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -56,7 +57,9 @@ def default_output_root() -> Path:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; with port 0 the OS picks a free port (read it back)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP, and without it every streamed event waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -151,6 +154,9 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     from .security import allowed_hosts, remove_token_file, resolve_token
 
     announce = sys.stdout
+    # The worker thread runs Python-heavy pipeline code; a short GIL switch interval keeps
+    # the HTTP thread answering within milliseconds while a job runs (default: 5 ms slices).
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the one ready line
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -201,7 +207,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     import uvicorn
 
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=0.5, lifespan="off")
+                            timeout_graceful_shutdown=0.3, lifespan="off")
     server = _Uvicorn.make(config)
 
     stdin_closed = threading.Event()

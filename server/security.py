@@ -80,6 +80,10 @@ class HostGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if scope["type"] == "websocket":  # none are served; refuse foreign ones all the same
+            if host not in self.hosts:
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
         if host not in self.hosts:
             shown = host or "(none)"
             return await _reject(send, 421, f"Host header {shown!r} is not this server; "

@@ -463,3 +463,26 @@ def test_shutdown_cancels_queued_and_running_jobs(tmp_path):
     r = a.client.post("/v1/jobs", json=SMALL, headers=AUTH)
     assert r.status_code == 503
     a.client.close()
+
+
+def test_download_job_reports_through_the_jobs_endpoints(api):
+    """The tiny model needs no download (it is built locally): the job succeeds."""
+    r = api.client.post("/v1/models/tiny/download", headers=AUTH)
+    assert r.status_code == 202 and r.json()["kind"] == "download" and r.json()["model"] == "tiny"
+    job = api.wait(r.json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["fraction"] == 1.0 and job["stack"] is None
+    # downloads do not occupy the generation queue
+    assert api.client.get("/v1/health").json()["queue_length"] == 0
+
+
+def test_download_without_network_fails_listing_the_files(api, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: everything is missing
+    r = api.client.post("/v1/models/sdxl/download", headers=AUTH)
+    assert r.status_code == 202
+    job = api.wait(r.json()["id"], timeout=60)
+    assert job["status"] == "failed"
+    assert job["error"].startswith("missing model files:") and "Offline" in job["error"]
+    # a generation job still runs afterwards
+    assert api.wait(api.submit()["id"])["status"] == "succeeded"

@@ -84,3 +84,32 @@ def test_kill_9_mid_job_then_restart_serves_finished_stacks(tmp_path):
         assert sorted(p.name for p in root.iterdir()) == [finished["id"]]
     finally:
         s2.stop()
+
+
+def _serve(args, tmp_path, timeout=60):
+    return subprocess.run([sys.executable, "-m", "server", "serve", "--output-root",
+                           str(tmp_path / "stacks"), *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_missing_device_fails_before_ready_with_a_message(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = _serve(["--port", "0", "--device", "cuda"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # no ready line
+    assert "device" in proc.stderr and "cuda" in proc.stderr
+
+
+def test_port_in_use_fails_before_ready_with_a_message(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = _serve(["--port", str(port), "--device", "cpu"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"127.0.0.1:{port}" in proc.stderr
