@@ -214,6 +214,8 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     latents = noise * scheduler.init_noise_sigma
     pinned = [(i, it.pinned.to(device=device, dtype=dtype)) for i, it in enumerate(items) if it.pinned is not None]
     fg_items = [i for i, it in enumerate(items) if it.role == "foreground" and it.pinned is None]
+    all_fg = [i for i, it in enumerate(items) if it.role == "foreground"]  # back to front
+    clean_pinned = {i: clean.float() for i, clean in pinned}  # kept layers are placed as they are
     bg_item = next((i for i, r in enumerate(roles) if r == "background"), None)
     blend_item = next((i for i, r in enumerate(roles) if r == "blended"), None)
     masks: dict[int, torch.Tensor] = {i: it.fixed_mask.to(device).float() * boxes[i]
@@ -269,10 +271,10 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                     keep = keep * (1.0 - mask_guidance * (1.0 - masks[item]))
                 target[item:item + 1] = confine(target[item:item + 1], keep, empty)
             # Place the foregrounds in the blended branch (early steps).
-            if blend_item is not None and bg_item is not None and fg_items and i < end_place:
+            if blend_item is not None and bg_item is not None and all_fg and i < end_place:
                 weight = 1.0 - i / end_place
-                blend = latent_alpha_over(target[bg_item:bg_item + 1],
-                                          [target[k:k + 1] for k in fg_items], [masks[k] for k in fg_items])
+                source = lambda k: clean_pinned[k] if k in clean_pinned else target[k:k + 1]  # noqa: E731
+                blend = latent_alpha_over(source(bg_item), [source(k) for k in all_fg], [masks[k] for k in all_fg])
                 target[blend_item:blend_item + 1] = (1 - weight) * target[blend_item:blend_item + 1] + weight * blend
             delta = target - x0
             if delta.abs().max() > 0:
