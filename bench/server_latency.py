@@ -46,7 +46,7 @@ def _first_progress_ms(server: ServerProcess) -> float:
         if not first and event["progress"]["phase"] is not None:
             first.append(time.perf_counter())
 
-    sse_events(server, job_id, on_event)  # returns at the terminal status
+    sse_events(server, job_id, on_event, client=server.client)  # returns at the terminal status
     return (first[0] - t0) * 1000.0
 
 
@@ -56,7 +56,7 @@ def _through_server(server: ServerProcess) -> tuple[float, float]:
     t0 = time.perf_counter()
     r = server.client.post("/v1/jobs", json=REQUEST)
     r.raise_for_status()
-    events = sse_events(server, r.json()["id"])
+    events = sse_events(server, r.json()["id"], client=server.client)
     elapsed = time.perf_counter() - t0
     final = events[-1][1]
     if final["status"] != "succeeded":
