@@ -70,6 +70,7 @@ class LayerItem:
     content_tokens: list[int] = field(default_factory=list)  # layer-prompt token positions
     pinned: Optional[torch.Tensor] = None  # clean scaled latent of a kept layer (editing)
     fixed_mask: Optional[torch.Tensor] = None  # [h, w] given mask (restyle/editing)
+    placement_mask: Optional[torch.Tensor] = None  # [h, w] mask for the blend, if not the fixed one
 
 
 @dataclass
@@ -167,8 +168,15 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                   progress: ProgressCallback, cancel: CancelToken, layers: int,
                   composite: Optional[KVComposite] = None, capture_self: Sequence[int] = (),
                   self_mask_start: float = SELF_MASK_START, placement_end: float = PLACEMENT_END,
-                  estimate_masks: bool = True) -> LayeredResult:
-    """Denoise all `items` together, one UNet call per step; see the module docstring."""
+                  estimate_masks: bool = True, attends: Optional[torch.Tensor] = None,
+                  accumulate_capture: bool = False, step_offset: int = 0,
+                  total_steps: Optional[int] = None) -> LayeredResult:
+    """Denoise all `items` together, one UNet call per step; see the module docstring.
+
+    `attends` overrides who sees whom in inter-layer attention ([L, L] bool); with
+    `accumulate_capture` the attention maps are averaged over all steps instead of kept
+    per step; `step_offset`/`total_steps` place these steps in a longer job's progress.
+    """
     unet, vae, scheduler = pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = loaded.device, unet.dtype
     n_items = len(items)
@@ -188,7 +196,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
 
     boxes = torch.stack([box_mask(it.box, lh, lw, device=device) for it in items])
     has_box = any(it.box is not None for it in items)
-    attends = torch.ones(n_items, n_items, dtype=torch.bool)
+    attends = torch.ones(n_items, n_items, dtype=torch.bool) if attends is None else attends.clone().bool()
     for i, it in enumerate(items):
         if it.pinned is not None:
             attends[i] = False  # kept layers only give context; they look at themselves
@@ -227,14 +235,16 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     start_self = max(1, math.ceil(self_mask_start * steps)) if steps > 1 else steps
     end_place = max(1, math.ceil(placement_end * steps))
 
-    progress(Progress(phase="denoise", step=0, total=steps, layer=None, layers=layers))
+    total = total_steps or steps
+    if step_offset == 0:
+        progress(Progress(phase="denoise", step=0, total=total, layer=None, layers=layers))
     with layered_attention(unet, state, factors), torch.inference_mode():
         for i, t in enumerate(timesteps):
             if cancel.cancelled:
                 raise Cancelled(cancel.reason)
             for item, clean in pinned:
                 latents[item:item + 1] = scheduler.add_noise(clean, noise[item:item + 1], t.reshape(1))
-            if state.capture is not None:
+            if state.capture is not None and not accumulate_capture:
                 capture.reset()
             model_input = torch.cat([latents] * groups) if groups > 1 else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -274,14 +284,16 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
             if blend_item is not None and bg_item is not None and all_fg and i < end_place:
                 weight = 1.0 - i / end_place
                 source = lambda k: clean_pinned[k] if k in clean_pinned else target[k:k + 1]  # noqa: E731
-                blend = latent_alpha_over(source(bg_item), [source(k) for k in all_fg], [masks[k] for k in all_fg])
+                place = [items[k].placement_mask.to(device) if items[k].placement_mask is not None else masks[k]
+                         for k in all_fg]
+                blend = latent_alpha_over(source(bg_item), [source(k) for k in all_fg], place)
                 target[blend_item:blend_item + 1] = (1 - weight) * target[blend_item:blend_item + 1] + weight * blend
             delta = target - x0
             if delta.abs().max() > 0:
                 coeff = clean_coefficient(scheduler, t_next, latents_next).float()
                 latents_next = (latents_next.float() + coeff * delta).to(latents_next.dtype)
             latents = latents_next
-            progress(Progress(phase="denoise", step=i + 1, total=steps, layer=None, layers=layers))
+            progress(Progress(phase="denoise", step=step_offset + i + 1, total=total, layer=None, layers=layers))
     if cancel.cancelled:
         raise Cancelled(cancel.reason)
     return LayeredResult(latents=latents, masks=masks, capture=capture)
