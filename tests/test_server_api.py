@@ -486,3 +486,34 @@ def test_download_without_network_fails_listing_the_files(api, monkeypatch, tmp_
     assert job["error"].startswith("missing model files:") and "Offline" in job["error"]
     # a generation job still runs afterwards
     assert api.wait(api.submit()["id"])["status"] == "succeeded"
+
+
+def test_event_stream_sends_keepalives_and_ends_after_terminal_status():
+    import asyncio
+
+    from server.app import status_stream
+
+    async def collect():
+        updates: asyncio.Queue = asyncio.Queue()
+        unsubscribed = []
+        first = {"version": 1, "status": "running"}
+        chunks = []
+
+        async def feed():
+            await asyncio.sleep(0.12)
+            updates.put_nowait({"version": 1, "status": "running"})  # stale: not sent again
+            updates.put_nowait({"version": 2, "status": "cancelled"})
+            updates.put_nowait({"version": 3, "status": "running"})  # after the end: ignored
+
+        feeder = asyncio.ensure_future(feed())
+        async for chunk in status_stream(first, updates, lambda: unsubscribed.append(True), 0.05):
+            chunks.append(chunk)
+        await feeder
+        return chunks, unsubscribed
+
+    chunks, unsubscribed = asyncio.run(collect())
+    events = [c for c in chunks if c.startswith("id:")]
+    assert [json.loads(e.split("data: ", 1)[1])["version"] for e in events] == [1, 2]
+    assert events[0].startswith("id: 1\nevent: status\ndata: ") and events[0].endswith("\n\n")
+    assert chunks.count(": keep-alive\n\n") >= 1
+    assert unsubscribed == [True]
