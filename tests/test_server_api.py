@@ -478,7 +478,7 @@ def test_download_job_reports_through_the_jobs_endpoints(api):
 
 def test_download_without_network_fails_listing_the_files(api, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: everything is missing
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache: all is missing
     r = api.client.post("/v1/models/sdxl/download", headers=AUTH)
     assert r.status_code == 202
     job = api.wait(r.json()["id"], timeout=60)
