@@ -244,6 +244,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                 "version": info.version, "token_file": str(token_file) if token_file else None,
             }) + "\n")
             announce.flush()
+            _detach_stdout()
             threading.Thread(target=supervise, name="multiplane-supervisor", daemon=True).start()
         await task
 
@@ -262,6 +263,16 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _detach_stdout() -> None:
+    """After the ready line, point file descriptor 1 at stderr: the parent sees end-of-file
+    on our stdout, and nothing (not even C-level output) can fill a pipe it no longer reads."""
+    try:
+        sys.__stdout__.flush()
+        os.dup2(sys.stderr.fileno(), 1)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def _read_until_eof(closed: threading.Event) -> None:

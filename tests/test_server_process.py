@@ -3,6 +3,7 @@ over loopback: announce, token and Host checks, end to end with SSE, cancel, 20 
 The process life cycle (parent death, stdin, signals, restart) is in test_server_lifecycle.py."""
 from __future__ import annotations
 
+import selectors
 import signal
 import stat
 import threading
@@ -52,9 +53,14 @@ def test_ready_line_and_generated_token_file(tmp_path):
         assert httpx.get(f"{s.url}/v1/jobs").status_code == 401
         health = httpx.get(f"{s.url}/v1/health").json()
         assert health["device"]["type"] == "cpu" and health["torch"] and health["diffusers"]
+        # exactly one line on stdout, then end-of-file while the server keeps running
+        sel = selectors.DefaultSelector()
+        sel.register(s.proc.stdout, selectors.EVENT_READ)
+        assert sel.select(5), "stdout still open after the ready line"
+        assert s.proc.stdout.read() == b""
+        assert s.proc.poll() is None and s.client.get("/v1/health").status_code == 200
         s.proc.send_signal(signal.SIGINT)
         assert s.wait_exit(5) == 0
-        assert s.proc.stdout.read() == b""  # exactly one line on stdout
         assert not token_file.exists()
     finally:
         s.stop()
