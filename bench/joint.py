@@ -1,0 +1,140 @@
+"""`joint` stack (background + 3 foregrounds + blended) vs one plain diffusers batch of 5.
+
+Same tiny model, size and steps. The baseline is a plain `StableDiffusionXLPipeline` call
+with a batch of 5 prompts (the same five texts) decoded to arrays: the cheapest possible
+way to get five images, so the ratio shows what joint generation (per-sample transparency
+side path, inter-layer attention, attention capture, mask guidance, transparent decoding
+with TTA 1 and writing the PNG stack) costs on top. Also reported: joint vs `independent`
+(four separate sampling runs) on the same request. Timing alternates the variants in one
+process after a warm-up; peak RSS comes from fresh subprocesses, one per variant.
+Targets: joint/plain time ≤ 1.15, joint/independent time ≤ 1.0; RSS ratio reported.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZE, STEPS, REPEATS = 256, 20, 3
+LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
+
+
+def make_request(method: str):
+    from inference.request import LayerSpec, StackRequest
+
+    return StackRequest(prompt="a forest clearing at dusk", background="pine trees",
+                        layers=tuple(LayerSpec(p) for p in LAYERS), width=SIZE, height=SIZE,
+                        steps=STEPS, seed=3, tta_passes=1, method=method).validated()
+
+
+def plain_pipeline():
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from inference.engine import quiet_libraries
+    from inference.models import resolve_model
+
+    quiet_libraries()
+    resolved = resolve_model("tiny", allow_download=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(resolved.base), local_files_only=True,
+                                                     dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_prompts(req) -> list[str]:
+    from inference.methods.independent import combine_prompts
+    from inference.methods.joint import blended_prompt
+
+    return ([combine_prompts(req.background, req.prompt)]
+            + [combine_prompts(layer.prompt, req.prompt) for layer in req.layers] + [blended_prompt(req)])
+
+
+def run_plain(pipe, req) -> None:
+    import torch
+
+    pipe(prompt=plain_prompts(req), width=req.width, height=req.height, num_inference_steps=req.steps,
+         guidance_scale=req.guidance, generator=torch.Generator().manual_seed(req.seed), output_type="np")
+
+
+def run_ours(engine, req, root: Path, tag: str) -> None:
+    engine.generate(req, "tiny", root / f"{tag}-{time.perf_counter_ns()}")
+
+
+def timing() -> dict:
+    from inference.engine import Engine, EngineSettings
+
+    engine = Engine(EngineSettings(device="cpu", allow_download=False))
+    engine.load("tiny")
+    pipe = plain_pipeline()
+    joint, independent = make_request("joint"), make_request("independent")
+    samples: dict[str, list[float]] = {"joint": [], "plain_batch5": [], "independent": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run_ours(engine, joint, root, "warm")
+        run_ours(engine, independent, root, "warm")
+        run_plain(pipe, joint)
+        for _ in range(REPEATS):
+            for name, fn in (("plain_batch5", lambda: run_plain(pipe, joint)),
+                             ("joint", lambda: run_ours(engine, joint, root, "j")),
+                             ("independent", lambda: run_ours(engine, independent, root, "i"))):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"seconds": {k: round(v, 3) for k, v in med.items()},
+            "time_ratio": round(med["joint"] / med["plain_batch5"], 3),
+            "time_ratio_vs_independent": round(med["joint"] / med["independent"], 3)}
+
+
+def peak_rss(variant: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.joint", "--rss", variant],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(variant: str) -> None:
+    import psutil
+
+    from bench.independent import PeakSampler
+
+    req = make_request("joint")
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant == "joint":
+            from inference.engine import Engine, EngineSettings
+
+            engine = Engine(EngineSettings(device="cpu", allow_download=False))
+            engine.load("tiny")
+            loaded = psutil.Process().memory_info().rss
+            with PeakSampler() as sampler:
+                run_ours(engine, req, Path(tmp), "rss")
+        else:
+            pipe = plain_pipeline()
+            loaded = psutil.Process().memory_info().rss
+            with PeakSampler() as sampler:
+                run_plain(pipe, req)
+    print(json.dumps({"loaded": loaded // 1024, "peak": sampler.peak // 1024}))
+
+
+def run() -> dict:
+    from inference.models import resolve_model
+
+    resolve_model("tiny", allow_download=False)  # build the tiny model once, outside any timing
+    result = {"benchmark": "joint stack (bg + 3 fg + blended) vs plain diffusers batch of 5",
+              "size": SIZE, "steps": STEPS, "target_time_ratio": 1.15, "target_ratio_vs_independent": 1.0}
+    result.update(timing())
+    ours, plain = peak_rss("joint"), peak_rss("plain")
+    result["peak_rss_kib"] = {"joint": ours, "plain_batch5": plain}
+    result["rss_ratio"] = round(ours["peak"] / plain["peak"], 3)
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss":
+        rss_child(sys.argv[2])
+    else:
+        print(json.dumps(run()))
