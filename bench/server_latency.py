@@ -30,6 +30,7 @@ from server.testing import ServerProcess, sse_events
 LATENCY_TARGET_MS = 50.0
 OVERHEAD_TARGET_PERCENT = 5.0
 REQUEST = {"prompt": "a misty lake at dawn", "background": "reeds", "model": "tiny",
+           "method": "independent",
            "width": 256, "height": 256, "steps": 4, "tta_passes": 1,
            "layers": [{"prompt": "a heron"}]}
 

@@ -37,9 +37,11 @@ DEFAULT_RETENTION = 100
 DEFAULT_HISTORY = 200
 
 # Overall progress of a generation job (`fraction`): every layer (background and each
-# foreground) gets an equal share; inside a layer denoising counts DENOISE_SHARE and
-# decoding the rest; loading counts nothing (it happens once per model, not per job) and
-# saving starts at SAVE_START. The job reports 1.0 only when it has succeeded.
+# foreground) gets an equal share of the work; denoising counts DENOISE_SHARE of it and
+# decoding the rest. Methods that denoise layer by layer (`independent`) report a `layer`
+# with each step; methods that denoise all layers together (`joint`, `harmonized`) report
+# steps with layer None, then decode layer by layer. Loading counts nothing (once per
+# model, not per job); saving starts at SAVE_START; 1.0 only once the job has succeeded.
 DENOISE_SHARE = 0.85
 SAVE_START = 0.97
 
@@ -78,18 +80,40 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def overall_fraction(p: Progress) -> float:
-    """The whole generation job's share done, 0..1, for one progress report."""
+def overall_fraction(p: Progress, joint: bool = False) -> float:
+    """The whole generation job's share done, 0..1, for one progress report.
+
+    `joint`: the job's denoising covers all layers at once (it reported a step with layer
+    None), so decoding layer k comes after every layer's denoising.
+    """
     if p.phase == "save":
         return SAVE_START
     if p.phase not in ("denoise", "decode"):
         return 0.0
     layers = max(p.layers, 1)
+    part = min(max((p.step / p.total) if p.total else 0.0, 0.0), 1.0)
+    if p.phase == "denoise" and p.layer is None:
+        return SAVE_START * DENOISE_SHARE * part
     layer = min(max(p.layer or 0, 0), layers - 1)
-    part = (p.step / p.total) if p.total else 0.0
-    part = min(max(part, 0.0), 1.0)
-    within = DENOISE_SHARE * part if p.phase == "denoise" else DENOISE_SHARE + (1 - DENOISE_SHARE) * part
-    return min(SAVE_START * (layer + within) / layers, SAVE_START)
+    if joint:  # decode after a joint denoise
+        value = DENOISE_SHARE + (1 - DENOISE_SHARE) * (layer + part) / layers
+    elif p.phase == "denoise":
+        value = (layer + DENOISE_SHARE * part) / layers
+    else:
+        value = (layer + DENOISE_SHARE + (1 - DENOISE_SHARE) * part) / layers
+    return min(SAVE_START * value, SAVE_START)
+
+
+class GenerationFraction:
+    """`overall_fraction` for one job, remembering whether its denoising was joint."""
+
+    def __init__(self) -> None:
+        self.joint = False
+
+    def __call__(self, p: Progress) -> float:
+        if p.phase == "denoise" and p.layer is None:
+            self.joint = True
+        return overall_fraction(p, joint=self.joint)
 
 
 def download_fraction(p: Progress) -> float:
@@ -478,7 +502,7 @@ class JobManager:
         assert body is not None
         try:
             self.engine.generate(body.to_stack_request(), body.model, out_dir,
-                                 progress=self._progress_callback(job, overall_fraction),
+                                 progress=self._progress_callback(job, GenerationFraction()),
                                  cancel=job.cancel, export_psd=body.export_psd,
                                  export_ora=body.export_ora)
             name, files = stack_manifest(out_dir)

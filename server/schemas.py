@@ -97,7 +97,7 @@ class JobCreate(_Closed):
                             description="the background layer's own prompt")
     layers: list[LayerIn] = Field(default_factory=list, max_length=limits.MAX_FOREGROUNDS,
                                   description=f"0..{limits.MAX_FOREGROUNDS} foregrounds, back to front")
-    method: str = Field(default="independent", description=f"one of {', '.join(limits.METHODS)}")
+    method: str = Field(default=StackRequest.method, description=f"one of {', '.join(limits.METHODS)}")
     model: str = Field(default=DEFAULT_MODEL, max_length=4096,
                        description="a preset name (GET /v1/models) or an absolute model path")
     width: int = Field(default=StackRequest.width, ge=limits.MIN_SIZE, le=limits.MAX_SIZE,
@@ -109,6 +109,13 @@ class JobCreate(_Closed):
                             le=limits.MAX_GUIDANCE)
     seed: int = Field(default=StackRequest.seed, ge=0, le=limits.MAX_SEED)
     background_seed: Optional[int] = Field(default=None, ge=0, le=limits.MAX_SEED)
+    inter_layer_strength: float = Field(
+        default=StackRequest.inter_layer_strength, ge=limits.MIN_INTER_LAYER,
+        le=limits.MAX_INTER_LAYER,
+        description="joint/harmonized: how much layers attend to each other (0 = not at all)")
+    mask_guidance: float = Field(default=StackRequest.mask_guidance, ge=0.0, le=1.0,
+                                 description="joint/harmonized: how strongly estimated masks "
+                                             "confine foregrounds")
     tta_passes: int = Field(default=StackRequest.tta_passes,
                             description=f"transparent decoder passes, one of {limits.TTA_PASSES}")
     name: str = Field(default="", max_length=MAX_NAME_CHARS, description="stack display name")
@@ -132,9 +139,9 @@ class JobCreate(_Closed):
                              f"{step}-pixel tiles), got {value}; try {lower} or {lower + step}")
         return value
 
-    @field_validator("guidance")
+    @field_validator("guidance", "inter_layer_strength", "mask_guidance")
     @classmethod
-    def _guidance_finite(cls, value: float) -> float:
+    def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
@@ -178,7 +185,9 @@ class JobCreate(_Closed):
                             negative_prompt=self.negative_prompt, width=self.width,
                             height=self.height, steps=self.steps, guidance=float(self.guidance),
                             seed=self.seed, method=self.method, tta_passes=self.tta_passes,
-                            background_seed=self.background_seed, name=self.name).validated()
+                            background_seed=self.background_seed, name=self.name,
+                            inter_layer_strength=float(self.inter_layer_strength),
+                            mask_guidance=float(self.mask_guidance)).validated()
 
 
 class ProgressOut(BaseModel):

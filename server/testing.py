@@ -14,8 +14,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root (runs `-m server` there)
 TOKEN = "process-test-token-0123456789"  # used unless token=None (then a token file)
-FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "width": 256, "height": 256,
-        "steps": 2, "tta_passes": 1}
+FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "method": "independent",
+        "width": 256, "height": 256, "steps": 2, "tta_passes": 1}
 
 
 class ServerProcess:

@@ -15,14 +15,15 @@ from inference.progress import Progress
 from inference.stack import load_stack
 from server.app import ServerInfo, create_app
 from server.fake_engine import BrokenEngine, FakeEngine
-from server.jobs import DENOISE_SHARE, SAVE_START, JobManager, overall_fraction
+from server.jobs import (DENOISE_SHARE, SAVE_START, GenerationFraction, JobManager,
+                         overall_fraction)
 from server.security import allowed_hosts
 
 PORT = 45123
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SMALL = {"prompt": "a misty lake", "model": "tiny", "width": 256, "height": 256, "steps": 2,
-         "tta_passes": 1}
+SMALL = {"prompt": "a misty lake", "model": "tiny", "method": "independent", "width": 256,
+         "height": 256, "steps": 2, "tta_passes": 1}
 
 
 class Api:
@@ -170,6 +171,9 @@ INVALID = [
     ({"seed": -1}, ["seed"]),
     ({"seed": 2**32}, ["seed"]),
     ({"tta_passes": 3}, ["tta_passes"]),
+    ({"inter_layer_strength": 4.5}, ["inter_layer_strength"]),
+    ({"mask_guidance": -0.1}, ["mask_guidance"]),
+    ({"method": "harmonized", "layers": [{"prompt": "a"}, {"prompt": "b"}]}, ["layers"]),
     ({"method": "magic"}, ["method"]),
     ({"model": "no-such-model"}, ["model"]),
     ({"model": "relative/path"}, ["model"]),
@@ -382,6 +386,20 @@ def test_overall_fraction_weights_layers_equally():
         events += [("denoise", s, 4, layer) for s in range(5)] + [("decode", s, 8, layer) for s in range(9)]
     values = [f(*e) for e in events] + [f("save")]
     assert values == sorted(values)
+
+
+def test_fraction_of_joint_methods_covers_all_layers_while_denoising():
+    tracker = GenerationFraction()
+    events = [Progress("load")]
+    events += [Progress("denoise", s, 6, None, 3) for s in range(7)]  # all layers at once
+    for layer in range(3):
+        events += [Progress("decode", s, 2, layer, 3) for s in range(3)]
+    events.append(Progress("save", layers=3))
+    values = [tracker(p) for p in events]
+    assert tracker.joint
+    assert values == sorted(values)
+    assert values[7] == pytest.approx(SAVE_START * DENOISE_SHARE)  # denoise done for all layers
+    assert values[-2] == pytest.approx(SAVE_START)
 
 
 def test_eta_is_estimated_while_denoising(tmp_path):

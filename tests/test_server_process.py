@@ -122,6 +122,23 @@ def test_end_to_end_with_sse_and_downloadable_stack(server, tmp_path):
     assert job["id"] in listed
 
 
+@pytest.mark.parametrize("method,layers", [("joint", 2), ("harmonized", 1)])
+def test_methods_that_denoise_layers_together(server, method, layers):
+    job = server.submit(method=method, layers=[{"prompt": f"thing {i}"} for i in range(layers)])
+    events = [e for _, e in sse_events(server, job["id"])]
+    final = events[-1]
+    assert final["status"] == "succeeded", final["error"]
+    fractions = [e["progress"]["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    joint_steps = [e for e in events if e["progress"]["phase"] == "denoise" and e["progress"]["layer"] is None]
+    assert joint_steps, "these methods denoise all layers in one run"
+    files = final["stack"]["files"]
+    if method == "harmonized":
+        assert {"mask_01.png", "blended.png"} <= set(files)
+    for name in files:
+        assert server.client.get(f"/v1/jobs/{job['id']}/files/{name}").status_code == 200
+
+
 def test_cancel_running_job_stops_within_one_step(server):
     job = server.submit(steps=60)
     server.wait_for_step(job["id"], 1)
