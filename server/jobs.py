@@ -513,11 +513,13 @@ class JobManager:
             if not isinstance(exc, Exception):
                 raise
             return
+        # Make room first, so that when a client sees `succeeded` the folder is in its final
+        # state (the oldest stacks beyond the limit are gone).
+        self._apply_retention(keep=self.retention - 1)
         with self._lock:
             job.stack_dir, job.stack_name, job.files = out_dir, name, files
             job.fraction, job.eta_seconds = 1.0, 0.0
             self._finish(job, "succeeded")
-        self._apply_retention()
 
     def _run_download(self, job: Job) -> None:
         if not self._start(job, self._download):
@@ -626,15 +628,17 @@ class JobManager:
             if job.id not in self._subscribers:
                 del self._jobs[job.id]
 
-    def _apply_retention(self) -> None:
-        """Delete the oldest finished stacks beyond `retention` (their folders and records)."""
+    def _apply_retention(self, keep: Optional[int] = None) -> None:
+        """Delete the oldest finished stacks beyond `keep` (default: `retention`), folders
+        and records."""
+        keep = self.retention if keep is None else keep
         with self._lock:
             stacks = [j for j in self._jobs.values()
                       if j.status == "succeeded" and j.stack_dir is not None]
-            if len(stacks) <= self.retention:
+            if len(stacks) <= keep:
                 return
             stacks.sort(key=lambda j: (j.finished or j.created, j.id))
-            expired = stacks[:len(stacks) - self.retention]
+            expired = stacks[:len(stacks) - keep]
             for job in expired:
                 del self._jobs[job.id]
         for job in expired:
