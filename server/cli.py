@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output-root", type=Path, default=None)
     serve.add_argument("--models-dir", type=Path, default=None)
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
+    serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
     return parser
 
 
@@ -167,7 +169,8 @@ def cmd_serve(args) -> int:
 
     return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
-                      models_dir=args.models_dir) or EXIT_OK
+                      models_dir=args.models_dir, max_queue=args.max_queue,
+                      retention=args.retention) or EXIT_OK
 
 
 def cmd_demo(args) -> int:
