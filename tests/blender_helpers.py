@@ -180,9 +180,10 @@ _RUNNER = textwrap.dedent("""
         os._exit(0)
 """)
 
-# bpy 4.2 as a module can crash while the interpreter shuts down once an add-on with
-# property callbacks was registered; set MULTIPLANE_BLENDER_HARD_EXIT=1 to run these
-# tests against such a wheel (the scenario's result is written before the exit).
+# Older bpy wheels misbehave while the interpreter shuts down after an add-on registered
+# (4.2.23 crashes once a PointerProperty poll callback was registered, 4.5.15 hangs if
+# the add-on is still registered). 5.0 exits cleanly. Set MULTIPLANE_BLENDER_HARD_EXIT=1
+# to run these tests against such a wheel: the result is written, then os._exit(0).
 HARD_EXIT = os.environ.get("MULTIPLANE_BLENDER_HARD_EXIT") == "1"
 
 
