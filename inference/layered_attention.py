@@ -12,9 +12,11 @@ attention module of the UNet by `layered_attention(...)`, adds per job:
   processor and the side path is added only to rows with a nonzero scale, so unpatched
   items are bit-identical to a run without the patch;
 - **inter-layer attention** (self attention only): each item's queries attend to its own
-  keys and to the keys/values of the other items of its group, whose attention weights
-  are multiplied by `strength` (a log-bias `log(strength)` on their logits: a key of
-  another layer counts `strength` times as much as an own key with the same score). At
+  keys and to the keys/values of the other items of its group, average-pooled p×p on the
+  token grid (`inter_layer_pool`, default 2: the joint attention then costs about
+  1 + (L−1)/4 times plain attention instead of L times), with a log-bias
+  `log(strength) + log(p²)` on their logits: another layer's region counts `strength`
+  times as much as an own region of the same size with the same score. At
   strength 0 the processor runs plain attention (the joint path is skipped, not merely
   down-weighted, so the result is exactly the plain one); `attends[i, j]` restricts who
   sees whom (pinned/kept items of an edit attend only to themselves);
@@ -110,6 +112,7 @@ class LayeredAttentionState:
 
     def __init__(self, roles: Sequence[str], groups: int, latent_size: tuple[int, int], *,
                  inter_layer_strength: float = 0.0,
+                 inter_layer_pool: int = 2,
                  transparency_scale: Optional[Sequence[float]] = None,
                  attends: Optional[torch.Tensor] = None,
                  regions: Optional[torch.Tensor] = None,
@@ -128,6 +131,9 @@ class LayeredAttentionState:
         self.batch = self.items * groups
         self.latent_size = tuple(latent_size)
         self.inter_layer_strength = float(inter_layer_strength)
+        if not isinstance(inter_layer_pool, int) or inter_layer_pool < 1:
+            raise ValueError(f"inter_layer_pool must be a positive integer, got {inter_layer_pool!r}")
+        self.inter_layer_pool = inter_layer_pool
         if attends is None:
             attends = torch.ones(self.items, self.items, dtype=torch.bool)
         attends = attends.clone().bool()
@@ -149,6 +155,7 @@ class LayeredAttentionState:
         if scale is None:
             self.patched_rows = None
             self.patched_scale = None
+            self.unit_scale = False
             return
         scale = [float(s) for s in scale]
         if len(scale) != self.items:
@@ -157,6 +164,7 @@ class LayeredAttentionState:
         rows = [b for b, s in enumerate(per_row) if s != 0.0]
         self.patched_rows = torch.tensor(rows, dtype=torch.long) if rows else None
         self.patched_scale = torch.tensor([per_row[b] for b in rows]) if rows else None
+        self.unit_scale = all(per_row[b] == 1.0 for b in rows)
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """(h, w) of a token sequence at one UNet resolution (each level halves, rounding up)."""
@@ -180,12 +188,27 @@ class LayeredAttentionState:
         w.fill_diagonal_(0.0)
         return w
 
-    def inter_layer_bias(self, tokens: int, device, dtype) -> torch.Tensor:
-        """Additive attention bias [G·L, 1, 1, L·T] for joint keys of a group."""
-        key = (tokens, device, dtype)
+    @property
+    def other_items(self) -> torch.Tensor:
+        """[L, L−1]: for each item, the other items of its group in order."""
+        return torch.tensor([[j for j in range(self.items) if j != i] for i in range(self.items)],
+                            dtype=torch.long).reshape(self.items, self.items - 1)
+
+    def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype) -> torch.Tensor:
+        """Additive bias [G·L, 1, 1, T + (L−1)·T'] for [own keys, other items' pooled keys].
+
+        A pooled key stands for T/T' tokens, so it gets log(T/T') on top of log(strength):
+        another layer's region counts `strength` times an own region of the same size.
+        """
+        key = (tokens, pooled_tokens, device, dtype)
         if key not in self._bias_cache:
-            w = self.log_weights().repeat_interleave(tokens, dim=1)  # [L, L*T]
-            self._bias_cache[key] = w.repeat(self.groups, 1)[:, None, None, :].to(device=device, dtype=dtype)
+            w = self.log_weights() + math.log(tokens / pooled_tokens)
+            rows = []
+            for i in range(self.items):
+                others = w[i, self.other_items[i]].repeat_interleave(pooled_tokens)
+                rows.append(torch.cat([torch.zeros(tokens), others]))
+            bias = torch.stack(rows).repeat(self.groups, 1)
+            self._bias_cache[key] = bias[:, None, None, :].to(device=device, dtype=dtype)
         return self._bias_cache[key]
 
 
@@ -209,10 +232,14 @@ def check_plain_attention(attn: nn.Module, name: str) -> None:
 class LayeredAttnProcessor:
     """Per-module processor; all job behaviour comes from the shared `LayeredAttentionState`."""
 
-    def __init__(self, name: str, state: LayeredAttentionState, factors: Optional[Factors] = None):
+    def __init__(self, name: str, state: LayeredAttentionState, factors: Optional[Factors] = None,
+                 dense: Optional[dict[str, torch.Tensor]] = None):
         self.name = name
         self.state = state
         self.factors = factors or {}
+        # Merged W + up·down where that is cheaper than the side path (rank ≥ in·out/(in+out),
+        # e.g. full-rank test patches); used for rows whose scale is exactly 1.
+        self.dense = dense or {}
 
     # Declared as __call__ with named parameters only: Attention.forward passes just these.
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
@@ -268,28 +295,44 @@ class LayeredAttnProcessor:
         factors = self.factors.get(which)
         if factors is None or st.patched_rows is None:
             return out
-        up, down = factors
         rows = st.patched_rows.to(x.device)
+        dense = self.dense.get(which)
+        if dense is not None and st.unit_scale:
+            patched = F.linear(x.index_select(0, rows), dense, linear.bias)
+            return out.index_copy(0, rows, patched.to(out.dtype))
+        up, down = factors
         side = F.linear(F.linear(x.index_select(0, rows), down), up)
         side = side * st.patched_scale.to(device=x.device, dtype=side.dtype).view(-1, 1, 1)
         return out.index_add(0, rows, side.to(out.dtype))
 
     def inter_layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int
                               ) -> torch.Tensor:
-        """Each item attends to the keys of its whole group with the log-weight bias."""
+        """Each item attends to its own keys and the other items' (pooled) keys, log-weighted."""
         st = self.state
         groups, items = st.groups, st.items
         batch, heads, _, head_dim = k.shape
+        h, w = st.grid(tokens)
+        pool = st.inter_layer_pool
 
-        def joint(x: torch.Tensor) -> torch.Tensor:
-            x = x.reshape(groups, items, heads, tokens, head_dim).permute(0, 2, 1, 3, 4)
-            x = x.reshape(groups, 1, heads, items * tokens, head_dim)
-            return x.expand(groups, items, heads, items * tokens, head_dim).reshape(
-                batch, heads, items * tokens, head_dim)
+        def pooled(x: torch.Tensor) -> torch.Tensor:
+            if pool == 1:
+                return x
+            grid = x.transpose(2, 3).reshape(batch, heads * head_dim, h, w)
+            grid = F.avg_pool2d(grid, pool, ceil_mode=True)
+            return grid.reshape(batch, heads, head_dim, -1).transpose(2, 3)
 
-        bias = st.inter_layer_bias(tokens, q.device, q.dtype)
-        return F.scaled_dot_product_attention(q, joint(k), joint(v), attn_mask=bias, dropout_p=0.0,
-                                              is_causal=False)
+        others = st.other_items.to(k.device)
+
+        def context(own: torch.Tensor) -> torch.Tensor:
+            small = pooled(own)
+            n = small.shape[2]
+            small = small.reshape(groups, items, heads, n, head_dim)[:, others]  # [G, L, L−1, H, n, d]
+            small = small.permute(0, 1, 3, 2, 4, 5).reshape(batch, heads, (items - 1) * n, head_dim)
+            return torch.cat([own, small], dim=2)
+
+        keys, values = context(k), context(v)
+        bias = st.inter_layer_bias(tokens, (keys.shape[2] - tokens) // (items - 1), q.device, q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=0.0, is_causal=False)
 
     def composite_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             tokens: int) -> torch.Tensor:
@@ -359,8 +402,10 @@ def layered_attention(unet: nn.Module, state: LayeredAttentionState,
     processors: dict[str, LayeredAttnProcessor] = {}
     for key in originals:
         module = key[: -len(".processor")]
-        check_plain_attention(modules[module], module)
-        processors[key] = LayeredAttnProcessor(module, state, module_factors(factors, module))
+        attn = modules[module]
+        check_plain_attention(attn, module)
+        found = module_factors(factors, module)
+        processors[key] = LayeredAttnProcessor(module, state, found, dense_weights(attn, found))
     unet.set_attn_processor(dict(processors))
     try:
         yield processors
@@ -369,6 +414,39 @@ def layered_attention(unet: nn.Module, state: LayeredAttentionState,
 
 
 _FACTOR_CACHE: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+# id(up factor) → (weak reference to that factor, merged weight); tensors compare by value,
+# so they cannot be WeakKeyDictionary keys.
+_DENSE_CACHE: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _projection(attn: nn.Module, which: str) -> nn.Module:
+    return attn.to_out[0] if which == "to_out.0" else getattr(attn, which)
+
+
+def dense_weights(attn: nn.Module, factors: Optional[Factors]) -> dict[str, torch.Tensor]:
+    """W + up·down for the projections where a dense product is cheaper than the side path.
+
+    Side path per row costs r·(in + out) multiply-adds, the dense product in·out; for the
+    published SDXL patch (r = 256, widths 640–2048) the side path always wins and nothing
+    is built here; rank-saturated (test) patches get merged weights, cached per factor.
+    """
+    dense: dict[str, torch.Tensor] = {}
+    for which, (up, down) in (factors or {}).items():
+        weight = _projection(attn, which).weight
+        out_f, in_f = weight.shape
+        if up.shape[1] * (in_f + out_f) < in_f * out_f:
+            continue
+        entry = _DENSE_CACHE.get(id(up))
+        if entry is not None and entry[0]() is up and entry[1].shape == weight.shape:
+            merged = entry[1]
+        else:
+            with torch.no_grad():
+                merged = (weight.float() + up.float() @ down.float()).to(weight.dtype)
+            for key in [k for k, (ref, _) in _DENSE_CACHE.items() if ref() is None]:
+                del _DENSE_CACHE[key]
+            _DENSE_CACHE[id(up)] = (weakref.ref(up), merged)
+        dense[which] = merged
+    return dense
 
 
 def transparency_factors(patch, rank: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -14,6 +14,7 @@ from inference.layered_attention import (
     KVComposite,
     LayeredAttentionState,
     LayeredAttnProcessor,
+    dense_weights,
     layered_attention,
 )
 
@@ -32,10 +33,20 @@ def roles(n_fg: int) -> list[str]:
     return ["background"] + ["foreground"] * n_fg + ["blended"]
 
 
-def manual_joint(attn: Attention, x: torch.Tensor, groups: int, items: int, log_w: torch.Tensor) -> torch.Tensor:
-    """Reference: softmax over all keys of the group with log-weights added per key block."""
+def pool_tokens(x: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """[b, T, c] → [b, T/p², c]: mean over p×p cells of the token grid, row-major."""
+    b, _, c = x.shape
+    h, w = grid
+    cells = x.reshape(b, h // p, p, w // p, p, c).mean(dim=(2, 4))
+    return cells.reshape(b, -1, c)
+
+
+def manual_joint(attn: Attention, x: torch.Tensor, groups: int, items: int, log_w: torch.Tensor,
+                 grid: tuple[int, int] = (3, 3), pool: int = 1) -> torch.Tensor:
+    """Reference: softmax over own keys and the other items' pooled keys, log-weights per block."""
     b, t, _ = x.shape
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    pk, pv = pool_tokens(k, grid, pool), pool_tokens(v, grid, pool)
     hd = DIM // HEADS
     out = torch.empty(b, t, DIM)
     for g in range(groups):
@@ -46,8 +57,10 @@ def manual_joint(attn: Attention, x: torch.Tensor, groups: int, items: int, log_
                 scores, vals = [], []
                 for j in range(items):
                     col = g * items + j
-                    scores.append(q[row, :, sl] @ k[col, :, sl].T / math.sqrt(hd) + log_w[i, j])
-                    vals.append(v[col, :, sl])
+                    kk, vv = (k, v) if j == i else (pk, pv)
+                    extra = 0.0 if j == i else math.log(pool * pool)
+                    scores.append(q[row, :, sl] @ kk[col, :, sl].T / math.sqrt(hd) + log_w[i, j] + extra)
+                    vals.append(vv[col, :, sl])
                 p = torch.softmax(torch.cat(scores, dim=1), dim=1)
                 out[row, :, sl] = p @ torch.cat(vals, dim=0)
     return attn.to_out[0](out)
@@ -74,7 +87,8 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
     x = torch.randn(groups * items, 9, DIM)
     attends = torch.ones(items, items, dtype=torch.bool)
     attends[0, 3] = False  # background does not look at the blended item
-    state = LayeredAttentionState(roles(2), groups, (3, 3), inter_layer_strength=0.5, attends=attends)
+    state = LayeredAttentionState(roles(2), groups, (3, 3), inter_layer_strength=0.5, attends=attends,
+                                  inter_layer_pool=1)
     ours = LayeredAttnProcessor("a", state)(attn, x)
     log_w = torch.full((items, items), math.log(0.5))
     log_w[0, 3] = -math.inf
@@ -82,6 +96,13 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
     torch.testing.assert_close(ours, manual_joint(attn, x, groups, items, log_w), rtol=1e-4, atol=1e-5)
     plain = AttnProcessor2_0()(attn, x)
     assert (ours - plain).abs().max() > 1e-3
+    # Pooled other-layer keys (2×2 on a 4×4 grid) count for the 4 tokens they stand for.
+    x16 = torch.randn(groups * items, 16, DIM)
+    pooled_state = LayeredAttentionState(roles(2), groups, (4, 4), inter_layer_strength=0.5, attends=attends,
+                                         inter_layer_pool=2)
+    pooled = LayeredAttnProcessor("a", pooled_state)(attn, x16)
+    torch.testing.assert_close(pooled, manual_joint(attn, x16, groups, items, log_w, (4, 4), 2),
+                               rtol=1e-4, atol=1e-5)
     # Groups never see each other: changing the unconditional group leaves the conditional one.
     x2 = x.clone()
     x2[:items] = torch.randn(items, 9, DIM)
@@ -123,6 +144,16 @@ def test_per_sample_side_path_only_touches_patched_rows():
     half = LayeredAttnProcessor("a", state, factors)(attn, x)
     assert (half[1] - ours[1]).abs().max() > 1e-4
     assert torch.equal(half[0], plain[0])
+    # Full-rank factors take the merged-weight path; same result as the side path.
+    full = low_rank_factors(attn, rank=DIM, seed=6)
+    dense = dense_weights(attn, full)
+    assert set(dense) == {"to_q", "to_k", "to_v", "to_out.0"}
+    state.set_transparency_scale([0, 1, 0])
+    via_dense = LayeredAttnProcessor("a", state, full, dense)(attn, x)
+    via_side = LayeredAttnProcessor("a", state, full)(attn, x)
+    torch.testing.assert_close(via_dense, via_side, rtol=1e-4, atol=1e-4)
+    assert torch.equal(via_dense[0], plain[0]) and torch.equal(via_dense[5], plain[5])
+    assert dense_weights(attn, factors) == {}  # rank 3 of 16: the side path is cheaper
 
 
 @torch.no_grad()
