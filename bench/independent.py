@@ -28,7 +28,7 @@ def make_request(tta: int):
 
     return StackRequest(prompt="a forest clearing at dusk", background="pine trees",
                         layers=tuple(LayerSpec(p) for p in LAYERS), width=SIZE, height=SIZE,
-                        steps=STEPS, seed=3, tta_passes=tta).validated()
+                        steps=STEPS, seed=3, tta_passes=tta, method="independent").validated()
 
 
 def plain_pipelines():

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def request(**kw) -> StackRequest:
     base = dict(prompt="a forest at dusk", background="pine trees",
                 layers=(LayerSpec("a red fox"), LayerSpec("a rock", box=(0.1, 0.5, 0.6, 1.0))),
-                width=256, height=320, steps=2, guidance=4.0, seed=11, tta_passes=2)
+                width=256, height=320, steps=2, guidance=4.0, seed=11, tta_passes=2,
+                method="independent")
     base.update(kw)
     return StackRequest(**base)
 
