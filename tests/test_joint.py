@@ -122,3 +122,84 @@ def test_harmonized_needs_one_layer_and_joint_is_default():
         request(method="harmonized").validated()
     assert err.value.field == "layers"
     assert StackRequest(prompt="x").method == "joint"
+
+
+# ------------------------------------------------------------------ SD 1.5 joint arrangement
+def test_merge_rows_averages_copies():
+    from inference.methods.joint import merge_rows
+
+    eps = torch.arange(6, dtype=torch.float32).view(6, 1) + torch.zeros(6, 2)
+    merged = merge_rows(eps, [1, 0, 3, 2, 0, 3], 4)
+    assert merged[:, 0].tolist() == [2.5, 0.0, 3.0, 3.5]
+
+
+def test_sd15_rows_native_for_one_foreground():
+    from inference.methods.joint import LayerItem, sd15_joint_rows
+
+    z = torch.zeros(1, 4, 2, 2)
+    items = [LayerItem("background", "b", z), LayerItem("foreground", "f", z), LayerItem("blended", "x", z)]
+    assert sd15_joint_rows(items) == [1, 0, 2]  # frames: foreground, background, blended
+    items.insert(2, LayerItem("foreground", "g", z))
+    assert sd15_joint_rows(items) == [1, 0, 3, 2, 0, 3]
+    with pytest.raises(InvalidRequest):
+        sd15_joint_rows([items[0], items[-1]])
+
+
+@pytest.fixture(scope="module")
+def sd15_loaded(engine):
+    """A tiny SD 1.5-shaped pipeline (tiny model's CLIP/VAE, SD 1.5 UNet topology) with a
+    random 3-frame attention-sharing adapter, dressed as a LoadedModel."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from inference.models import resolve_model
+    from inference.sd15_attention_sharing import AttentionSharingAdapter
+    from inference.transparent_vae import TransparentDecoder
+
+    resolved = resolve_model("tiny", allow_download=False)
+    xl = engine.load("tiny").pipeline
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+                                cross_attention_dim=xl.text_encoder.config.hidden_size,
+                                attention_head_dim=2).eval()
+    pipe = StableDiffusionPipeline(vae=xl.vae, text_encoder=xl.text_encoder, tokenizer=xl.tokenizer, unet=unet,
+                                   scheduler=xl.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    adapter = AttentionSharingAdapter.for_unet(unet, 3, rank=4).eval()
+    decoder = TransparentDecoder.from_single_file(resolved.files["decoder"], dtype=torch.float32,
+                                                  device=torch.device("cpu"), **resolved.decoder_config)
+    return SimpleNamespace(pipeline=pipe, decoder=decoder, encoder=None, unet_patch=None, family="sd15",
+                           device=torch.device("cpu"), dtype=torch.float32,
+                           attention_sharing=lambda role: adapter if role == "joint" else None)
+
+
+def test_sd15_joint_frames_arrangement(sd15_loaded):
+    from inference.methods.joint import generate_joint
+
+    unet = sd15_loaded.pipeline.unet
+    before = dict(unet.attn_processors)
+    calls = []
+
+    def record(_module, args, kwargs):
+        calls.append((args[0].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = generate_joint(sd15_loaded, request(steps=2), progress=ignore_progress, cancel=CancelToken())
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one UNet call per step
+    sample, context = calls[1]
+    assert sample.shape[0] == 2 * 3 * 2  # CFG × frame triples (fg_k, bg, blended) for 2 foregrounds
+    cond_sample, cond_context = sample[6:], context[6:]
+    # Rows: fox, bg, blended, rock, bg, blended — copies share latent and prompt.
+    assert torch.equal(cond_sample[1], cond_sample[4]) and torch.equal(cond_sample[2], cond_sample[5])
+    assert torch.equal(cond_context[1], cond_context[4]) and torch.equal(cond_context[2], cond_context[5])
+    assert not torch.equal(cond_sample[0], cond_sample[3]) and not torch.equal(cond_context[0], cond_context[3])
+    assert not torch.equal(cond_context[0], cond_context[1])
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+    assert len(result.foregrounds) == 2 and result.foregrounds[0].shape == (256, 256, 4)
+    assert result.blended.shape == (256, 256, 3) and len(result.masks) == 2
+    # The box confines the fox's mask as on SDXL.
+    assert result.masks[0][160:, :96].max() == 0

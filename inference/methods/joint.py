@@ -162,6 +162,34 @@ def predicted_clean(scheduler, step_output, model_input: torch.Tensor, eps: torc
     return (model_input - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 
 
+def sd15_joint_rows(items: list[LayerItem], composite=None, capture_self: Sequence[int] = ()) -> list[int]:
+    """Item index per batch row for SD 1.5 `layer_sd15_joint` (frames foreground, background,
+    blended): one frame triple per foreground, (fg_k, bg, blended), so N = 1 is the native
+    layout. For N > 1 the background and blended items appear in N triples; their noise
+    predictions are averaged over the copies (`merge_rows`), so each copy has seen a
+    different foreground through the cross-frame attention and the blend sees them all.
+    """
+    roles = [it.role for it in items]
+    fgs = [i for i, r in enumerate(roles) if r == "foreground"]
+    if roles.count("background") != 1 or roles.count("blended") != 1 or not fgs:
+        raise InvalidRequest("layers", "SD 1.5 joint generation needs one background, one blended item and "
+                                       "at least one foreground layer")
+    if composite is not None or capture_self or any(it.pinned is not None for it in items):
+        raise InvalidRequest("method", "with SD 1.5 only plain joint generation is available "
+                                       "(no harmonized method, no layer editing)")
+    bg, blend = roles.index("background"), roles.index("blended")
+    return [i for fg in fgs for i in (fg, bg, blend)]
+
+
+def merge_rows(eps: torch.Tensor, row_items: list[int], n_items: int) -> torch.Tensor:
+    """Per-item mean of the rows that carry each item: [R, ...] → [n_items, ...]."""
+    index = torch.tensor(row_items, device=eps.device)
+    total = torch.zeros((n_items, *eps.shape[1:]), device=eps.device, dtype=torch.float32)
+    total.index_add_(0, index, eps.float())
+    counts = torch.bincount(index, minlength=n_items).to(total.dtype).view(-1, *([1] * (eps.ndim - 1)))
+    return (total / counts).to(eps.dtype)
+
+
 # ------------------------------------------------------------------ the sampler
 def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: int, steps: int,
                   guidance: float, negative_prompt: str, inter_layer_strength: float, mask_guidance: float,
@@ -187,12 +215,17 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     lh, lw = height // f, width // f
     cond = (groups - 1) * n_items  # first row of the conditional half
 
+    family_sdxl = loaded.family == "sdxl"
+    # SDXL: one row per item. SD 1.5 joint weights: rows are (fg_k, bg, blended) frame triples.
+    row_items = list(range(n_items)) if family_sdxl else sd15_joint_rows(items, composite, capture_self)
+    n_rows = len(row_items)
     with torch.inference_mode():
-        context, text_embeds = encode_item_prompts(pipe, [it.prompt for it in items], negative_prompt, cfg, device)
+        context, text_embeds = encode_item_prompts(pipe, [items[r].prompt for r in row_items], negative_prompt,
+                                                   cfg, device)
     added = None
     if text_embeds is not None:
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=context.dtype)
-        added = {"text_embeds": text_embeds.to(device), "time_ids": time_ids.repeat(groups * n_items, 1)}
+        added = {"text_embeds": text_embeds.to(device), "time_ids": time_ids.repeat(groups * n_rows, 1)}
 
     boxes = torch.stack([box_mask(it.box, lh, lw, device=device) for it in items])
     has_box = any(it.box is not None for it in items)
@@ -205,15 +238,17 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
          if it.role == "foreground" and it.content_tokens and it.pinned is None and estimate_masks},
         self_items=[cond + i for i in capture_self])
     patch_scale = [1.0 if r == "foreground" else 0.0 for r in roles]
-    family_sdxl = loaded.family == "sdxl"
-    if not family_sdxl:
-        raise InvalidRequest("method", "joint generation needs an SDXL-family model; SD 1.5 joint "
-                                       "(layer_sd15_joint) is not implemented yet — use method 'independent'")
-    state = LayeredAttentionState(roles, groups, (lh, lw), inter_layer_strength=inter_layer_strength,
-                                  transparency_scale=patch_scale, attends=attends,
-                                  regions=boxes if has_box else None, composite=composite,
-                                  capture=capture if (capture.cross_tokens or capture.self_items) else None)
-    factors = transparency_factors(loaded.unet_patch)
+    if family_sdxl:
+        state = LayeredAttentionState(roles, groups, (lh, lw), inter_layer_strength=inter_layer_strength,
+                                      transparency_scale=patch_scale, attends=attends,
+                                      regions=boxes if has_box else None, composite=composite,
+                                      capture=capture if (capture.cross_tokens or capture.self_items) else None)
+        processors = layered_attention(unet, state, transparency_factors(loaded.unet_patch))
+    else:
+        # The adapter's per-frame LoRA is the transparency, its cross-frame attention the
+        # inter-layer attention; masks come from the latent alpha proxy and boxes only.
+        state = LayeredAttentionState(roles, groups, (lh, lw))
+        processors = loaded.attention_sharing("joint").installed(unet)
     empty = empty_latent(loaded, vae).to(device=device, dtype=torch.float32)
 
     scheduler.set_timesteps(steps, device=device)
@@ -238,7 +273,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     total = total_steps or steps
     if step_offset == 0:
         progress(Progress(phase="denoise", step=0, total=total, layer=None, layers=layers))
-    with layered_attention(unet, state, factors), torch.inference_mode():
+    with processors, torch.inference_mode():
         for i, t in enumerate(timesteps):
             if cancel.cancelled:
                 raise Cancelled(cancel.reason)
@@ -246,14 +281,17 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                 latents[item:item + 1] = scheduler.add_noise(clean, noise[item:item + 1], t.reshape(1))
             if state.capture is not None and not accumulate_capture:
                 capture.reset()
-            model_input = torch.cat([latents] * groups) if groups > 1 else latents
+            rows = latents if family_sdxl else latents[row_items]
+            model_input = torch.cat([rows] * groups) if groups > 1 else rows
             model_input = scheduler.scale_model_input(model_input, t)
             eps = unet(model_input, t, encoder_hidden_states=context, added_cond_kwargs=added,
                        return_dict=False)[0]
             if cfg:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance * (text - uncond)
-            step_input = model_input[cond:cond + n_items] if groups > 1 else model_input
+            if not family_sdxl:
+                eps = merge_rows(eps, row_items, n_items)
+            step_input = scheduler.scale_model_input(latents, t)
             out = scheduler.step(eps, t, latents, return_dict=True)
             latents_next = out.prev_sample
             x0 = predicted_clean(scheduler, out, step_input, eps, t).float()
