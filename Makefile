@@ -14,7 +14,14 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.multiplane-installed
 PYTEST_ARGS ?=
 
-.PHONY: all setup test demo bench package validate clean
+.PHONY: all setup test demo bench package validate clean bpy42
+
+# A second Blender for the add-on tests: bpy 4.2 LTS (the oldest Blender the manifest
+# allows) as a Python module in its own venv. tests/blender_helpers.py runs every Blender
+# scenario with it too when this venv exists (or MULTIPLANE_BPY42_PYTHON points at one).
+BPY42_VENV ?= .venv-bpy42
+BPY42_SPEC ?= bpy==4.2.23
+BPY42_STAMP := $(BPY42_VENV)/.multiplane-bpy42-installed
 
 all: test
 
@@ -40,6 +47,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m server demo --out demo
 
+bpy42: $(BPY42_STAMP)
+
+$(BPY42_STAMP):
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 is required for bpy 4.2"; exit 1; }
+	$(PYTHON) -m venv $(BPY42_VENV)
+	$(BPY42_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(BPY42_SPEC)" "numpy>=1.26,<2" pillow pytest
+	$(BPY42_VENV)/bin/python -c 'import bpy; print("bpy", bpy.app.version_string)'
+	touch $(BPY42_STAMP)
+
 bench: $(STAMP)
 	$(PY) -m bench
 
@@ -50,4 +66,4 @@ package: $(STAMP)
 	$(PY) -m addon_tools build --output-dir dist
 
 clean:
-	rm -rf $(VENV) .pytest_cache dist demo
+	rm -rf $(VENV) $(BPY42_VENV) .pytest_cache dist demo

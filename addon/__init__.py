@@ -9,7 +9,7 @@ having `register()` and `unregister()` and being listed in `_module_names`.
 import importlib
 
 # Registered in this order, unregistered in reverse.
-_module_names = ("properties", "operators")
+_module_names = ("properties", "operators", "preferences", "generate", "panel", "jobs")
 
 
 def _modules() -> list:

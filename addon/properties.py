@@ -6,16 +6,83 @@ go in as more annotations on `MultiplaneSceneSettings`, or as their own Property
 hung under it with a PointerProperty; register such groups before this one.
 """
 import bpy
-from bpy.props import PointerProperty, StringProperty
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty,
+                       FloatVectorProperty, IntProperty, PointerProperty, StringProperty)
 from bpy.types import PropertyGroup
+
+# Mirrors the server's limits (inference/request.py), which the add-on cannot import: the
+# server checks again and its message names the field if these ever drift apart.
+MAX_FOREGROUNDS = 8
+SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = 64, 256, 2048
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+
+METHODS = (
+    ("joint", "Joint", "All layers denoised together, attending to each other: the most coherent scene"),
+    ("independent", "Independent", "Each layer on its own: fastest, least coherent"),
+    ("harmonized", "Harmonized", "A prior pass plans the scene, then layers are blended for consistency"),
+)
+MODELS = (
+    ("sdxl", "SDXL", "Stable Diffusion XL with LayerDiffuse transparency (best quality, ~9 GB download)"),
+    ("sd15", "SD 1.5", "Stable Diffusion 1.5 with LayerDiffuse transparency (smaller, faster)"),
+    ("tiny", "Tiny (test)", "Random-weight test model: noise images in seconds; checks the pipeline"),
+)
 
 
 def _is_backdrop(_self, collection: bpy.types.Collection) -> bool:
     return collection.get("multiplane_stack") is not None
 
 
+class MultiplaneLayer(PropertyGroup):
+    """One foreground layer to generate (back to front)."""
+
+    prompt: StringProperty(name="Prompt", description="What this layer shows (the global prompt is added)",
+                           default="", maxlen=MAX_PROMPT_CHARS)
+    use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False)
+    box: FloatVectorProperty(
+        name="Box", description="Layout box: left, top, right, bottom, as fractions of the image (top-left origin)",
+        size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE")
+    depth: FloatProperty(
+        name="Depth", description="Distance from the camera when imported (0: spread automatically)",
+        default=0.0, min=0.0, soft_max=100.0, unit="LENGTH")
+
+
+class MultiplaneHistoryItem(PropertyGroup):
+    """A stack generated for this scene (name = display name)."""
+
+    path: StringProperty(name="Folder", subtype="DIR_PATH")
+    job_id: StringProperty(name="Job")
+    created: StringProperty(name="Created")
+    prompt: StringProperty(name="Prompt")
+    model: StringProperty(name="Model")
+    method: StringProperty(name="Method")
+    request: StringProperty(name="Request", description="The submitted request, as JSON")
+
+
 class MultiplaneSceneSettings(PropertyGroup):
     """Multiplane settings of one scene."""
+
+    prompt: StringProperty(name="Prompt", description="The whole scene, shared by every layer",
+                           default="", maxlen=MAX_PROMPT_CHARS)
+    negative_prompt: StringProperty(name="Negative", description="What no layer should show",
+                                    default="", maxlen=MAX_PROMPT_CHARS)
+    background_prompt: StringProperty(name="Background", description="The background layer's own prompt",
+                                      default="", maxlen=MAX_PROMPT_CHARS)
+    layers: CollectionProperty(type=MultiplaneLayer, name="Foreground Layers")
+    layer_index: IntProperty(name="Active Layer", default=0, min=0)
+    method: EnumProperty(name="Method", items=METHODS, default="joint")
+    model: EnumProperty(name="Model", items=MODELS, default="sdxl")
+    steps: IntProperty(name="Steps", description="Denoising steps", default=30, min=1, max=150)
+    guidance: FloatProperty(name="Guidance", description="How strictly to follow the prompts (CFG scale)",
+                            default=5.0, min=0.0, max=30.0)
+    seed: IntProperty(name="Seed", description="Same seed and settings: same stack", default=0, min=0)
+    randomize_seed: BoolProperty(name="New Seed Each Time", description="Pick a random seed on every Generate",
+                                 default=False)
+    tta_passes: EnumProperty(
+        name="Decoder Passes", description="Transparent decoder passes (more: cleaner alpha edges, slower)",
+        items=(("1", "1", ""), ("2", "2", ""), ("4", "4", ""), ("8", "8", "")), default="4")
+    history: CollectionProperty(type=MultiplaneHistoryItem, name="History")
+    history_index: IntProperty(name="Active Stack", default=0, min=0)
 
     stack_path: StringProperty(
         name="Stack",
@@ -31,7 +98,7 @@ class MultiplaneSceneSettings(PropertyGroup):
     )
 
 
-CLASSES = (MultiplaneSceneSettings,)
+CLASSES = (MultiplaneLayer, MultiplaneHistoryItem, MultiplaneSceneSettings)
 
 
 def register() -> None:

@@ -187,10 +187,33 @@ _RUNNER = textwrap.dedent("""
 HARD_EXIT = os.environ.get("MULTIPLANE_BLENDER_HARD_EXIT") == "1"
 
 
-def run_in_blender(module_file: str, function: str, timeout: float = 120.0, **kwargs: Any) -> Any:
+def bpy42_python() -> str | None:
+    """The interpreter of the bpy 4.2 LTS environment (`make bpy42` makes .venv-bpy42), or
+    $MULTIPLANE_BPY42_PYTHON; None when there is none (those test variants are skipped)."""
+    candidates = [os.environ.get("MULTIPLANE_BPY42_PYTHON"), str(REPO_ROOT / ".venv-bpy42" / "bin" / "python")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def blender_pythons() -> list:
+    """pytest params: the current bpy (5.0), plus bpy 4.2 when its environment exists."""
+    import pytest
+
+    found = bpy42_python()
+    return [pytest.param(None, id="bpy-current"),
+            pytest.param(found, id="bpy-4.2",
+                         marks=pytest.mark.skipif(found is None, reason="no bpy 4.2 environment (make bpy42)"))]
+
+
+def run_in_blender(module_file: str, function: str, timeout: float = 120.0, python: str | None = None,
+                   **kwargs: Any) -> Any:
     """Call `function(**kwargs)` from `module_file` in a fresh Python with bpy; return its JSON result.
 
     HOME is a throw-away folder so Blender's caches and preferences never touch the real one.
+    `python`: another interpreter with bpy (e.g. bpy42_python()); the 4.2 module needs the
+    hard exit, so it always gets it.
     """
     with tempfile.TemporaryDirectory(prefix="multiplane-blender-") as scratch:
         scratch_path = Path(scratch)
@@ -198,10 +221,11 @@ def run_in_blender(module_file: str, function: str, timeout: float = 120.0, **kw
         home.mkdir()
         args_file, result_file = scratch_path / "args.json", scratch_path / "result.json"
         args_file.write_text(json.dumps(kwargs), encoding="utf-8")
+        hard_exit = HARD_EXIT or (python is not None and python == bpy42_python())
         code = _RUNNER.format(root=str(REPO_ROOT), tests=str(TESTS_DIR), module=str(module_file),
-                              function=function, hard_exit=HARD_EXIT)
+                              function=function, hard_exit=hard_exit)
         env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
-        proc = subprocess.run([sys.executable, "-c", code, str(args_file), str(result_file)],
+        proc = subprocess.run([python or sys.executable, "-c", code, str(args_file), str(result_file)],
                               cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not result_file.exists():
             raise AssertionError(f"Blender scenario {function} failed (exit {proc.returncode}):\n"
@@ -300,6 +324,23 @@ def register_addon():
 
     addon.register()
     return addon
+
+
+def register_as_extension(name: str = "multiplane"):
+    """Load the repository root as the package `name` and enable it the way Blender enables
+    an add-on (an entry in preferences.addons, then register()), so its AddonPreferences
+    work. Returns the package module."""
+    import bpy
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    if bpy.context.preferences.addons.get(name) is None:
+        bpy.context.preferences.addons.new().module = name
+    package.register()
+    return package
 
 
 def import_module_from(path: Path, name: str):

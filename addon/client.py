@@ -1,0 +1,176 @@
+"""A small HTTP client for the Multiplane inference server (API v1), standard library only.
+
+Blender ships no `requests`/`httpx`, and the add-on must not depend on the engine's
+environment, so this speaks the API with `urllib`: JSON bodies, the bearer token, short
+timeouts, and errors turned into one readable sentence (`ServerError`) instead of an
+HTTP traceback. It is thread-agnostic: the job watcher calls it from its worker thread.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+API = "/v1"
+DEFAULT_TIMEOUT = 5.0
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class ServerError(Exception):
+    """The server could not be reached or refused a request; `str()` is for the artist.
+
+    `status` is the HTTP status (None when the server was not reached at all).
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def unreachable(self) -> bool:
+        return self.status is None
+
+
+def describe_validation_error(detail: Any) -> str:
+    """FastAPI's 422 `detail` list → "layers[0].prompt: must not be blank; ..." ."""
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for item in detail:
+        if not isinstance(item, dict):
+            parts.append(str(item))
+            continue
+        loc = [p for p in item.get("loc", []) if p != "body"]
+        where = ""
+        for piece in loc:
+            where += f"[{piece}]" if isinstance(piece, int) else (f".{piece}" if where else str(piece))
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+class ServerClient:
+    """Talks to one server: `ServerClient("http://127.0.0.1:8765", token)`."""
+
+    def __init__(self, url: str, token: str = "", timeout: float = DEFAULT_TIMEOUT):
+        url = (url or "").strip().rstrip("/")
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ServerError(f"the server URL {url!r} is not an http:// or https:// address "
+                              f"(example: http://192.168.1.20:8765)")
+        self.url = url
+        self.token = token or ""
+        self.timeout = timeout
+        # Loopback never goes through a proxy (an http_proxy variable would break the local server).
+        handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    @property
+    def is_loopback(self) -> bool:
+        return urllib.parse.urlparse(self.url).hostname in _LOOPBACK
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _open(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True,
+              timeout: Optional[float] = None):
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            return self._opener.open(request, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as error:
+            raise self._http_error(error, method, path) from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
+                what = f"did not answer within {timeout or self.timeout:g} s"
+            elif isinstance(reason, ConnectionRefusedError) or "refused" in str(reason).lower():
+                what = "refused the connection (nothing is listening there)"
+            else:
+                what = f"could not be reached ({reason})"
+            raise ServerError(f"the Multiplane server at {self.url} {what}") from None
+
+    def _http_error(self, error: urllib.error.HTTPError, method: str, path: str) -> ServerError:
+        try:
+            detail = json.loads(error.read().decode("utf-8", "replace")).get("detail")
+        except (ValueError, AttributeError, OSError):
+            detail = None
+        status = error.code
+        if status == 401:
+            message = ("the server refused the token (check the token in the Multiplane "
+                       "preferences; a local server makes its own)")
+        elif status == 422:
+            message = f"the server refused the request: {describe_validation_error(detail)}"
+        elif status == 429:
+            message = f"the server's queue is full: {detail or 'try again when a job finished'}"
+        elif status == 404:
+            message = f"not found on the server: {detail or path}"
+        elif status == 421:
+            message = f"the server does not accept this address as its host: {detail}"
+        else:
+            message = f"{method} {path} failed with HTTP {status}: {detail or error.reason}"
+        return ServerError(message, status)
+
+    def _json(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True,
+              timeout: Optional[float] = None) -> Any:
+        with self._open(method, path, body, auth, timeout) as response:
+            raw = response.read()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError:
+            raise ServerError(f"{self.url}{path} did not answer with JSON: is this a Multiplane server?") from None
+
+    # ------------------------------------------------------------------ the API
+
+    def health(self, timeout: Optional[float] = None) -> dict:
+        """GET /v1/health (no token needed): version, device, queue."""
+        data = self._json("GET", f"{API}/health", auth=False, timeout=timeout)
+        if not isinstance(data, dict) or data.get("status") != "ok":
+            raise ServerError(f"{self.url} answered, but not like a Multiplane server")
+        return data
+
+    def check_token(self) -> None:
+        """A cheap authenticated call, so a wrong token shows up in "Test connection"."""
+        self._json("GET", f"{API}/jobs?limit=1")
+
+    def models(self) -> list[dict]:
+        return self._json("GET", f"{API}/models")["models"]
+
+    def submit(self, body: dict) -> dict:
+        """POST /v1/jobs → the queued job (id, status, position)."""
+        return self._json("POST", f"{API}/jobs", body)
+
+    def job(self, job_id: str) -> dict:
+        return self._json("GET", f"{API}/jobs/{urllib.parse.quote(job_id)}")
+
+    def cancel(self, job_id: str) -> Optional[dict]:
+        """DELETE /v1/jobs/{id}; a job that already finished (409) is not an error here."""
+        try:
+            return self._json("DELETE", f"{API}/jobs/{urllib.parse.quote(job_id)}")
+        except ServerError as error:
+            if error.status == 409:
+                return None
+            raise
+
+    def download_file(self, job_id: str, name: str, destination: Path, timeout: float = 60.0) -> Path:
+        """GET /v1/jobs/{id}/files/{name} into `destination` (written whole, then renamed)."""
+        destination = Path(destination)
+        partial = destination.with_name(destination.name + ".part")
+        path = f"{API}/jobs/{urllib.parse.quote(job_id)}/files/{urllib.parse.quote(name)}"
+        with self._open("GET", path, timeout=timeout) as response, open(partial, "wb") as out:
+            while True:
+                chunk = response.read(1 << 16)
+                if not chunk:
+                    break
+                out.write(chunk)
+        partial.replace(destination)
+        return destination

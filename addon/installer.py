@@ -1,0 +1,234 @@
+"""'Install inference environment': a managed venv with the engine, made from inside Blender.
+
+torch cannot be shipped inside an extension, so the engine gets its own virtual environment
+in the extension's user folder. Steps (as the Makefile's `setup`): create the venv, install
+the pinned torch first (CPU wheels where there is no NVIDIA driver, so pip cannot pull a
+multi-GB CUDA build), then the extension's bundled requirements.txt constrained to that
+torch. pip runs in a subprocess read by a thread; its output goes to a log file and is
+parsed for progress. Cancel kills pip. Standard library only (no bpy): the operator passes
+`bpy.app.online_access`, and nothing touches the network when it is False.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .backend import engine_root, venv_python
+
+# Keep in step with the Makefile (TORCH_SPEC, OPEN_CLIP_SPEC).
+TORCH_SPEC = "torch==2.13.0"
+OPEN_CLIP_SPEC = "open_clip_torch==3.3.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+class InstallError(Exception):
+    """Why the install cannot start or failed; for the artist."""
+
+
+def torch_index_url() -> Optional[str]:
+    """CPU wheels on Linux/Windows without an NVIDIA driver; pip's default elsewhere."""
+    if sys.platform == "darwin":
+        return None
+    return None if shutil.which("nvidia-smi") else TORCH_CPU_INDEX
+
+
+def install_steps(venv: Path, base_python: str, requirements: Path) -> list[tuple[str, list[str]]]:
+    """(label, command) for each step; the last three run the venv's own pip."""
+    py = str(venv_python(venv))
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    index = torch_index_url()
+    constraints = venv / "constraints.txt"
+    return [
+        ("Creating the environment", [base_python, "-m", "venv", str(venv)]),
+        ("Installing torch", pip + (["--index-url", index] if index else []) + [TORCH_SPEC]),
+        ("Installing the engine", pip + ["-c", str(constraints), "-r", str(requirements)]),
+        ("Installing the tokenizer vocabulary", pip + ["--no-deps", OPEN_CLIP_SPEC]),
+    ]
+
+
+_COLLECTING = re.compile(r"^\s*Collecting (\S+)")
+_DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
+_INSTALLING = re.compile(r"^\s*Installing collected packages: (.*)")
+_DONE = re.compile(r"^\s*Successfully installed (.*)")
+
+
+class PipProgress:
+    """Turns pip's output lines into a status text and a 0..1 fraction within one step.
+
+    pip prints no overall percentage; it resolves ("Collecting x") then downloads then
+    installs. Resolving and downloading take up to 80 % of the step, growing with every
+    package seen (asymptotically), installing the rest.
+    """
+
+    def __init__(self):
+        self.seen = 0
+        self.fraction = 0.0
+        self.text = ""
+
+    def feed(self, line: str) -> None:
+        if m := _COLLECTING.match(line):
+            self.seen += 1
+            self.text = f"collecting {m.group(1)}"
+        elif m := _DOWNLOADING.match(line):
+            self.seen += 1
+            name = m.group(1).rsplit("/", 1)[-1]
+            self.text = f"downloading {name}"
+        elif m := _INSTALLING.match(line):
+            count = len([p for p in m.group(1).split(",") if p.strip()])
+            self.text = f"installing {count} packages"
+            self.fraction = max(self.fraction, 0.85)
+            return
+        elif m := _DONE.match(line):
+            self.text = "installed"
+            self.fraction = 1.0
+            return
+        else:
+            return
+        self.fraction = max(self.fraction, 0.8 * (1.0 - 1.0 / (1.0 + 0.15 * self.seen)))
+
+
+class InstallJob:
+    """One run of the steps on a thread; read `status`, `fraction`, `error`, `done`."""
+
+    def __init__(self, venv: Path, steps: list[tuple[str, list[str]]], log_path: Path,
+                 before_step: Optional[Callable[[int], None]] = None):
+        self.venv = Path(venv)
+        self.steps = steps
+        self.log_path = Path(log_path)
+        self.status = "waiting"
+        self.fraction = 0.0
+        self.error: Optional[str] = None
+        self.done = False
+        self.cancelled = False
+        self._before_step = before_step
+        self._proc: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="multiplane-install", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return not self.done
+
+    def start(self) -> "InstallJob":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return self.done
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _run(self) -> None:
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} installing into {self.venv}\n")
+                for index, (label, command) in enumerate(self.steps):
+                    if self.cancelled:
+                        break
+                    if self._before_step is not None:
+                        self._before_step(index)
+                    self._run_step(index, label, command, log)
+                    if self.error or self.cancelled:
+                        break
+            if self.cancelled:
+                self.status = "cancelled"
+                self.error = "Install cancelled; click Install Inference Environment to start again"
+            elif self.error is None:
+                self.status = "installed"
+                self.fraction = 1.0
+        except OSError as error:
+            self.error = f"Install failed: {error}"
+        finally:
+            self.done = True
+
+    def _run_step(self, index: int, label: str, command: list[str], log) -> None:
+        count = len(self.steps)
+        self.status = f"{label} ({index + 1}/{count})"
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INPUT="1")
+        for key in ("PYTHONHOME", "PYTHONPATH"):
+            env.pop(key, None)
+        with self._lock:
+            if self.cancelled:
+                return
+            try:
+                self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, text=True, errors="replace", env=env)
+            except OSError as error:
+                self.error = f"{label} failed: cannot run {command[0]}: {error.strerror or error}"
+                return
+        progress = PipProgress()
+        last = ""
+        for line in self._proc.stdout:
+            log.write(line)
+            if line.strip():
+                last = line.strip()
+            progress.feed(line)
+            if progress.text:
+                self.status = f"{label} ({index + 1}/{count}): {progress.text}"
+            self.fraction = (index + progress.fraction) / count
+        code = self._proc.wait()
+        log.flush()
+        if code != 0 and not self.cancelled:
+            self.error = f"{label} failed (exit code {code}): {last[:200]}. Full log: {self.log_path}"
+        else:
+            self.fraction = (index + 1) / count
+
+
+_current: Optional[InstallJob] = None
+
+
+def current() -> Optional[InstallJob]:
+    return _current
+
+
+def cancel_current() -> None:
+    if _current is not None and _current.running:
+        _current.cancel()
+
+
+def start_install(venv: Path, online_access: bool, base_python: Optional[str] = None,
+                  requirements: Optional[Path] = None,
+                  steps: Optional[list[tuple[str, list[str]]]] = None) -> InstallJob:
+    """Start installing into `venv`; InstallError if offline access is off or it runs already."""
+    global _current
+    if not online_access:
+        raise InstallError("Installing needs to download packages (torch, diffusers: several GB), but "
+                           "Blender's online access is disabled. Allow it in Preferences › System › "
+                           "Network, or install the engine yourself and set its Python in the "
+                           "Multiplane preferences")
+    if _current is not None and _current.running:
+        raise InstallError("An install is already running")
+    requirements = Path(requirements) if requirements else engine_root() / "requirements.txt"
+    if steps is None and not requirements.is_file():
+        raise InstallError(f"{requirements} is missing (reinstall the Multiplane extension)")
+    venv = Path(venv)
+    # Blender's own Python makes the venv (sys.executable is the bundled interpreter in 4.2+).
+    steps = steps if steps is not None else install_steps(venv, base_python or sys.executable, requirements)
+    constraints = venv / "constraints.txt"
+
+    def before(index: int) -> None:
+        if index == 2 and not constraints.exists():  # pin the engine to the torch just installed
+            constraints.write_text(TORCH_SPEC + "\n", encoding="utf-8")
+
+    _current = InstallJob(venv, steps, venv.parent / "install.log", before_step=before).start()
+    return _current

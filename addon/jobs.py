@@ -1,0 +1,395 @@
+"""The job watcher: Generate → server → finished stack → planes, without blocking Blender.
+
+All waiting happens on one worker thread per job: starting the server (reading its ready
+line), submitting, polling the job, copying or downloading the finished files. The worker
+only puts small messages on a queue. The main thread calls `tick()` (from a
+`bpy.app.timers` timer in Blender, directly in tests): it drains the queue, updates
+`watcher.state` (what the panel draws) and, when files are ready, imports the planes —
+the only bpy work, which must happen on the main thread. A tick without a finished
+stack touches no network and no disk (≲ 1 ms).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from . import backend, installer
+from .client import ServerClient, ServerError
+from .stack_reader import safe_folder_name
+
+TICK_SECONDS = 0.1
+POLL_SECONDS = 0.2
+CANCEL_WAIT_SECONDS = 15.0
+UNREACHABLE_RETRIES = 5
+
+ACTIVE_PHASES = ("starting", "submitting", "queued", "running", "downloading", "importing", "cancelling")
+
+
+@dataclass
+class WatchState:
+    """What the panel shows. Only the main thread writes it (in tick / start / cancel)."""
+
+    phase: str = "idle"  # idle | installing | starting | submitting | queued | running | downloading |
+    # importing | cancelling | succeeded | failed | cancelled
+    text: str = ""
+    fraction: float = 0.0
+    error: str = ""
+    job_id: str = ""
+    stack_dir: str = ""
+    scene_name: str = ""
+    started: float = 0.0
+    imported: str = ""  # name of the backdrop collection made from the last stack
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in ACTIVE_PHASES
+
+
+@dataclass
+class JobPlan:
+    """Everything the worker needs, as plain values (no bpy objects cross threads)."""
+
+    body: dict
+    settings: Any  # preferences.BackendSettings
+    scene_name: str
+    depths: list = field(default_factory=list)  # None or a positive float per layer, back to front
+    history_fields: dict = field(default_factory=dict)
+
+
+def describe_progress(job: dict) -> tuple[str, float]:
+    """A server job snapshot → (phase text for the artist, overall fraction)."""
+    status = job.get("status")
+    progress = job.get("progress") or {}
+    fraction = float(progress.get("fraction") or 0.0)
+    if status == "queued":
+        position = job.get("position")
+        return (f"Queued ({position} job(s) ahead)" if position else "Queued"), 0.0
+    phase = progress.get("phase")
+    layer, layers = progress.get("layer"), progress.get("layers") or 0
+    step, total = progress.get("step") or 0, progress.get("total") or 0
+    if phase == "download":
+        text = "Downloading model weights"
+        if progress.get("message"):
+            text += f": {progress['message']}"
+    elif phase == "load":
+        text = "Loading model"
+    elif phase == "denoise":
+        text = f"Denoising step {step}/{total}" if total else "Denoising"
+        if layer is not None and layers:
+            text += f", layer {layer + 1} of {layers}"
+    elif phase == "decode":
+        text = f"Decoding layer {layer + 1} of {layers}" if layer is not None and layers else "Decoding layers"
+    elif phase == "save":
+        text = "Saving the stack"
+    else:
+        text = "Running"
+    eta = progress.get("eta_seconds")
+    if eta is not None and status == "running":
+        text += f" — about {eta:.0f} s left" if eta >= 1 else ""
+    return text, fraction
+
+
+class Watcher:
+    def __init__(self):
+        self.state = WatchState()
+        self._queue: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._token = ""  # which job the queued messages belong to
+        self._plan: Optional[JobPlan] = None
+        self.changed = False
+
+    # ------------------------------------------------------------------ main thread
+
+    @property
+    def busy(self) -> bool:
+        return self.state.busy or (self._thread is not None and self._thread.is_alive())
+
+    def start(self, plan: JobPlan) -> None:
+        if self.busy:
+            raise RuntimeError("a generation is already running")
+        self._cancel = threading.Event()
+        self._token = uuid.uuid4().hex
+        self._plan = plan
+        self.state = WatchState(phase="starting" if plan.settings.mode == "LOCAL" else "submitting",
+                                text="Starting the inference server" if plan.settings.mode == "LOCAL"
+                                else "Contacting the server",
+                                scene_name=plan.scene_name, started=time.monotonic())
+        self._thread = threading.Thread(target=self._work, args=(plan, self._cancel, self._token),
+                                        name="multiplane-job", daemon=True)
+        self._thread.start()
+        self.changed = True
+
+    def cancel(self) -> str:
+        """Cancel whatever runs; returns what was cancelled (for the operator's report)."""
+        job = installer.current()
+        if job is not None and job.running:
+            job.cancel()
+            return "install"
+        if not self.busy:
+            return ""
+        self._cancel.set()
+        if self.state.phase in ("starting", "submitting"):
+            # Nothing on the server yet: done right away (the worker notices and stops).
+            self.state.phase, self.state.text = "cancelled", "Cancelled"
+            self._token = ""
+        else:
+            self.state.phase, self.state.text = "cancelling", "Cancelling…"
+        self.changed = True
+        return "job"
+
+    def clear_error(self) -> None:
+        self.state.error = ""
+        if self.state.phase == "failed":
+            self.state.phase = "idle"
+        self.changed = True
+
+    def tick(self) -> Optional[float]:
+        """Apply the worker's messages; import a finished stack. Returns the next interval
+        (None when there is nothing left to watch, which ends a bpy.app.timers timer)."""
+        install = installer.current()
+        if install is not None and install.running:
+            self.changed = True
+        while True:
+            try:
+                token, kind, payload = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if token != self._token:
+                continue  # a job cancelled before it reached the server
+            self._apply(kind, payload)
+        if self.changed:
+            self.changed = False
+            _redraw()
+        if self.busy or (install is not None and install.running):
+            return TICK_SECONDS
+        return None
+
+    def _apply(self, kind: str, payload: Any) -> None:
+        state = self.state
+        self.changed = True
+        if kind == "phase":
+            if state.phase != "cancelling":
+                state.phase, state.text = payload
+        elif kind == "job":
+            state.job_id = payload.get("id", state.job_id)
+            if state.phase == "cancelling":
+                return
+            text, fraction = describe_progress(payload)
+            state.phase = "queued" if payload.get("status") == "queued" else "running"
+            state.text, state.fraction = text, fraction
+        elif kind == "files":
+            state.phase, state.text, state.fraction = "importing", "Importing the planes", 1.0
+            state.stack_dir = payload
+            self._import(Path(payload))
+        elif kind == "failed":
+            state.phase, state.text, state.error = "failed", "Failed", payload
+        elif kind == "cancelled":
+            state.phase, state.text = "cancelled", "Cancelled"
+
+    def _import(self, folder: Path) -> None:
+        import bpy
+
+        from . import importer
+
+        state = self.state
+        scene = bpy.data.scenes.get(state.scene_name)
+        if scene is None:
+            state.phase, state.error = "failed", (f"The scene {state.scene_name!r} is gone; the stack is "
+                                                   f"in {folder} (import it with File › Import)")
+            return
+        try:
+            result = importer.import_stack(SimpleNamespace(scene=scene), str(folder), importer.ImportSettings())
+        except importer.ImportFailed as error:
+            state.phase, state.error = "failed", f"The stack was generated ({folder}) but not imported: {error}"
+            return
+        settings = scene.multiplane
+        settings.backdrop = result.collection
+        settings.stack_path = str(folder)
+        add_history(scene, folder, self._plan.history_fields if self._plan else {}, state.job_id)
+        state.phase, state.text, state.imported = "succeeded", f"Imported {len(result.planes)} layers", result.collection.name
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _post(self, token: str, kind: str, payload: Any = None) -> None:
+        self._queue.put((token, kind, payload))
+
+    def _work(self, plan: JobPlan, cancel: threading.Event, token: str) -> None:
+        try:
+            client, server = self._connect(plan, cancel, token)
+            if cancel.is_set():
+                self._post(token, "cancelled")
+                return
+            self._post(token, "phase", ("submitting", "Submitting the job"))
+            job = client.submit(plan.body)
+            self._post(token, "job", job)
+            job = self._follow(client, server, job, cancel, token)
+            status = job.get("status")
+            if status == "succeeded":
+                self._post(token, "phase", ("downloading", "Fetching the layer files"))
+                folder = fetch_stack(client, job, plan.settings, server is not None, plan.depths)
+                self._post(token, "files", str(folder))
+            elif status == "cancelled":
+                self._post(token, "cancelled")
+            else:
+                self._post(token, "failed", f"The server could not generate the stack: {job.get('error') or status}")
+        except (ServerError, backend.BackendError) as error:
+            if cancel.is_set():
+                self._post(token, "cancelled")
+            else:
+                self._post(token, "failed", str(error))
+        except Exception as error:  # a bug: still a message, never a dead watcher
+            self._post(token, "failed", f"Unexpected error: {type(error).__name__}: {error}")
+
+    def _connect(self, plan: JobPlan, cancel: threading.Event, token: str):
+        settings = plan.settings
+        if settings.mode == "REMOTE":
+            if not settings.url:
+                raise ServerError("no server URL: enter the server's address in the Multiplane "
+                                  "preferences (or choose Start Local Process)")
+            self._post(token, "phase", ("submitting", f"Contacting {settings.url}"))
+            client = ServerClient(settings.url, settings.token, timeout=5.0)
+            client.health()
+            return client, None
+        server = backend.ensure_server(settings.make_server)
+        if server.poll() == "starting":
+            self._post(token, "phase", ("starting", "Starting the inference server (loading torch)"))
+        info = server.wait_ready(cancelled=cancel)
+        return ServerClient(info.url, info.token, timeout=10.0), server
+
+    def _follow(self, client: ServerClient, server, job: dict, cancel: threading.Event, token: str) -> dict:
+        job_id = job["id"]
+        version = -1
+        cancel_sent_at = None
+        failures = 0
+        while job.get("status") not in ("succeeded", "failed", "cancelled"):
+            if cancel.is_set() and cancel_sent_at is None:
+                client.cancel(job_id)
+                cancel_sent_at = time.monotonic()
+            if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > CANCEL_WAIT_SECONDS:
+                return {**job, "status": "cancelled"}
+            cancel.wait(POLL_SECONDS) if not cancel.is_set() else time.sleep(POLL_SECONDS / 2)
+            try:
+                job = client.job(job_id)
+                failures = 0
+            except ServerError as error:
+                if not error.unreachable:
+                    raise
+                if server is not None and server.poll() == "failed":
+                    raise backend.BackendError(server.error) from None
+                failures += 1
+                if failures >= UNREACHABLE_RETRIES:
+                    raise
+                continue
+            if job.get("version", 0) != version:
+                version = job.get("version", 0)
+                self._post(token, "job", job)
+        return job
+
+    def join(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: list) -> Path:
+    """Copy (local server: straight from its output root) or download the job's files into
+    the add-on's own stacks folder, then write the artist's layer depths into stack.json."""
+    stack = job.get("stack") or {}
+    name = stack.get("name") or "Multiplane stack"
+    files = list(stack.get("files") or [])
+    if "stack.json" not in files:
+        files.append("stack.json")
+    destination = Path(settings.stacks_dir) / f"{safe_folder_name(name)}-{job['id'][:8]}"
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    source = Path(stack.get("path") or "")
+    for file_name in files:
+        if Path(file_name).name != file_name:
+            raise ServerError(f"the server listed an unsafe file name {file_name!r}")
+        if local and (source / file_name).is_file():
+            shutil.copyfile(source / file_name, partial / file_name)
+        else:
+            client.download_file(job["id"], file_name, partial / file_name)
+    manifest_file = partial / "stack.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    for layer, depth in zip(manifest.get("layers", []), depths):
+        if depth:
+            layer["depth"] = float(depth)
+    manifest_file.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    shutil.rmtree(destination, ignore_errors=True)
+    partial.replace(destination)
+    return destination
+
+
+def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
+    """Remember a generated stack on the scene (newest first in the panel)."""
+    history = scene.multiplane.history
+    item = history.add()
+    item.path = str(folder)
+    item.job_id = job_id
+    item.created = time.strftime("%Y-%m-%d %H:%M")
+    for key, value in fields.items():
+        if hasattr(item, key):
+            setattr(item, key, value)
+    if not item.name:
+        item.name = folder.name
+    history.move(len(history) - 1, 0)
+    scene.multiplane.history_index = 0
+
+
+def _redraw() -> None:
+    try:
+        import bpy
+
+        wm = bpy.context.window_manager
+        for window in getattr(wm, "windows", ()):
+            for area in window.screen.areas:
+                if area.type in ("VIEW_3D", "PREFERENCES"):
+                    area.tag_redraw()
+    except (AttributeError, ReferenceError, ImportError):
+        pass
+
+
+# ---------------------------------------------------------------------- the one watcher + timer
+
+watcher = Watcher()
+
+
+def tick() -> Optional[float]:
+    """What the timer (and tests) call: one watcher tick."""
+    return watcher.tick()
+
+
+def _timer() -> Optional[float]:
+    return tick()
+
+
+def ensure_timer() -> None:
+    """Make sure a bpy.app.timers timer ticks the watcher (it stops itself when idle)."""
+    import bpy
+
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=TICK_SECONDS, persistent=True)
+
+
+def register() -> None:
+    pass
+
+
+def unregister() -> None:
+    import bpy
+
+    if bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)
+    watcher._cancel.set()
+    installer.cancel_current()
+    backend.stop_all()

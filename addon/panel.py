@@ -1,0 +1,195 @@
+"""The sidebar panel: 3D Viewport › Sidebar (N) › Multiplane.
+
+Drawing reads only the scene's settings and the watcher's state (plain Python values); it
+never touches the network or the disk, so it is cheap at every redraw. `draw_panel()` is a
+plain function of (layout, context) so tests can draw it against a recording layout.
+"""
+from __future__ import annotations
+
+import bpy
+from bpy.types import Panel, UIList
+
+from . import generate, installer, jobs, preferences
+from .generate import generation_size
+
+PHASE_ICONS = {
+    "installing": "IMPORT", "starting": "SORTTIME", "submitting": "URL", "queued": "SORTTIME",
+    "running": "RENDER_STILL", "downloading": "IMPORT", "importing": "IMAGE_PLANE",
+    "cancelling": "CANCEL",
+}
+
+
+class MULTIPLANE_UL_layers(UIList):
+    """Foreground layers, back to front."""
+
+    def draw_item(self, _context, layout, _data, item, _icon, _active_data, _active_property, index=0, _flt_flag=0):
+        row = layout.row(align=True)
+        row.label(text=f"{index + 1}", icon="IMAGE_RGB_ALPHA")
+        row.prop(item, "prompt", text="", emboss=False)
+        if item.use_box:
+            row.label(text="", icon="SELECT_SET")
+
+
+class MULTIPLANE_UL_history(UIList):
+    """Stacks generated for this scene, newest first."""
+
+    def draw_item(self, _context, layout, _data, item, _icon, _active_data, _active_property, index=0, _flt_flag=0):
+        row = layout.row(align=True)
+        row.label(text=item.name or item.path, icon="RENDERLAYERS")
+        row.label(text=item.created)
+
+
+def draw_progress(layout, state: jobs.WatchState, install) -> None:
+    if install is not None and install.running:
+        fraction, text, icon = install.fraction, f"Installing: {install.status}", "IMPORT"
+    else:
+        fraction, text, icon = state.fraction, state.text or state.phase.title(), PHASE_ICONS.get(state.phase, "INFO")
+    row = layout.row(align=True)
+    if hasattr(row, "progress"):  # Blender 4.2+
+        row.progress(factor=max(0.0, min(1.0, fraction)), type="BAR", text=text)
+    else:
+        row.label(text=f"{text} ({fraction:.0%})", icon=icon)
+    row.operator(generate.MULTIPLANE_OT_cancel.bl_idname, text="", icon="CANCEL")
+
+
+def draw_error(layout, message: str) -> None:
+    box = layout.box()
+    header = box.row()
+    header.label(text="Error", icon="ERROR")
+    header.operator(generate.MULTIPLANE_OT_copy_error.bl_idname, text="", icon="COPYDOWN")
+    header.operator(generate.MULTIPLANE_OT_clear_error.bl_idname, text="", icon="X")
+    column = box.column(align=True)
+    for line in wrap(message, 48):
+        column.label(text=line)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Split a long message into label-sized lines (labels do not wrap)."""
+    lines = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            while len(word) > width:  # paths have no spaces
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:width])
+                word = word[width:]
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return lines[:12]
+
+
+def draw_panel(layout, context) -> None:
+    scene = context.scene
+    settings = scene.multiplane
+    state = jobs.watcher.state
+    install = installer.current()
+    busy = jobs.watcher.busy or (install is not None and install.running)
+
+    column = layout.column()
+    column.enabled = not busy
+    column.prop(settings, "prompt")
+    column.prop(settings, "negative_prompt")
+    column.prop(settings, "background_prompt")
+
+    column.label(text="Foreground Layers (back to front)")
+    row = column.row()
+    row.template_list("MULTIPLANE_UL_layers", "", settings, "layers", settings, "layer_index", rows=3)
+    side = row.column(align=True)
+    side.operator(generate.MULTIPLANE_OT_layer_add.bl_idname, text="", icon="ADD")
+    side.operator(generate.MULTIPLANE_OT_layer_remove.bl_idname, text="", icon="REMOVE")
+    side.separator()
+    side.operator(generate.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_UP").direction = "UP"
+    side.operator(generate.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_DOWN").direction = "DOWN"
+    if 0 <= settings.layer_index < len(settings.layers):
+        layer = settings.layers[settings.layer_index]
+        box = column.box()
+        box.prop(layer, "prompt")
+        box.prop(layer, "depth")
+        box.prop(layer, "use_box")
+        if layer.use_box:
+            box.prop(layer, "box", text="")
+
+    column.separator()
+    column.prop(settings, "method")
+    column.prop(settings, "model")
+    width, height, render_w, render_h = generation_size(scene)
+    size_row = column.row()
+    size_row.label(text=f"Size: {width} x {height}", icon="IMAGE_DATA")
+    if (width, height) != (render_w, render_h):
+        column.label(text=f"Render is {render_w} x {render_h}: rounded to multiples of 64 "
+                          f"(the decoder's tile size); planes still fill the frame", icon="INFO")
+    column.prop(settings, "steps")
+    column.prop(settings, "guidance")
+    seed_row = column.row(align=True)
+    seed_row.prop(settings, "seed")
+    seed_row.operator(generate.MULTIPLANE_OT_randomize_seed.bl_idname, text="", icon="FILE_REFRESH")
+    column.prop(settings, "randomize_seed")
+    column.prop(settings, "tta_passes")
+
+    layout.separator()
+    if busy:
+        draw_progress(layout, state, install)
+    else:
+        row = layout.row()
+        row.scale_y = 1.5
+        row.operator(generate.MULTIPLANE_OT_generate.bl_idname, icon="RENDER_STILL")
+        if state.phase == "succeeded" and state.imported:
+            layout.label(text=f"Done: {state.imported}", icon="CHECKMARK")
+        elif state.phase == "cancelled":
+            layout.label(text="Cancelled", icon="CANCEL")
+
+    error = state.error or (install.error if install is not None and install.done and not install.cancelled else "")
+    if error:
+        draw_error(layout, error)
+
+    text, icon = preferences.status_text(context)
+    layout.label(text=text, icon=icon)
+
+    if len(settings.history):
+        layout.separator()
+        layout.label(text="Generated Stacks")
+        layout.template_list("MULTIPLANE_UL_history", "", settings, "history", settings, "history_index", rows=2)
+        row = layout.row(align=True)
+        row.operator(generate.MULTIPLANE_OT_history_import.bl_idname, text="Re-import", icon="IMPORT")
+        row.operator(generate.MULTIPLANE_OT_history_open_folder.bl_idname, text="Folder", icon="FILE_FOLDER")
+        row.operator(generate.MULTIPLANE_OT_history_remove.bl_idname, text="", icon="X")
+        regen = layout.row()
+        regen.enabled = False  # the v1 API has no single-layer edit; the operator's poll says why
+        regen.operator(generate.MULTIPLANE_OT_history_regenerate_layer.bl_idname, icon="FILE_REFRESH")
+        if 0 <= settings.history_index < len(settings.history):
+            layout.label(text=settings.history[settings.history_index].prompt[:60], icon="TEXT")
+
+    layout.separator()
+    row = layout.row(align=True)
+    row.operator("multiplane.import_stack", text="Import Stack…", icon="FILE_IMAGE")
+    row.operator("multiplane.build_compositor", text="Compositor", icon="NODE_COMPOSITING")
+    layout.operator("multiplane.parallax_move", icon="CAMERA_DATA")
+
+
+class VIEW3D_PT_multiplane(Panel):
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Multiplane"
+    bl_label = "Multiplane"
+
+    def draw(self, context):
+        draw_panel(self.layout, context)
+
+
+CLASSES = (MULTIPLANE_UL_layers, MULTIPLANE_UL_history, VIEW3D_PT_multiplane)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,312 @@
+"""Add-on preferences: where the inference engine runs, and the buttons to manage it.
+
+Two backends. "Start local process": the add-on runs `python -m server serve` with a Python
+interpreter that has the engine installed (auto-detected: the checkout's .venv, else the
+environment "Install inference environment" makes in the extension's user folder).
+"Connect to server": a server someone started elsewhere (a GPU machine), by URL + token.
+`backend_settings(context)` turns either into plain values for the job watcher's thread.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+from bpy.types import AddonPreferences, Operator
+
+from . import backend, installer
+from .client import ServerClient, ServerError
+
+# The extension's root package (…multiplane); this module lives in its `addon` sub-package.
+ADDON_ID = __package__.rpartition(".")[0] or __package__
+
+DEVICES = (
+    ("auto", "Automatic", "The best device found: CUDA, then Apple Metal (MPS), then CPU"),
+    ("cuda", "CUDA (NVIDIA)", "The first NVIDIA GPU"),
+    ("mps", "Metal (Apple)", "Apple silicon GPU"),
+    ("cpu", "CPU", "Slow, but works everywhere (the tiny test model is fine on it)"),
+)
+
+
+def user_dir() -> Path:
+    """The extension's own writable folder (managed venv, logs, downloaded stacks)."""
+    try:
+        return Path(bpy.utils.extension_path_user(ADDON_ID, create=True))
+    except ValueError:  # loaded as a plain module (tests, scripts), not as an extension
+        return Path(bpy.utils.user_resource("DATAFILES", path="multiplane", create=True))
+
+
+def managed_venv() -> Path:
+    return user_dir() / "venv"
+
+
+def server_log_path() -> Path:
+    return user_dir() / "server.log"
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The preferences as plain values, safe to hand to a worker thread."""
+
+    mode: str  # "LOCAL" | "REMOTE"
+    python: Optional[Path]
+    device: str
+    models_dir: Optional[Path]
+    output_dir: Path  # the server's output root (local) / nothing (remote)
+    stacks_dir: Path  # where the add-on keeps its copies of finished stacks
+    log_path: Path
+    url: str
+    token: str
+
+    def make_server(self) -> backend.ManagedServer:
+        return backend.ManagedServer(self.python, device=self.device, models_dir=self.models_dir,
+                                     output_root=self.output_dir, log_path=self.log_path)
+
+
+def _path_or_none(value: str) -> Optional[Path]:
+    value = (value or "").strip()
+    return Path(bpy.path.abspath(value)).expanduser() if value else None
+
+
+def get(context=None):
+    """This add-on's AddonPreferences, or None when it is not enabled as an add-on."""
+    context = context or bpy.context
+    entry = context.preferences.addons.get(ADDON_ID)
+    return entry.preferences if entry is not None else None
+
+
+def backend_settings(context=None) -> BackendSettings:
+    prefs = get(context)
+    mode = getattr(prefs, "backend", "LOCAL")
+    python = _path_or_none(getattr(prefs, "python_path", ""))
+    if python is None:
+        python = backend.find_python(managed_venv())
+    base = user_dir()
+    return BackendSettings(
+        mode=mode, python=python, device=getattr(prefs, "device", "auto"),
+        models_dir=_path_or_none(getattr(prefs, "models_dir", "")),
+        output_dir=_path_or_none(getattr(prefs, "output_dir", "")) or base / "server-output",
+        stacks_dir=base / "stacks", log_path=server_log_path(),
+        url=getattr(prefs, "server_url", "").strip(), token=getattr(prefs, "server_token", "").strip())
+
+
+# ---------------------------------------------------------------------- status line
+
+
+def status_text(context=None) -> tuple[str, str]:
+    """(text, icon) describing the backend right now; cheap (no network)."""
+    settings = backend_settings(context)
+    if settings.mode == "REMOTE":
+        if not settings.url:
+            return "No server URL set", "ERROR"
+        return f"Remote server: {settings.url}", "URL"
+    if installer.current() is not None and installer.current().running:
+        return f"Installing: {installer.current().status}", "IMPORT"
+    server = backend.current()
+    state = server.poll() if server is not None else "stopped"
+    if state == "ready":
+        return f"Local server running at {server.info.url} (pid {server.pid})", "CHECKMARK"
+    if state == "starting":
+        return "Local server starting…", "SORTTIME"
+    if state == "failed":
+        return server.error or "Local server failed", "ERROR"
+    if settings.python is None:
+        return "No inference environment: click Install Inference Environment", "ERROR"
+    if not settings.python.is_file():
+        return f"Python not found: {settings.python} (fix it in the preferences)", "ERROR"
+    return f"Local server not running (starts on Generate) — {settings.python}", "INFO"
+
+
+# ---------------------------------------------------------------------- preferences
+
+
+class MultiplanePreferences(AddonPreferences):
+    bl_idname = ADDON_ID
+
+    backend: EnumProperty(
+        name="Backend",
+        items=(
+            ("LOCAL", "Start Local Process", "Run the inference server on this computer, started by Blender"),
+            ("REMOTE", "Connect to Server", "Use a server running elsewhere (for example a GPU machine)"),
+        ),
+        default="LOCAL",
+    )
+    python_path: StringProperty(
+        name="Python",
+        description="Python interpreter with the Multiplane engine installed. Empty: the checkout's "
+                    ".venv, else the environment made by Install Inference Environment",
+        subtype="FILE_PATH", default="",
+    )
+    device: EnumProperty(name="Device", items=DEVICES, default="auto")
+    models_dir: StringProperty(
+        name="Models Folder",
+        description="Where model weights are looked up and downloaded (empty: the Hugging Face cache)",
+        subtype="DIR_PATH", default="",
+    )
+    output_dir: StringProperty(
+        name="Output Folder",
+        description="Where the local server writes generated stacks (empty: the extension's user folder)",
+        subtype="DIR_PATH", default="",
+    )
+    server_url: StringProperty(
+        name="URL", description="Address of a running Multiplane server, e.g. http://192.168.1.20:8765",
+        default="",
+    )
+    server_token: StringProperty(
+        name="Token", description="The server's bearer token (MULTIPLANE_TOKEN on that machine)",
+        subtype="PASSWORD", default="",
+    )
+
+    def draw(self, context):
+        draw_preferences(self, self.layout, context)
+
+
+def draw_preferences(prefs, layout, context) -> None:
+    """The preferences UI (a function, so tests can draw it against a recording layout)."""
+    layout.prop(prefs, "backend", expand=True)
+    box = layout.box()
+    if prefs.backend == "LOCAL":
+        box.prop(prefs, "python_path")
+        if not prefs.python_path:
+            found = backend.find_python(managed_venv())
+            box.label(text=f"Detected: {found}" if found else "No environment found: install one below",
+                      icon="INFO" if found else "ERROR")
+        box.prop(prefs, "device")
+        box.prop(prefs, "models_dir")
+        box.prop(prefs, "output_dir")
+        row = box.row()
+        job = installer.current()
+        if job is not None and job.running:
+            if hasattr(row, "progress"):
+                row.progress(factor=job.fraction, type="BAR", text=job.status)
+            else:
+                row.label(text=f"{job.status} ({job.fraction:.0%})")
+            row.operator(MULTIPLANE_OT_cancel_install.bl_idname, text="", icon="CANCEL")
+        else:
+            row.operator(MULTIPLANE_OT_install_environment.bl_idname, icon="IMPORT")
+            if job is not None and job.error:
+                box.label(text=job.error, icon="ERROR")
+        box.operator(MULTIPLANE_OT_restart_server.bl_idname, icon="FILE_REFRESH")
+    else:
+        box.prop(prefs, "server_url")
+        box.prop(prefs, "server_token")
+    row = layout.row()
+    row.operator(MULTIPLANE_OT_test_connection.bl_idname, icon="LINKED")
+    text, icon = status_text(context)
+    layout.label(text=text, icon=icon)
+
+
+# ---------------------------------------------------------------------- operators
+
+
+class MULTIPLANE_OT_test_connection(Operator):
+    """Check that the inference server answers (a local server is started if needed)"""
+
+    bl_idname = "multiplane.test_connection"
+    bl_label = "Test Connection"
+
+    def execute(self, context):
+        settings = backend_settings(context)
+        try:
+            if settings.mode == "REMOTE":
+                if not settings.url:
+                    raise ServerError("no server URL: enter the server's address in the Multiplane preferences")
+                client = ServerClient(settings.url, settings.token, timeout=3.0)
+                health = client.health()
+                client.check_token()
+            else:
+                server = backend.ensure_server(settings.make_server)
+                # A short wait: enough for an already-running server; a cold start keeps going
+                # in the background and the status line shows it.
+                state = server.poll()
+                if state != "ready":
+                    self.report({"INFO"}, "The local server is starting; the status line shows when it is ready")
+                    return {"FINISHED"}
+                health = ServerClient(server.info.url, server.token, timeout=3.0).health()
+        except (ServerError, backend.BackendError) as error:
+            self.report({"ERROR"}, f"Connection failed: {error}")
+            return {"CANCELLED"}
+        device = health.get("device", {}).get("device") or health.get("device", {}).get("type") or "?"
+        self.report({"INFO"}, f"Connected: Multiplane server {health.get('version', '?')} on {device}, "
+                              f"{health.get('queue_length', 0)} job(s) waiting")
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_restart_server(Operator):
+    """Stop the local inference server and start it again (after changing the device or folders)"""
+
+    bl_idname = "multiplane.restart_server"
+    bl_label = "Restart Server"
+
+    def execute(self, context):
+        settings = backend_settings(context)
+        backend.stop_current()
+        if settings.mode == "REMOTE":
+            self.report({"INFO"}, "Remote servers are restarted on their own machine")
+            return {"FINISHED"}
+        try:
+            backend.ensure_server(settings.make_server)
+        except backend.BackendError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        self.report({"INFO"}, "Restarting the local inference server")
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_install_environment(Operator):
+    """Create a Python environment in the extension's user folder and install the inference engine (torch, diffusers: several GB)"""
+
+    bl_idname = "multiplane.install_environment"
+    bl_label = "Install Inference Environment"
+
+    def execute(self, context):
+        try:
+            job = installer.start_install(managed_venv(), online_access=bpy.app.online_access)
+        except installer.InstallError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        from . import jobs
+
+        jobs.ensure_timer()
+        self.report({"INFO"}, f"Installing the inference environment into {job.venv}; log: {job.log_path}")
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_cancel_install(Operator):
+    """Stop installing the inference environment"""
+
+    bl_idname = "multiplane.cancel_install"
+    bl_label = "Cancel Install"
+
+    def execute(self, _context):
+        job = installer.current()
+        if job is None or not job.running:
+            self.report({"INFO"}, "Nothing is being installed")
+            return {"CANCELLED"}
+        job.cancel()
+        self.report({"INFO"}, "Install cancelled")
+        return {"FINISHED"}
+
+
+CLASSES = (
+    MULTIPLANE_OT_test_connection,
+    MULTIPLANE_OT_restart_server,
+    MULTIPLANE_OT_install_environment,
+    MULTIPLANE_OT_cancel_install,
+    MultiplanePreferences,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    installer.cancel_current()
+    backend.stop_all()
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
