@@ -14,7 +14,8 @@ Two passes, each one batched UNet call per step:
        m_hard    = [m_soft ≥ 0.5]
 2. **Main pass** on [background, foreground, blended]:
    - foreground: transparency patch on; its clean estimate is confined toward the empty
-     latent with `1 − g·(1 − m_hard)` (g = `request.mask_guidance`) at every step;
+     latent with `(1 − g·(1 − m_hard))^(1/steps)` per step (g = `request.mask_guidance`;
+     in total `1 − g·(1 − m_hard)`);
    - blended (starts from the background's noise): in every self-attention it attends to
      its own keys/values and to the composite `m_soft ⊙ K_fg + (1 − m_soft) ⊙ K_bg` (and
      the same for values) — foreground structure inside the mask, background outside;

@@ -20,8 +20,9 @@ through attention processors (`inference.layered_attention`) and a few latent-sp
 - self-mask guidance: each step estimates every foreground's mask
   `m = minmax(content ⊙ alpha) ⊙ box`, content = cross-attention mass on the layer's own
   prompt tokens, alpha = distance of x̂0 from the empty latent (`inference.masks`). From
-  30 % of the steps on, the foreground is confined with `1 − g·(1 − m)` (g =
-  `request.mask_guidance`); during the first half of the steps the blended item's x̂0 is
+  30 % of the steps on, the foreground is confined toward empty by `(1 − g·(1 − m))^(1/K)`
+  per step (g = `request.mask_guidance`, K = the number of steps it is applied, so the
+  total attenuation over the run is `1 − g·(1 − m)` rather than compounding); during the first half of the steps the blended item's x̂0 is
   pulled toward the latent alpha-over of the background and the masked foregrounds
   (DreamLayer's blend), with a weight falling linearly from 1 to 0. The final masks are
   saved in the stack (`mask_NN.png`).
@@ -315,8 +316,12 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
             # Confine foregrounds: the box always, the self-mask from `start_self` on.
             for item in fg_items:
                 keep = boxes[item]
-                if i >= start_self or items[item].fixed_mask is not None:
-                    keep = keep * (1.0 - mask_guidance * (1.0 - masks[item]))
+                fixed = items[item].fixed_mask is not None
+                if i >= start_self or fixed:
+                    # Applied every step, so take the per-step root: over the run a cell is
+                    # attenuated by 1 − g·(1 − m) in total, not by that factor per step.
+                    applied_steps = steps if fixed else max(steps - start_self, 1)
+                    keep = keep * (1.0 - mask_guidance * (1.0 - masks[item])).clamp(min=0) ** (1.0 / applied_steps)
                 target[item:item + 1] = confine(target[item:item + 1], keep, empty)
             # Place the foregrounds in the blended branch (early steps).
             if blend_item is not None and bg_item is not None and all_fg and i < end_place:
