@@ -27,3 +27,14 @@ def reference() -> Path:
 @pytest.fixture(scope="session")
 def weight_manifest(reference) -> dict:
     return json.loads((reference / "layerdiffuse_weight_manifest.json").read_text())
+
+
+def pytest_assertrepr_compare(op, left, right):
+    """Large bytes/str comparisons: say where they differ instead of a quadratic difflib diff
+    (a failing PNG-bytes assertion otherwise takes minutes to report)."""
+    if op in ("==", "!=") and isinstance(left, (bytes, str)) and isinstance(right, type(left)) \
+            and max(len(left), len(right)) > 4096:
+        first = next((i for i, (a, b) in enumerate(zip(left, right)) if a != b), min(len(left), len(right)))
+        return [f"{type(left).__name__} of length {len(left)} {op} length {len(right)}",
+                f"first difference at index {first}"]
+    return None

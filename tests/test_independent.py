@@ -32,8 +32,11 @@ def engine() -> Engine:
     return Engine(EngineSettings(device="cpu", allow_download=False))
 
 
-def png_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+def png_bytes(folder: Path) -> dict[str, str]:
+    """File name → sha256 (comparing digests keeps pytest from diffing megabytes on failure)."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
 
 
 def test_stack_files_and_metadata(engine, tmp_path):
