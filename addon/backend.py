@@ -82,13 +82,25 @@ def log_tail(path: Optional[Path], chars: int = LOG_TAIL_CHARS) -> str:
 
 
 def _last_error_line(text: str) -> str:
-    """The most telling line of a log: the last 'error:'/Exception line, else the last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """The most telling line of a log: the last line that reads like an error, else ""."""
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.startswith("--- ")]  # our own start headers
     for line in reversed(lines):
-        lowered = line.lower()
-        if lowered.startswith("error:") or "error" in lowered.split(":", 1)[0]:
+        head = line.split(":", 1)[0].lower()
+        if line.lower().startswith("error") or "error" in head or "exception" in head:
             return line
-    return lines[-1] if lines else ""
+    return ""
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            import signal
+
+            return f"killed by {signal.Signals(-code).name}"
+        except (ValueError, AttributeError):
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class ManagedServer:
@@ -207,7 +219,7 @@ class ManagedServer:
         reason = _last_error_line(tail) or stdout_line.strip()
         message = f"The inference server {what}"
         if code is not None:
-            message += f" (exit code {code})"
+            message += f" ({_exit_description(code)})"
         if reason:
             message += f": {reason}"
         if self.log_path:
@@ -279,7 +291,9 @@ class ManagedServer:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        for stream in (proc.stdin, proc.stdout):
+        # stdout only once the ready-line thread is done with it (closing a pipe another
+        # thread is reading blocks until that read returns).
+        for stream in (proc.stdin, proc.stdout if self._ready.is_set() else None):
             try:
                 if stream:
                     stream.close()

@@ -1,0 +1,177 @@
+"""The whole Generate path in real Blender against a real server subprocess (tiny model):
+Generate → the add-on starts `python -m server serve` → job → watcher `tick()` → files →
+planes imported; then cancel mid-run, a crashed server (clear error, restarted on the next
+Generate), and "Connect to server" mode, which downloads the files over HTTP."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import blender_helpers as helpers  # noqa: E402
+from blender_helpers import run_in_blender  # noqa: E402
+
+TIMEOUT = 150.0
+
+
+# --------------------------------------------------------------------------- inside Blender
+
+
+def _setup(output: str, steps: int = 2):
+    import bpy
+
+    helpers.reset_blender()
+    package = helpers.register_as_extension()
+    from multiplane.addon import preferences
+
+    prefs = preferences.get(bpy.context)
+    prefs.device = "cpu"
+    prefs.output_dir = str(Path(output) / "server-output")
+    scene = bpy.context.scene
+    helpers.add_camera(scene)
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 256, 256, 100
+    settings = scene.multiplane
+    settings.prompt = "a misty lake at dawn"
+    settings.background_prompt = "mountains"
+    settings.layers.add().prompt = "a boat"
+    settings.layers[0].depth = 6.0
+    settings.model, settings.method, settings.steps, settings.tta_passes = "tiny", "independent", steps, "1"
+    return package, prefs, scene
+
+
+def _tick_until(done, timeout: float = TIMEOUT) -> dict:
+    """Call the watcher's tick() like the timer would, timing each call, until done()."""
+    from multiplane.addon import jobs
+
+    phases, texts, durations = [], [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        jobs.tick()
+        durations.append(time.perf_counter() - start)
+        state = jobs.watcher.state
+        if not phases or phases[-1] != state.phase:
+            phases.append(state.phase)
+        if state.text and (not texts or texts[-1] != state.text):
+            texts.append(state.text)
+        if done(state):
+            break
+        time.sleep(0.02)
+    durations.sort()
+    return {"phases": phases, "texts": texts, "error": jobs.watcher.state.error,
+            "ticks": len(durations), "median_tick_ms": 1000 * durations[len(durations) // 2],
+            "state": jobs.watcher.state.phase}
+
+
+def _finished(state) -> bool:
+    return state.phase in ("succeeded", "failed", "cancelled")
+
+
+def _report(callable_) -> str:
+    try:
+        callable_()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def scenario_generate_cancel_crash_remote(output: str) -> dict:
+    import bpy
+
+    package, prefs, scene = _setup(output)
+    from multiplane.addon import backend, jobs
+    from multiplane.addon.client import ServerClient
+
+    out = {}
+    # 1. Generate: starts the server, runs the job, imports the planes.
+    bpy.ops.multiplane.generate()
+    out["first"] = _tick_until(_finished)
+    collection = scene.multiplane.backdrop
+    out["planes"] = [obj.name for obj in collection.objects] if collection else []
+    out["history"] = [(item.path, item.model, json.loads(item.request)["width"]) for item in scene.multiplane.history]
+    stack_dir = Path(jobs.watcher.state.stack_dir)
+    manifest = json.loads((stack_dir / "stack.json").read_text())
+    out["depths"] = [layer["depth"] for layer in manifest["layers"]]
+    out["files"] = sorted(p.name for p in stack_dir.iterdir())
+    server = backend.current()
+    first_pid = server.pid
+    out["server_log_exists"] = server.log_path.is_file()
+
+    # 2. Cancel mid-run: wait for denoising, cancel, the server's job ends "cancelled".
+    scene.multiplane.steps = 150
+    scene.multiplane.layers.add().prompt = "a heron"
+    bpy.ops.multiplane.generate()
+    out["cancel_run"] = _tick_until(lambda s: s.phase == "running" and "Denoising step" in s.text)
+    bpy.ops.multiplane.cancel()
+    out["cancel_phase_at_once"] = jobs.watcher.state.phase
+    out["cancel"] = _tick_until(_finished, timeout=30)
+    client = ServerClient(server.info.url, server.token)
+    out["server_job_status"] = client.job(jobs.watcher.state.job_id)["status"]
+    out["history_after_cancel"] = len(scene.multiplane.history)
+    scene.multiplane.steps = 2
+
+    # 3. "Connect to server": the same server by URL + token; files come over HTTP.
+    prefs.backend, prefs.server_url, prefs.server_token = "REMOTE", server.info.url, server.token
+    bpy.ops.multiplane.generate()
+    out["remote"] = _tick_until(_finished)
+    out["remote_files"] = sorted(p.name for p in Path(jobs.watcher.state.stack_dir).iterdir())
+    prefs.backend = "LOCAL"
+
+    # 4. The server crashes mid-job: a clear error; the next Generate starts a new one.
+    import os
+    import signal
+
+    scene.multiplane.steps = 150
+    bpy.ops.multiplane.generate()
+    _tick_until(lambda s: s.phase == "running" and "Denoising step" in s.text)
+    os.kill(first_pid, signal.SIGKILL)
+    out["crash"] = _tick_until(_finished)
+    scene.multiplane.steps = 2
+    bpy.ops.multiplane.generate()
+    out["restart"] = _tick_until(_finished)
+    out["pids"] = [first_pid, backend.current().pid]
+    second = backend.current()
+    package.unregister()
+    out["stopped_on_unregister"] = second._proc.poll() is not None
+    out["history_final"] = None
+    return out
+
+
+# --------------------------------------------------------------------------- pytest side
+
+
+def test_generate_cancel_crash_and_remote_in_blender(tmp_path):
+    out = run_in_blender(__file__, "scenario_generate_cancel_crash_remote", timeout=400, output=str(tmp_path))
+    first = out["first"]
+    assert first["state"] == "succeeded", first
+    assert first["phases"][0] in ("starting", "submitting") and "running" in first["phases"]
+    assert first["phases"][-2:] == ["importing", "succeeded"] or first["phases"][-1] == "succeeded"
+    assert any(t.startswith("Denoising step") for t in first["texts"])
+    assert first["median_tick_ms"] < 5.0
+    assert len(out["planes"]) == 2  # background + one foreground
+    path, model, width = out["history"][0]
+    assert model == "tiny" and width == 256
+    assert out["depths"] == [None, 6.0]  # the artist's depth written into the copy
+    assert {"background.png", "layer_01.png", "stack.json", "composite.png"} <= set(out["files"])
+    assert out["server_log_exists"]
+
+    assert out["cancel_phase_at_once"] == "cancelling"
+    assert out["cancel"]["state"] == "cancelled", out["cancel"]
+    assert out["server_job_status"] == "cancelled"
+    assert out["history_after_cancel"] == 1
+
+    assert out["remote"]["state"] == "succeeded", out["remote"]
+    assert set(out["remote_files"]) == set(out["files"]) | {"layer_02.png"}  # two foregrounds by then
+
+    crash = out["crash"]
+    assert crash["state"] == "failed"
+    assert "stopped unexpectedly" in crash["error"] and "restarted on the next Generate" in crash["error"]
+    assert "killed by SIGKILL" in crash["error"] and "--- " not in crash["error"]
+    assert "Traceback" not in crash["error"]
+    assert out["restart"]["state"] == "succeeded", out["restart"]
+    assert out["pids"][0] != out["pids"][1]
+    assert out["stopped_on_unregister"]
