@@ -8,6 +8,9 @@ with TTA 1 and writing the PNG stack) costs on top. Also reported: joint vs `ind
 (four separate sampling runs) on the same request. Timing alternates the variants in one
 process after a warm-up; peak RSS comes from fresh subprocesses, one per variant.
 Targets: joint/plain time ≤ 1.15, joint/independent time ≤ 1.0; RSS ratio reported.
+`time_ratio_no_inter_layer` (inter_layer_strength 0) separates the cost of inter-layer
+attention — which grows the tiny model's attention, a large share of its compute, about
+2× — from the rest of the machinery.
 """
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ SIZE, STEPS, REPEATS = 256, 20, 3
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
 
 
-def make_request(method: str):
+def make_request(method: str, **extra):
     from inference.request import LayerSpec, StackRequest
 
     return StackRequest(prompt="a forest clearing at dusk", background="pine trees",
                         layers=tuple(LayerSpec(p) for p in LAYERS), width=SIZE, height=SIZE,
-                        steps=STEPS, seed=3, tta_passes=1, method=method).validated()
+                        steps=STEPS, seed=3, tta_passes=1, method=method, **extra).validated()
 
 
 def plain_pipeline():
@@ -72,7 +75,9 @@ def timing() -> dict:
     engine.load("tiny")
     pipe = plain_pipeline()
     joint, independent = make_request("joint"), make_request("independent")
-    samples: dict[str, list[float]] = {"joint": [], "plain_batch5": [], "independent": []}
+    no_inter = make_request("joint", inter_layer_strength=0.0)
+    samples: dict[str, list[float]] = {"joint": [], "plain_batch5": [], "independent": [],
+                                       "joint_no_inter_layer": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run_ours(engine, joint, root, "warm")
@@ -81,14 +86,16 @@ def timing() -> dict:
         for _ in range(REPEATS):
             for name, fn in (("plain_batch5", lambda: run_plain(pipe, joint)),
                              ("joint", lambda: run_ours(engine, joint, root, "j")),
-                             ("independent", lambda: run_ours(engine, independent, root, "i"))):
+                             ("independent", lambda: run_ours(engine, independent, root, "i")),
+                             ("joint_no_inter_layer", lambda: run_ours(engine, no_inter, root, "n"))):
                 t = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"seconds": {k: round(v, 3) for k, v in med.items()},
             "time_ratio": round(med["joint"] / med["plain_batch5"], 3),
-            "time_ratio_vs_independent": round(med["joint"] / med["independent"], 3)}
+            "time_ratio_vs_independent": round(med["joint"] / med["independent"], 3),
+            "time_ratio_no_inter_layer": round(med["joint_no_inter_layer"] / med["plain_batch5"], 3)}
 
 
 def peak_rss(variant: str) -> dict:
