@@ -1,0 +1,112 @@
+"""Bad preferences in real Blender end as one clear report (or one readable panel error),
+never a traceback: a missing interpreter, a dead server URL, no URL, the installer with
+Blender's online access off. Runs on bpy 5.0 and, when present, bpy 4.2 LTS."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import blender_helpers as helpers  # noqa: E402
+from blender_helpers import blender_pythons, run_in_blender  # noqa: E402
+
+
+def _report(operator) -> str:
+    """The operator's ERROR report as Blender raises it in background mode ('' if none)."""
+    try:
+        result = operator()
+    except RuntimeError as error:
+        return str(error)
+    return f"no error: {sorted(result)}"
+
+
+def scenario_bad_preferences(dead_url: str) -> dict:
+    import bpy
+
+    helpers.reset_blender()
+    package = helpers.register_as_extension()
+    from multiplane.addon import backend, jobs, preferences
+
+    prefs = preferences.get(bpy.context)
+    scene = bpy.context.scene
+    helpers.add_camera(scene)
+    scene.multiplane.prompt = "a lake"
+    ops = bpy.ops.multiplane
+    out = {}
+
+    prefs.python_path = "/nonexistent/bin/python3"
+    out["generate_missing_python"] = _report(ops.generate)
+    out["test_missing_python"] = _report(ops.test_connection)
+    out["restart_missing_python"] = _report(ops.restart_server)
+    out["watcher_after_missing"] = jobs.watcher.state.phase
+    out["server_started"] = backend.current() is not None and backend.current().alive()
+
+    prefs.backend = "REMOTE"
+    prefs.server_url = ""
+    out["generate_no_url"] = _report(ops.generate)
+    out["test_no_url"] = _report(ops.test_connection)
+    prefs.server_url = "localhost:8765"
+    out["test_bad_url"] = _report(ops.test_connection)
+    prefs.server_url = dead_url
+    prefs.server_token = "0123456789abcdef0123"
+    out["test_dead_url"] = _report(ops.test_connection)
+    started = time.perf_counter()
+    out["generate_dead_url"] = _report(ops.generate)
+    out["generate_returned_s"] = time.perf_counter() - started
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and jobs.watcher.busy:
+        jobs.tick()
+        time.sleep(0.02)
+    jobs.tick()
+    out["dead_url_state"] = jobs.watcher.state.phase
+    out["dead_url_error"] = jobs.watcher.state.error
+    bpy.context.window_manager.clipboard = ""
+    out["copy_error"] = _report(ops.copy_error)
+
+    prefs.backend = "LOCAL"
+    out["online_access"] = bpy.app.online_access
+    out["install_offline"] = _report(ops.install_environment)
+    out["cancel_nothing"] = _report(ops.cancel)
+    package.unregister()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("python", blender_pythons())
+def test_bad_preferences_give_clear_reports(python, dead_url):
+    out = run_in_blender(__file__, "scenario_bad_preferences", python=python, dead_url=dead_url)
+    for key, value in out.items():
+        if isinstance(value, str):
+            assert "Traceback" not in value, (key, value)
+
+    assert "Cannot start the inference server: the Python interpreter /nonexistent/bin/python3 does not exist" \
+        in out["generate_missing_python"]
+    assert "Install inference environment" in out["generate_missing_python"]
+    assert "/nonexistent/bin/python3 does not exist" in out["test_missing_python"]
+    assert "/nonexistent/bin/python3 does not exist" in out["restart_missing_python"]
+    assert out["watcher_after_missing"] == "idle" and not out["server_started"]
+
+    assert "No server URL" in out["generate_no_url"]
+    assert "no server URL" in out["test_no_url"]
+    assert "not an http:// or https:// address" in out["test_bad_url"]
+    assert f"Connection failed: the Multiplane server at {dead_url} refused the connection" in out["test_dead_url"]
+    # Generate itself never waits for the network: the failure arrives through the watcher.
+    assert out["generate_dead_url"].startswith("no error") and out["generate_returned_s"] < 0.5
+    assert out["dead_url_state"] == "failed"
+    assert out["dead_url_error"] == (f"the Multiplane server at {dead_url} refused the connection "
+                                     f"(nothing is listening there)")
+    assert out["copy_error"].startswith("no error")
+
+    assert out["online_access"] is False  # Blender as a module starts with online access off
+    assert "online access is disabled" in out["install_offline"]
+    assert out["cancel_nothing"].startswith("no error: ['CANCELLED']")
