@@ -22,10 +22,12 @@ through attention processors (`inference.layered_attention`) and a few latent-sp
   prompt tokens, alpha = distance of x̂0 from the empty latent (`inference.masks`). From
   30 % of the steps on, the foreground is confined toward empty by `(1 − g·(1 − m))^(1/K)`
   per step (g = `request.mask_guidance`, K = the number of steps it is applied, so the
-  total attenuation over the run is `1 − g·(1 − m)` rather than compounding); during the first half of the steps the blended item's x̂0 is
-  pulled toward the latent alpha-over of the background and the masked foregrounds
-  (DreamLayer's blend), with a weight falling linearly from 1 to 0. The final masks are
-  saved in the stack (`mask_NN.png`).
+  total attenuation over the run is `1 − g·(1 − m)` rather than compounding); during the
+  first half of the steps the blended item's x̂0 is pulled toward the latent alpha-over of
+  the background and the masked foregrounds (DreamLayer's blend), with a weight falling
+  linearly from 1 to 0. The final masks are saved in the stack (`mask_NN.png`).
+- SD 1.5 (`layer_sd15_joint`): the adapter's processors replace ours; rows are frame
+  triples (fg_k, bg, blended), see `sd15_joint_rows`; masks from the alpha proxy and boxes.
 
 Changing x̂0 is done by moving the scheduler's next sample by `c·Δx̂0`, c being the clean
 part's coefficient at the next noise level (1 for Euler-type schedulers, √ᾱ for DDIM-type),
