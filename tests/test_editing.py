@@ -16,6 +16,8 @@ from inference.request import LayerSpec, StackRequest
 from inference.stack import alpha_over, load_layer_images, load_stack
 
 
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     return Engine(EngineSettings(device="cpu", allow_download=False))

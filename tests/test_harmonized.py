@@ -50,6 +50,7 @@ def request(**kw) -> StackRequest:
     return StackRequest(**base)
 
 
+@pytest.mark.slow
 def test_harmonized_end_to_end(engine, tmp_path):
     unet = engine.load("tiny").pipeline.unet
     batches = []

@@ -15,6 +15,8 @@ from inference.progress import CancelToken, ignore_progress
 from inference.request import LayerSpec, StackRequest
 from inference.stack import alpha_over, load_layer_images, load_stack
 
+pytestmark = pytest.mark.slow
+
 BOX = (0.5, 0.0, 1.0, 0.5)  # top-right quarter
 
 
