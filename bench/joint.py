@@ -10,7 +10,7 @@ process after a warm-up; peak RSS comes from fresh subprocesses, one per variant
 Targets: joint/plain time ≤ 1.15, joint/independent time ≤ 1.0; RSS ratio reported.
 `time_ratio_no_inter_layer` (inter_layer_strength 0) separates the cost of inter-layer
 attention — which grows the tiny model's attention, a large share of its compute, about
-2× — from the rest of the machinery.
+~1.5× — from the rest of the machinery.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ attention module of the UNet by `layered_attention(...)`, adds per job:
   items are bit-identical to a run without the patch;
 - **inter-layer attention** (self attention only): each item's queries attend to its own
   keys and to the keys/values of the other items of its group, average-pooled p×p on the
-  token grid (`inter_layer_pool`, default 2: the joint attention then costs about
-  1 + (L−1)/4 times plain attention instead of L times), with a log-bias
+  token grid (`inter_layer_pool`, by default the smallest p ≥ 2 with (L−1)/p² ≤ 1/2, so
+  the joint attention costs at most ~1.5× plain attention instead of L times), with a log-bias
   `log(strength) + log(p²)` on their logits: another layer's region counts `strength`
   times as much as an own region of the same size with the same score. At
   strength 0 the processor runs plain attention (the joint path is skipped, not merely
@@ -102,6 +102,15 @@ class AttentionCapture:
         return None if b not in self.spread_sum else self.spread_sum[b] / self.spread_count[b]
 
 
+def default_inter_layer_pool(items: int) -> int:
+    """Pooling p (≥ 2) that keeps the other items' keys at most about T/2 in total.
+
+    (L−1)·T/p² ≤ T/2 ⇔ p ≥ √(2(L−1)): 2 for one foreground (L = 3), 3 for three (L = 5),
+    5 for eight; the joint attention then costs at most ~1.5× plain attention.
+    """
+    return max(2, math.ceil(math.sqrt(2 * max(items - 1, 1))))
+
+
 class LayeredAttentionState:
     """Everything the processors need for one job: batch layout and the job's options.
 
@@ -112,7 +121,7 @@ class LayeredAttentionState:
 
     def __init__(self, roles: Sequence[str], groups: int, latent_size: tuple[int, int], *,
                  inter_layer_strength: float = 0.0,
-                 inter_layer_pool: int = 2,
+                 inter_layer_pool: Optional[int] = None,
                  transparency_scale: Optional[Sequence[float]] = None,
                  attends: Optional[torch.Tensor] = None,
                  regions: Optional[torch.Tensor] = None,
@@ -131,6 +140,8 @@ class LayeredAttentionState:
         self.batch = self.items * groups
         self.latent_size = tuple(latent_size)
         self.inter_layer_strength = float(inter_layer_strength)
+        if inter_layer_pool is None:
+            inter_layer_pool = default_inter_layer_pool(self.items)
         if not isinstance(inter_layer_pool, int) or inter_layer_pool < 1:
             raise ValueError(f"inter_layer_pool must be a positive integer, got {inter_layer_pool!r}")
         self.inter_layer_pool = inter_layer_pool

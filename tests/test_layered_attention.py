@@ -14,6 +14,7 @@ from inference.layered_attention import (
     KVComposite,
     LayeredAttentionState,
     LayeredAttnProcessor,
+    default_inter_layer_pool,
     dense_weights,
     layered_attention,
 )
@@ -103,6 +104,7 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
     pooled = LayeredAttnProcessor("a", pooled_state)(attn, x16)
     torch.testing.assert_close(pooled, manual_joint(attn, x16, groups, items, log_w, (4, 4), 2),
                                rtol=1e-4, atol=1e-5)
+    assert [default_inter_layer_pool(n) for n in (2, 3, 5, 10)] == [2, 2, 3, 5]
     # Groups never see each other: changing the unconditional group leaves the conditional one.
     x2 = x.clone()
     x2[:items] = torch.randn(items, 9, DIM)
