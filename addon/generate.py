@@ -74,7 +74,7 @@ def build_request(scene) -> tuple[dict, list]:
         "guidance": float(settings.guidance),
         "seed": int(settings.seed),
         "tta_passes": int(settings.tta_passes),
-        "name": (scene.name + " backdrop")[:100],
+        "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:100],
     }
     depths = [None] + [layer.depth or None for layer in settings.layers]
     return body, depths

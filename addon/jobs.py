@@ -307,7 +307,7 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: 
     files = list(stack.get("files") or [])
     if "stack.json" not in files:
         files.append("stack.json")
-    destination = Path(settings.stacks_dir) / f"{safe_folder_name(name)}-{job['id'][:8]}"
+    destination = Path(settings.stacks_dir) / f"{safe_folder_name(name)}-{safe_folder_name(job['id'])}"
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -93,6 +93,7 @@ def draw_panel(layout, context) -> None:
 
     column = layout.column()
     column.enabled = not busy
+    column.prop(settings, "stack_name")
     column.prop(settings, "prompt")
     column.prop(settings, "negative_prompt")
     column.prop(settings, "background_prompt")

@@ -89,7 +89,7 @@ def backend_settings(context=None) -> BackendSettings:
         mode=mode, python=python, device=getattr(prefs, "device", "auto"),
         models_dir=_path_or_none(getattr(prefs, "models_dir", "")),
         output_dir=_path_or_none(getattr(prefs, "output_dir", "")) or base / "server-output",
-        stacks_dir=base / "stacks", log_path=server_log_path(),
+        stacks_dir=_path_or_none(getattr(prefs, "stacks_dir", "")) or base / "stacks", log_path=server_log_path(),
         url=getattr(prefs, "server_url", "").strip(), token=getattr(prefs, "server_token", "").strip())
 
 
@@ -151,6 +151,11 @@ class MultiplanePreferences(AddonPreferences):
         description="Where the local server writes generated stacks (empty: the extension's user folder)",
         subtype="DIR_PATH", default="",
     )
+    stacks_dir: StringProperty(
+        name="Stacks Folder",
+        description="Where finished stacks are kept for import and history (empty: the extension's user folder)",
+        subtype="DIR_PATH", default="",
+    )
     server_url: StringProperty(
         name="URL", description="Address of a running Multiplane server, e.g. http://192.168.1.20:8765",
         default="",
@@ -193,6 +198,7 @@ def draw_preferences(prefs, layout, context) -> None:
     else:
         box.prop(prefs, "server_url")
         box.prop(prefs, "server_token")
+    layout.prop(prefs, "stacks_dir")
     row = layout.row()
     row.operator(MULTIPLANE_OT_test_connection.bl_idname, icon="LINKED")
     text, icon = status_text(context)

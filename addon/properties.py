@@ -62,6 +62,8 @@ class MultiplaneHistoryItem(PropertyGroup):
 class MultiplaneSceneSettings(PropertyGroup):
     """Multiplane settings of one scene."""
 
+    stack_name: StringProperty(name="Name", description="Name of the generated stack and its backdrop "
+                               "collection (empty: the scene's name)", default="", maxlen=100)
     prompt: StringProperty(name="Prompt", description="The whole scene, shared by every layer",
                            default="", maxlen=MAX_PROMPT_CHARS)
     negative_prompt: StringProperty(name="Negative", description="What no layer should show",

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blender_helpers as helpers  # noqa: E402
-from blender_helpers import run_in_blender  # noqa: E402
+from blender_helpers import blender_pythons, run_in_blender  # noqa: E402
 
 TIMEOUT = 150.0
 
@@ -144,8 +144,10 @@ def scenario_generate_cancel_crash_remote(output: str) -> dict:
 # --------------------------------------------------------------------------- pytest side
 
 
-def test_generate_cancel_crash_and_remote_in_blender(tmp_path):
-    out = run_in_blender(__file__, "scenario_generate_cancel_crash_remote", timeout=400, output=str(tmp_path))
+@pytest.mark.parametrize("python", blender_pythons())
+def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
+    out = run_in_blender(__file__, "scenario_generate_cancel_crash_remote", timeout=400, python=python,
+                         output=str(tmp_path))
     first = out["first"]
     assert first["state"] == "succeeded", first
     assert first["phases"][0] in ("starting", "submitting") and "running" in first["phases"]
@@ -175,3 +177,48 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path):
     assert out["restart"]["state"] == "succeeded", out["restart"]
     assert out["pids"][0] != out["pids"][1]
     assert out["stopped_on_unregister"]
+
+
+# --------------------------------------------------------------------------- make demo
+
+
+def scenario_inspect_demo_blend(blend: str) -> dict:
+    import bpy
+
+    bpy.ops.wm.open_mainfile(filepath=blend)
+    scene = bpy.context.scene
+    backdrop = scene.multiplane.backdrop if hasattr(bpy.types.Scene, "multiplane") else None
+    collections = [c.name for c in bpy.data.collections if c.name.startswith("Backdrop: ")]
+    planes = [o for o in bpy.data.objects if o.type == "MESH"]
+    images = [i for i in bpy.data.images if i.source == "FILE"]
+    tree = getattr(scene, "compositing_node_group", None) or getattr(scene, "node_tree", None)
+    return {"collections": collections, "planes": len(planes), "packed": all(i.packed_file for i in images),
+            "images": len(images), "camera": scene.camera is not None,
+            "multiplane_nodes": sorted(n.name for n in tree.nodes if n.name.startswith("Multiplane")) if tree else [],
+            "has_settings": backdrop is not None}
+
+
+def test_make_demo_runs_the_product_path(tmp_path):
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["HOME"] = str(tmp_path / "home")
+    done = subprocess.run([sys.executable, "-m", "server", "demo", "--out", str(out), "--device", "cpu"],
+                          cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DEMO USES THE TINY RANDOM-WEIGHT MODEL" in done.stderr  # no SDXL weights here
+    assert "Decoding layer 4 of 4" in done.stderr  # the watcher's phase texts
+    preview = np.asarray(Image.open(out / "preview.png").convert("RGB"), dtype=np.float64)
+    assert preview.shape == (288, 512, 3) and preview.std() > 10  # a real render, not a blank frame
+    stacks = list((out / "stacks").iterdir())
+    assert len(stacks) == 1 and stacks[0].name.startswith("Forest_clearing-")
+    manifest = json.loads((stacks[0] / "stack.json").read_text())
+    assert [layer["depth"] for layer in manifest["layers"]] == [None, 30.0, 14.0, 5.0]
+    blend = run_in_blender(__file__, "scenario_inspect_demo_blend", blend=str(out / "backdrop.blend"))
+    assert blend["collections"] == ["Backdrop: Forest clearing"]
+    assert blend["planes"] == 4 and blend["images"] == 4 and blend["camera"]
+    assert blend["multiplane_nodes"], blend
