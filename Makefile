@@ -14,7 +14,7 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.multiplane-installed
 PYTEST_ARGS ?=
 
-.PHONY: all setup test demo bench package validate clean bpy42
+.PHONY: all setup test demo bench package validate clean bpy42 test-bpy42
 
 # A second Blender for the add-on tests: bpy 4.2 LTS (the oldest Blender the manifest
 # allows) as a Python module in its own venv. tests/blender_helpers.py runs every Blender
@@ -55,6 +55,11 @@ $(BPY42_STAMP):
 	$(BPY42_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(BPY42_SPEC)" "numpy>=1.26,<2" pillow pytest
 	$(BPY42_VENV)/bin/python -c 'import bpy; print("bpy", bpy.app.version_string)'
 	touch $(BPY42_STAMP)
+
+# Every add-on test with bpy 4.2 LTS running the Blender scenarios (the engine/server side
+# still runs in $(VENV)).
+test-bpy42: $(STAMP) $(BPY42_STAMP)
+	MULTIPLANE_BLENDER_PYTHON=$(abspath $(BPY42_VENV))/bin/python $(PY) -m pytest tests/test_addon_*.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

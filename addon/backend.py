@@ -283,7 +283,8 @@ class ManagedServer:
             except OSError:
                 pass
             try:
-                proc.wait(timeout / 2)
+                # A server that never announced itself does not watch stdin yet: terminate now.
+                proc.wait(timeout / 2 if self.info is not None else 0.05)
             except subprocess.TimeoutExpired:
                 proc.terminate()
                 try:

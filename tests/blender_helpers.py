@@ -186,6 +186,10 @@ _RUNNER = textwrap.dedent("""
 # to run these tests against such a wheel: the result is written, then os._exit(0).
 HARD_EXIT = os.environ.get("MULTIPLANE_BLENDER_HARD_EXIT") == "1"
 
+# Another Python with bpy for every scenario that does not pick one itself, e.g.
+# MULTIPLANE_BLENDER_PYTHON=.venv-bpy42/bin/python (`make test-bpy42` runs the add-on tests so).
+BLENDER_PYTHON = os.environ.get("MULTIPLANE_BLENDER_PYTHON") or None
+
 
 def bpy42_python() -> str | None:
     """The interpreter of the bpy 4.2 LTS environment (`make bpy42` makes .venv-bpy42), or
@@ -212,8 +216,8 @@ def run_in_blender(module_file: str, function: str, timeout: float = 120.0, pyth
     """Call `function(**kwargs)` from `module_file` in a fresh Python with bpy; return its JSON result.
 
     HOME is a throw-away folder so Blender's caches and preferences never touch the real one.
-    `python`: another interpreter with bpy (e.g. bpy42_python()); the 4.2 module needs the
-    hard exit, so it always gets it.
+    `python`: another interpreter with bpy (e.g. bpy42_python()), default
+    $MULTIPLANE_BLENDER_PYTHON, else this one; another interpreter always gets the hard exit.
     """
     with tempfile.TemporaryDirectory(prefix="multiplane-blender-") as scratch:
         scratch_path = Path(scratch)
@@ -221,7 +225,10 @@ def run_in_blender(module_file: str, function: str, timeout: float = 120.0, pyth
         home.mkdir()
         args_file, result_file = scratch_path / "args.json", scratch_path / "result.json"
         args_file.write_text(json.dumps(kwargs), encoding="utf-8")
-        hard_exit = HARD_EXIT or (python is not None and python == bpy42_python())
+        python = python or BLENDER_PYTHON
+        # Other bpy wheels (4.2, 4.5) crash or hang at interpreter exit: the result is
+        # written first, then they leave with os._exit(0).
+        hard_exit = HARD_EXIT or python is not None
         code = _RUNNER.format(root=str(REPO_ROOT), tests=str(TESTS_DIR), module=str(module_file),
                               function=function, hard_exit=hard_exit)
         env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1")

@@ -24,7 +24,7 @@ def _report(operator) -> str:
     return f"no error: {sorted(result)}"
 
 
-def scenario_bad_preferences(dead_url: str) -> dict:
+def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     import bpy
 
     helpers.reset_blender()
@@ -67,7 +67,20 @@ def scenario_bad_preferences(dead_url: str) -> dict:
     bpy.context.window_manager.clipboard = ""
     out["copy_error"] = _report(ops.copy_error)
 
+    # Cancel while the server is still starting (an interpreter that never gets ready):
+    # cancelled at once, and the worker thread ends.
     prefs.backend = "LOCAL"
+    prefs.python_path = slow_python
+    jobs.watcher.clear_error()
+    bpy.ops.multiplane.generate()
+    jobs.tick()
+    out["starting_phase"] = jobs.watcher.state.phase
+    out["cancel_starting"] = _report(ops.cancel)
+    out["after_cancel_phase"] = jobs.watcher.state.phase
+    jobs.watcher.join(5)
+    jobs.tick()
+    out["worker_done"] = not jobs.watcher.busy and jobs.watcher.state.phase == "cancelled"
+    prefs.python_path = ""
     out["online_access"] = bpy.app.online_access
     out["install_offline"] = _report(ops.install_environment)
     out["cancel_nothing"] = _report(ops.cancel)
@@ -83,8 +96,12 @@ def dead_url() -> str:
 
 
 @pytest.mark.parametrize("python", blender_pythons())
-def test_bad_preferences_give_clear_reports(python, dead_url):
-    out = run_in_blender(__file__, "scenario_bad_preferences", python=python, dead_url=dead_url)
+def test_bad_preferences_give_clear_reports(python, dead_url, tmp_path):
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow_python.chmod(0o755)
+    out = run_in_blender(__file__, "scenario_bad_preferences", python=python, dead_url=dead_url,
+                         slow_python=str(slow_python))
     for key, value in out.items():
         if isinstance(value, str):
             assert "Traceback" not in value, (key, value)
@@ -106,6 +123,10 @@ def test_bad_preferences_give_clear_reports(python, dead_url):
     assert out["dead_url_error"] == (f"the Multiplane server at {dead_url} refused the connection "
                                      f"(nothing is listening there)")
     assert out["copy_error"].startswith("no error")
+
+    assert out["starting_phase"] == "starting"
+    assert out["cancel_starting"].startswith("no error") and out["after_cancel_phase"] == "cancelled"
+    assert out["worker_done"]
 
     assert out["online_access"] is False  # Blender as a module starts with online access off
     assert "online access is disabled" in out["install_offline"]
