@@ -205,3 +205,27 @@ def test_sd15_joint_frames_arrangement(sd15_loaded):
     assert result.blended.shape == (256, 256, 3) and len(result.masks) == 2
     # The box confines the fox's mask as on SDXL.
     assert result.masks[0][160:, :96].max() == 0
+
+
+def test_background_at_strength_zero_matches_plain_diffusers(engine):
+    """With layers not attending to each other, the joint sampler's background row is the
+    ordinary SDXL pipeline's result for the same prompt and noise (batched call or not)."""
+    from inference.methods.independent import layer_seeds
+    from inference.methods.joint import joint_items, sample_layers
+    from inference.sampling import job_pipeline
+
+    loaded = engine.load("tiny")
+    pipe = job_pipeline(loaded.pipeline)
+    req = request(layers=(LayerSpec("a red fox"), LayerSpec("a rock")), inter_layer_strength=0.0).validated()
+    items = joint_items(pipe, req, layer_seeds(req), pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
+    result = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0, negative_prompt="",
+                           inter_layer_strength=0.0, mask_guidance=0.5, progress=ignore_progress,
+                           cancel=CancelToken(), layers=3)
+    plain = job_pipeline(loaded.pipeline)(prompt=items[0].prompt, width=256, height=256, num_inference_steps=2,
+                                          guidance_scale=4.0, latents=items[0].noise.clone(),
+                                          output_type="latent", return_dict=False)[0]
+    torch.testing.assert_close(result.latents[0:1], plain, rtol=1e-4, atol=1e-4)
+    with_layers = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
+                                negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.5,
+                                progress=ignore_progress, cancel=CancelToken(), layers=3)
+    assert (with_layers.latents[0:1] - plain).abs().max() > 1e-3
