@@ -113,7 +113,7 @@ class ManagedServer:
     def __init__(self, python: Path, *, device: str = "auto", models_dir: Optional[Path] = None,
                  output_root: Optional[Path] = None, log_path: Optional[Path] = None,
                  cwd: Optional[Path] = None, ready_timeout: float = READY_TIMEOUT,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), offline: bool = False):
         self.python = Path(python) if python else None
         self.device = device or "auto"
         self.models_dir = Path(models_dir) if models_dir else None
@@ -122,6 +122,8 @@ class ManagedServer:
         self.cwd = Path(cwd) if cwd else engine_root()
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
+        # Blender's "Allow Online Access" off: the server must not fetch model weights.
+        self.offline = offline
         self.token = secrets.token_urlsafe(32)
         self.info: Optional[ServerInfo] = None
         self.error: Optional[str] = None
@@ -168,6 +170,8 @@ class ManagedServer:
             # Blender's own Python settings must not leak into the engine's interpreter.
             for key in ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP"):
                 env.pop(key, None)
+            if self.offline:
+                env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
             if self.log_path is not None:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 self._log_handle = open(self.log_path, "ab")

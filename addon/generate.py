@@ -119,6 +119,9 @@ class MULTIPLANE_OT_generate(Operator):
         elif not settings.url:
             self.report({"ERROR"}, "No server URL: enter it in the Multiplane preferences (or choose Start Local Process)")
             return {"CANCELLED"}
+        elif settings.remote_needs_online_access():
+            self.report({"ERROR"}, preferences.OFFLINE_REMOTE)
+            return {"CANCELLED"}
         history = {"prompt": body["prompt"], "model": body["model"], "method": body["method"],
                    "request": json.dumps(body)}
         watcher.start(jobs.JobPlan(body=body, settings=settings, scene_name=scene.name, depths=depths,

@@ -240,7 +240,11 @@ class Watcher:
             elif status == "cancelled":
                 self._post(token, "cancelled")
             else:
-                self._post(token, "failed", f"The server could not generate the stack: {job.get('error') or status}")
+                message = f"The server could not generate the stack: {job.get('error') or status}"
+                if server is not None and server.offline and any(word in message.lower() for word in ("weights", "missing model files")):
+                    message += (". Blender's online access is disabled, so the model was not downloaded: "
+                                "allow it in Preferences › System › Network, or choose the Tiny model")
+                self._post(token, "failed", message)
         except (ServerError, backend.BackendError) as error:
             if cancel.is_set():
                 self._post(token, "cancelled")

@@ -23,6 +23,9 @@ from .client import ServerClient, ServerError
 # The extension's root package (…multiplane); this module lives in its `addon` sub-package.
 ADDON_ID = __package__.rpartition(".")[0] or __package__
 
+OFFLINE_REMOTE = ("Blender's online access is disabled, so the add-on does not connect to a server on "
+                  "another machine: allow it in Preferences › System › Network (a local server works offline)")
+
 DEVICES = (
     ("auto", "Automatic", "The best device found: CUDA, then Apple Metal (MPS), then CPU"),
     ("cuda", "CUDA (NVIDIA)", "The first NVIDIA GPU"),
@@ -60,10 +63,22 @@ class BackendSettings:
     log_path: Path
     url: str
     token: str
+    online_access: bool = False  # bpy.app.online_access when the settings were read
 
     def make_server(self) -> backend.ManagedServer:
         return backend.ManagedServer(self.python, device=self.device, models_dir=self.models_dir,
-                                     output_root=self.output_dir, log_path=self.log_path)
+                                     output_root=self.output_dir, log_path=self.log_path,
+                                     offline=not self.online_access)
+
+    def remote_needs_online_access(self) -> bool:
+        """A server beyond this computer is network use Blender's online access must allow."""
+        from urllib.parse import urlparse
+
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            return False  # not an address at all: the client says so
+        return (self.mode == "REMOTE" and parsed.hostname not in ("127.0.0.1", "localhost", "::1")
+                and not self.online_access)
 
 
 def _path_or_none(value: str) -> Optional[Path]:
@@ -90,7 +105,8 @@ def backend_settings(context=None) -> BackendSettings:
         models_dir=_path_or_none(getattr(prefs, "models_dir", "")),
         output_dir=_path_or_none(getattr(prefs, "output_dir", "")) or base / "server-output",
         stacks_dir=_path_or_none(getattr(prefs, "stacks_dir", "")) or base / "stacks", log_path=server_log_path(),
-        url=getattr(prefs, "server_url", "").strip(), token=getattr(prefs, "server_token", "").strip())
+        url=getattr(prefs, "server_url", "").strip(), token=getattr(prefs, "server_token", "").strip(),
+        online_access=bool(getattr(bpy.app, "online_access", True)))
 
 
 # ---------------------------------------------------------------------- status line
@@ -220,6 +236,8 @@ class MULTIPLANE_OT_test_connection(Operator):
             if settings.mode == "REMOTE":
                 if not settings.url:
                     raise ServerError("no server URL: enter the server's address in the Multiplane preferences")
+                if settings.remote_needs_online_access():
+                    raise ServerError(OFFLINE_REMOTE)
                 client = ServerClient(settings.url, settings.token, timeout=3.0)
                 health = client.health()
                 client.check_token()

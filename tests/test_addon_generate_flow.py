@@ -101,6 +101,14 @@ def scenario_generate_cancel_crash_remote(output: str) -> dict:
     first_pid = server.pid
     out["server_log_exists"] = server.log_path.is_file()
 
+    # 1b. A model whose weights are not here, with Blender's online access off (as in module
+    # mode): the server was started offline, and the error says why nothing was downloaded.
+    out["offline_env"] = server.offline
+    scene.multiplane.model = "sdxl"
+    bpy.ops.multiplane.generate()
+    out["missing_weights"] = _tick_until(_finished)
+    scene.multiplane.model = "tiny"
+
     # 2. Cancel mid-run: wait for denoising, cancel, the server's job ends "cancelled".
     scene.multiplane.steps = 150
     scene.multiplane.layers.add().prompt = "a heron"
@@ -152,7 +160,11 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
     assert first["state"] == "succeeded", first
     assert first["phases"][0] in ("starting", "submitting") and "running" in first["phases"]
     assert first["phases"][-2:] == ["importing", "succeeded"] or first["phases"][-1] == "succeeded"
-    assert any(t.startswith("Denoising step") for t in first["texts"])
+    # Phase texts (polled every 0.2 s, so a 2-step job may skip some; the 150-step runs below
+    # always show denoising): over all runs, the artist saw every phase.
+    texts = [t for run in ("first", "remote", "restart", "cancel_run") for t in out[run]["texts"]]
+    for phase in ("Starting the inference server", "Loading model", "Denoising step", "Imported 2 layers"):
+        assert any(t.startswith(phase) for t in texts), (phase, texts)
     assert first["median_tick_ms"] < 5.0
     assert len(out["planes"]) == 2  # background + one foreground
     path, model, width = out["history"][0]
@@ -160,6 +172,11 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
     assert out["depths"] == [None, 6.0]  # the artist's depth written into the copy
     assert {"background.png", "layer_01.png", "stack.json", "composite.png"} <= set(out["files"])
     assert out["server_log_exists"]
+
+    assert out["offline_env"] is True
+    missing = out["missing_weights"]
+    assert missing["state"] == "failed" and "missing model files" in missing["error"], missing
+    assert "online access is disabled" in missing["error"] and "Tiny model" in missing["error"]
 
     assert out["cancel_phase_at_once"] == "cancelling"
     assert out["cancel"]["state"] == "cancelled", out["cancel"]

@@ -54,6 +54,10 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     prefs.server_url = dead_url
     prefs.server_token = "0123456789abcdef0123"
     out["test_dead_url"] = _report(ops.test_connection)
+    prefs.server_url = "http://192.0.2.7:8765"  # another machine: needs online access (off here)
+    out["generate_offline_remote"] = _report(ops.generate)
+    out["test_offline_remote"] = _report(ops.test_connection)
+    prefs.server_url = dead_url
     started = time.perf_counter()
     out["generate_dead_url"] = _report(ops.generate)
     out["generate_returned_s"] = time.perf_counter() - started
@@ -117,6 +121,8 @@ def test_bad_preferences_give_clear_reports(python, dead_url, tmp_path):
     assert "no server URL" in out["test_no_url"]
     assert "not an http:// or https:// address" in out["test_bad_url"]
     assert f"Connection failed: the Multiplane server at {dead_url} refused the connection" in out["test_dead_url"]
+    assert "online access is disabled" in out["generate_offline_remote"]
+    assert "online access is disabled" in out["test_offline_remote"]
     # Generate itself never waits for the network: the failure arrives through the watcher.
     assert out["generate_dead_url"].startswith("no error") and out["generate_returned_s"] < 0.5
     assert out["dead_url_state"] == "failed"
