@@ -66,7 +66,7 @@ class KVComposite:
 
 
 class AttentionCapture:
-    """Accumulates attention maps of chosen batch items on the latent grid.
+    """Accumulates attention maps of chosen batch items (read back resized to any grid).
 
     `cross_tokens[b]` are the prompt-token positions whose attention mass is summed for batch
     item b; `self_items` are batch items whose self-attention spread `1/Σ P²` (divided by
@@ -83,23 +83,40 @@ class AttentionCapture:
         self.reset()
 
     def reset(self) -> None:
-        self.cross_sum: dict[int, torch.Tensor] = {}
-        self.cross_count: dict[int, int] = {}
-        self.spread_sum: dict[int, torch.Tensor] = {}
-        self.spread_count: dict[int, int] = {}
+        # Sums are kept per item and per token grid (h, w) and resized to the latent grid only
+        # when read, so capturing costs no interpolation per attention call.
+        self._cross: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
+        self._cross_count: dict[int, int] = {}
+        self._spread: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
+        self._spread_count: dict[int, int] = {}
 
     @staticmethod
-    def _add(sums: dict, counts: dict, b: int, value: torch.Tensor) -> None:
-        sums[b] = value if b not in sums else sums[b] + value
+    def _add(sums: dict, counts: dict, b: int, grid_map: torch.Tensor) -> None:
+        per_grid = sums.setdefault(b, {})
+        grid = tuple(grid_map.shape)
+        per_grid[grid] = grid_map if grid not in per_grid else per_grid[grid] + grid_map
         counts[b] = counts.get(b, 0) + 1
 
-    def cross_map(self, b: int) -> Optional[torch.Tensor]:
-        """Mean captured cross-attention mass of item b, [h, w] (None if nothing captured)."""
-        return None if b not in self.cross_sum else self.cross_sum[b] / self.cross_count[b]
+    @staticmethod
+    def _mean(sums: dict, counts: dict, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
+        if b not in sums:
+            return None
+        total = sum(resize_map(m[None], *size)[0] for m in sums[b].values())
+        return total / counts[b]
 
-    def spread_map(self, b: int) -> Optional[torch.Tensor]:
-        """Mean captured relative attention spread of item b, [h, w] (None if nothing captured)."""
-        return None if b not in self.spread_sum else self.spread_sum[b] / self.spread_count[b]
+    def add_cross(self, b: int, grid_map: torch.Tensor) -> None:
+        self._add(self._cross, self._cross_count, b, grid_map)
+
+    def add_spread(self, b: int, grid_map: torch.Tensor) -> None:
+        self._add(self._spread, self._spread_count, b, grid_map)
+
+    def cross_map(self, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
+        """Mean captured cross-attention mass of item b on a `size` grid (None if nothing captured)."""
+        return self._mean(self._cross, self._cross_count, b, size)
+
+    def spread_map(self, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
+        """Mean captured relative attention spread of item b on a `size` grid (None if nothing)."""
+        return self._mean(self._spread, self._spread_count, b, size)
 
 
 def default_inter_layer_pool(items: int) -> int:
@@ -374,19 +391,21 @@ class LayeredAttnProcessor:
         st = self.state
         cap = st.capture
         h, w = st.grid(tokens)
-        lh, lw = st.latent_size
         scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
         if not is_self:
-            for b, token_ids in cap.cross_tokens.items():
-                probs = torch.softmax((q[b].float() @ k[b].float().transpose(-1, -2)) * scale, dim=-1)
-                mass = probs.mean(dim=0)[:, token_ids].sum(dim=-1).reshape(1, h, w)
-                cap._add(cap.cross_sum, cap.cross_count, b, resize_map(mass, lh, lw)[0])
+            if not cap.cross_tokens:
+                return
+            rows = list(cap.cross_tokens)
+            probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, dim=-1)
+            heard = probs.mean(dim=1)  # [rows, T, S]
+            for n, b in enumerate(rows):
+                cap.add_cross(b, heard[n][:, cap.cross_tokens[b]].sum(dim=-1).reshape(h, w))
         elif tokens <= cap.max_self_tokens:
             for b in cap.self_items:
                 probs = torch.softmax((q[b].float() @ k[b].float().transpose(-1, -2)) * scale, dim=-1)
                 rows = probs.mean(dim=0)
                 spread = (1.0 / (rows * rows).sum(dim=-1).clamp(min=1e-12)) / tokens
-                cap._add(cap.spread_sum, cap.spread_count, b, resize_map(spread.reshape(1, h, w), lh, lw)[0])
+                cap.add_spread(b, spread.reshape(h, w))
 
 
 # ------------------------------------------------------------------ installing

@@ -213,7 +213,7 @@ def test_capture_locates_tokens_that_listen_to_the_layer_words():
     cap = AttentionCapture({0: [1]})
     state = LayeredAttentionState(["foreground"], 1, (4, 4), capture=cap)
     LayeredAttnProcessor("a", state)(attn, x, encoder_hidden_states=context)
-    content = M.minmax(cap.cross_map(0))
+    content = M.minmax(cap.cross_map(0, (4, 4)))
     assert content[left].mean() > 0.8 and content[~left].mean() < 0.2
 
 

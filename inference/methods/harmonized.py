@@ -38,7 +38,7 @@ from ..layered_attention import KVComposite
 from ..masks import box_mask, hard_mask, mask_to_uint8, minmax, soft_mask, structure_prior
 from ..progress import CancelToken, ProgressCallback
 from ..request import StackRequest
-from ..sampling import job_pipeline
+from ..sampling import job_pipeline, vae_scale_factor
 from .independent import layer_seeds
 from .joint import LayerItem, decode_items, joint_items, sample_layers
 
@@ -72,7 +72,9 @@ def generate_harmonized(loaded, request: StackRequest, *, progress: ProgressCall
     prior = sample_layers(loaded, pipe, [prior_item], inter_layer_strength=0.0, mask_guidance=0.0,
                           capture_self=[0], accumulate_capture=True, **common)
     cond = 1 if request.guidance > 1.0 else 0
-    spread, cross = prior.capture.spread_map(cond), prior.capture.cross_map(cond)
+    f = vae_scale_factor(vae)
+    size = (request.height // f, request.width // f)
+    spread, cross = prior.capture.spread_map(cond, size), prior.capture.cross_map(cond, size)
     if spread is None or cross is None:
         raise InvalidRequest("model", "the UNet has no attention small enough to read a structure prior from")
     box = box_mask(fg.box, *spread.shape, device=spread.device)

@@ -307,7 +307,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                 for item in fg_items:
                     if items[item].fixed_mask is not None:
                         continue
-                    content = capture.cross_map(cond + item) if state.capture is not None else None
+                    content = capture.cross_map(cond + item, (lh, lw)) if state.capture is not None else None
                     if content is not None:
                         content = minmax(content.to(device))
                         content_ema[item] = content if item not in content_ema else 0.5 * (content_ema[item] + content)
