@@ -1,7 +1,8 @@
 """The sidebar panel: 3D Viewport › Sidebar (N) › Multiplane.
 
-Drawing reads only the scene's settings and the watcher's state (plain Python values); it
-never touches the network or the disk, so it is cheap at every redraw. `draw_panel()` is a
+Drawing reads only the scene's settings, the watcher's state (plain Python values) and a
+few file-existence checks for the status line; it never touches the network, so it is cheap
+at every redraw. `draw_panel()` is a
 plain function of (layout, context) so tests can draw it against a recording layout.
 """
 from __future__ import annotations
