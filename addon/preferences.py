@@ -266,6 +266,11 @@ class MULTIPLANE_OT_restart_server(Operator):
     bl_label = "Restart Server"
 
     def execute(self, context):
+        from . import jobs
+
+        if jobs.watcher.busy:
+            self.report({"ERROR"}, "A backdrop is being generated: cancel it first, then restart the server")
+            return {"CANCELLED"}
         settings = backend_settings(context)
         backend.stop_current()
         if settings.mode == "REMOTE":
