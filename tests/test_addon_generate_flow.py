@@ -117,6 +117,17 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     out["missing_weights"] = _tick_until(_finished)
     scene.multiplane.model = "tiny"
 
+    # 1c. Cancel while queued: another client's long job occupies the server.
+    client = ServerClient(server.info.url, server.token)
+    blocker = client.submit({"prompt": "blocker", "model": "tiny", "method": "independent", "width": 256,
+                             "height": 256, "steps": 150, "tta_passes": 1})
+    bpy.ops.multiplane.generate()
+    out["queued"] = _tick_until(lambda s: s.phase == "queued" or _finished(s), timeout=60)
+    bpy.ops.multiplane.cancel()
+    out["cancel_queued"] = _tick_until(_finished, timeout=30)
+    out["queued_job_status"] = client.job(jobs.watcher.state.job_id)["status"]
+    client.cancel(blocker["id"])
+
     # 2. Cancel mid-run: wait for denoising, cancel, the server's job ends "cancelled".
     scene.multiplane.steps = 150
     scene.multiplane.layers.add().prompt = "a heron"
@@ -125,7 +136,6 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     bpy.ops.multiplane.cancel()
     out["cancel_phase_at_once"] = jobs.watcher.state.phase
     out["cancel"] = _tick_until(_finished, timeout=30)
-    client = ServerClient(server.info.url, server.token)
     out["server_job_status"] = client.job(jobs.watcher.state.job_id)["status"]
     out["history_after_cancel"] = len(scene.multiplane.history)
     scene.multiplane.steps = 2
@@ -192,6 +202,9 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
     missing = out["missing_weights"]
     assert missing["state"] == "failed" and "missing model files" in missing["error"], missing
     assert "online access is disabled" in missing["error"] and "Tiny model" in missing["error"]
+
+    assert out["queued"]["state"] == "queued", out["queued"]
+    assert out["cancel_queued"]["state"] == "cancelled" and out["queued_job_status"] == "cancelled"
 
     assert out["cancel_phase_at_once"] == "cancelling"
     assert out["cancel"]["state"] == "cancelled", out["cancel"]

@@ -85,6 +85,15 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     jobs.tick()
     out["worker_done"] = not jobs.watcher.busy and jobs.watcher.state.phase == "cancelled"
     prefs.python_path = ""
+    # Cancel while installing (fake steps; the real ones download GBs).
+    from multiplane.addon import installer
+
+    install = installer.start_install(Path(slow_python).parent / "venv", online_access=True,
+                                      steps=[("Installing torch", [sys.executable, "-c", "import time; time.sleep(60)"])])
+    out["generate_while_installing"] = _report(ops.generate)
+    out["cancel_install"] = _report(ops.cancel)
+    install.wait(10)
+    out["install_state"] = [install.done, install.status]
     out["online_access"] = bpy.app.online_access
     out["install_offline"] = _report(ops.install_environment)
     out["cancel_nothing"] = _report(ops.cancel)
@@ -133,6 +142,9 @@ def test_bad_preferences_give_clear_reports(python, dead_url, tmp_path):
     assert out["starting_phase"] == "starting"
     assert out["cancel_starting"].startswith("no error") and out["after_cancel_phase"] == "cancelled"
     assert out["worker_done"]
+
+    assert "still being installed" in out["generate_while_installing"]
+    assert out["cancel_install"].startswith("no error") and out["install_state"] == [True, "cancelled"]
 
     assert out["online_access"] is False  # Blender as a module starts with online access off
     assert "online access is disabled" in out["install_offline"]
