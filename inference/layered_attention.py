@@ -325,10 +325,14 @@ class LayeredAttnProcessor:
             return out
         rows = st.patched_rows.to(x.device)
         dense = self.dense.get(which)
-        if dense is not None and st.unit_scale:
+        if dense is not None and st.unit_scale and dense.device == x.device:
             patched = F.linear(x.index_select(0, rows), dense, linear.bias)
             return out.index_copy(0, rows, patched.to(out.dtype))
         up, down = factors
+        if up.device != x.device or up.dtype != x.dtype:
+            # Model CPU offload moves the UNet per call; follow it once and keep the copy.
+            up, down = up.to(device=x.device, dtype=x.dtype), down.to(device=x.device, dtype=x.dtype)
+            self.factors[which] = (up, down)
         side = F.linear(F.linear(x.index_select(0, rows), down), up)
         side = side * st.patched_scale.to(device=x.device, dtype=side.dtype).view(-1, 1, 1)
         return out.index_add(0, rows, side.to(out.dtype))
