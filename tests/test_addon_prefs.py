@@ -149,3 +149,45 @@ def test_bad_preferences_give_clear_reports(python, dead_url, tmp_path):
     assert out["online_access"] is False  # Blender as a module starts with online access off
     assert "online access is disabled" in out["install_offline"]
     assert out["cancel_nothing"].startswith("no error: ['CANCELLED']")
+
+
+# --------------------------------------------------------------------------- installed as a user would
+
+
+def scenario_installed_extension(package: str) -> dict:
+    import bpy
+
+    helpers.reset_blender()
+    bpy.ops.extensions.package_install_files(filepath=package, repo="user_default", enable_on_install=True)
+    preferences = sys.modules["bl_ext.user_default.multiplane.addon.preferences"]
+    prefs = preferences.get(bpy.context)
+    settings = preferences.backend_settings(bpy.context)
+    helpers.add_camera(bpy.context.scene)
+    bpy.context.scene.multiplane.prompt = "a lake"
+    return {
+        "addon_id": preferences.ADDON_ID,
+        "prefs_class": type(prefs).__name__ if prefs is not None else None,
+        "user_dir": str(preferences.user_dir()),
+        "home": str(Path.home()),
+        "python": str(settings.python) if settings.python else None,
+        "status": preferences.status_text(bpy.context)[0],
+        "generate": _report(bpy.ops.multiplane.generate),
+        "panel_registered": hasattr(bpy.types, "VIEW3D_PT_multiplane"),
+    }
+
+
+def test_installed_extension_has_preferences_and_asks_for_an_environment(tmp_path):
+    import subprocess
+
+    built = subprocess.run([sys.executable, "-m", "addon_tools", "build", "--output-dir", str(tmp_path)],
+                           cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    package = built.stdout.strip().splitlines()[-1]
+    out = run_in_blender(__file__, "scenario_installed_extension", package=package)
+    assert out["addon_id"] == "bl_ext.user_default.multiplane"
+    assert out["prefs_class"] == "MultiplanePreferences" and out["panel_registered"]
+    # Its own writable folder, inside the (throw-away) home; no checkout .venv beside it.
+    assert out["user_dir"].startswith(out["home"]) and "multiplane" in out["user_dir"]
+    assert out["python"] is None
+    assert out["status"] == "No inference environment: click Install Inference Environment"
+    assert "no Python for the inference server" in out["generate"] and "Install inference environment" in out["generate"]
