@@ -517,7 +517,7 @@ class LoadedModel:
         """The UNet generating in LayerDiffuse's transparent latent space for the block."""
         unet = unet if unet is not None else self.pipeline.unet
         if self.family == "sdxl":
-            with self.unet_patch.applied(unet):
+            with self.unet_patch.applied(unet, rebind_moved=self.offloaded):
                 yield unet
         else:
             with self.unet_patch.installed(unet):

@@ -150,15 +150,18 @@ class TransparencyPatch:
         return list(self._patched)
 
     @contextlib.contextmanager
-    def applied(self, unet: nn.Module) -> Iterator[nn.Module]:
+    def applied(self, unet: nn.Module, rebind_moved: bool = False) -> Iterator[nn.Module]:
         """Swap the patched tensors into `unet` for the `with` body, then restore exactly.
 
         Restoring puts the UNet's original tensor objects back, also when the body raises.
+        `rebind_moved` is for model CPU offload, whose hooks move the UNet between devices
+        (new tensor objects, same values): parameters that were only moved are bound back to
+        the originals instead of being refused; the hooks move them again at the next forward.
         """
         self._check_usable()
         if self._active:
             raise RuntimeError("this transparency patch is already applied")
-        params = self._bound_parameters(unet)
+        params = self._bound_parameters(unet, rebind_moved=rebind_moved)
         self._active = True
         swapped: list[str] = []
         try:
@@ -221,11 +224,13 @@ class TransparencyPatch:
         if self._merged:
             raise RuntimeError("this transparency patch was merged into a UNet and is spent")
 
-    def _bound_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
+    def _bound_parameters(self, unet: nn.Module, rebind_moved: bool = False) -> dict[str, nn.Parameter]:
         """The UNet parameters this patch replaces, checked to still be the originals.
 
         If the UNet was moved or converted (`.to(...)`) after the patch was built, the
-        originals no longer match and swapping would silently restore stale weights.
+        originals no longer match and swapping would silently restore stale weights. With
+        `rebind_moved`, a parameter of the same shape and dtype that only changed storage
+        (an offload round trip) is bound back to its original instead.
         """
         params = dict(unet.named_parameters())
         for name, original in self._originals.items():
@@ -235,6 +240,10 @@ class TransparencyPatch:
                                  f"(no parameter {name})")
             same = (param.data_ptr() == original.data_ptr() and param.shape == original.shape
                     and param.dtype == original.dtype and param.device == original.device)
+            if not same and rebind_moved and param.shape == original.shape and param.dtype == original.dtype:
+                with torch.no_grad():
+                    param.data = original
+                same = True
             if not same:
                 raise ValueError(
                     f"{name} is no longer the tensor this transparency patch was built on "

@@ -197,6 +197,33 @@ def test_patch_refuses_a_unet_that_changed_under_it():
             pass
 
 
+def test_offload_round_trip_is_rebound_only_when_asked():
+    """Model CPU offload moves parameters between devices (new storage, same values): the
+    patch refuses that by default and, with rebind_moved, binds the originals back."""
+    unet = tiny_unet()
+    deltas = random_deltas(unet)
+    merged = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            if name in deltas:
+                param.add_(deltas[name])
+    plain = run(unet)
+    patch = TransparencyPatch.from_state_dict(deltas, unet)
+    with torch.no_grad():  # what an offload round trip does to every parameter
+        for param in unet.parameters():
+            param.data = param.data.clone()
+    with pytest.raises(ValueError, match="rebuild the patch"):
+        with patch.applied(unet):
+            pass
+    with patch.applied(unet, rebind_moved=True):
+        assert torch.equal(run(unet), run(merged))
+    assert torch.equal(run(unet), plain)
+    unet.to(torch.float64)  # a real conversion is still refused
+    with pytest.raises(ValueError, match="rebuild the patch"):
+        with patch.applied(unet, rebind_moved=True):
+            pass
+
+
 def test_merge_into_is_permanent_and_spends_the_patch():
     unet = tiny_unet()
     deltas = random_deltas(unet)
