@@ -8,3 +8,6 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Apple GPUs: ops without a Metal kernel run on the CPU instead of failing (read by torch at
+# import, so it has to be set before torch is imported).
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
