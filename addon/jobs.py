@@ -165,7 +165,11 @@ class Watcher:
                 break
             if token != self._token:
                 continue  # a job cancelled before it reached the server
-            self._apply(kind, payload)
+            try:
+                self._apply(kind, payload)
+            except Exception as error:  # a bug must not kill Blender's timer and leave us "busy"
+                self.state.phase = "failed"
+                self.state.error = f"Unexpected error while {kind}: {type(error).__name__}: {error}"
         if self.changed:
             self.changed = False
             _redraw()

@@ -263,7 +263,10 @@ def test_make_demo_runs_the_product_path(tmp_path):
     assert len(stacks) == 1 and stacks[0].name.startswith("Forest_clearing-")
     manifest = json.loads((stacks[0] / "stack.json").read_text())
     assert [layer["depth"] for layer in manifest["layers"]] == [None, 30.0, 14.0, 5.0]
-    blend = run_in_blender(__file__, "scenario_inspect_demo_blend", blend=str(out / "backdrop.blend"))
+    # Read back with the Blender that wrote it (an older bpy from MULTIPLANE_BLENDER_PYTHON may
+    # not open a newer file).
+    blend = run_in_blender(__file__, "scenario_inspect_demo_blend", python=sys.executable,
+                           blend=str(out / "backdrop.blend"))
     assert blend["collections"] == ["Backdrop: Forest clearing"]
     assert blend["planes"] == 4 and blend["images"] == 4 and blend["camera"]
     assert blend["multiplane_nodes"], blend
