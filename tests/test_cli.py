@@ -72,3 +72,19 @@ def test_malformed_box(tmp_path):
     result = run_cli("generate", *GOOD, "--box", "0,0,1", "--out", str(tmp_path / "s"), "--quiet")
     assert result.returncode == 2
     assert "4 numbers" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_writes_a_stack_with_psd(tmp_path):
+    out = tmp_path / "stack"
+    result = run_cli("generate", *GOOD, "--layer", "a rock", "--box", "0,0,0.5,1", "--tta", "1",
+                     "--method", "independent", "--out", str(out), "--psd", "--offline")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    from inference.stack import load_stack
+
+    stack = load_stack(out)
+    assert [layer.prompt for layer in stack.layers[1:]] == ["a fox", "a rock"]
+    assert stack.layers[1].box == (0.0, 0.0, 0.5, 1.0) or list(stack.layers[1].box) == [0.0, 0.0, 0.5, 1.0]
+    assert "stack.psd" in stack.exports and (out / "stack.psd").is_file()
+    assert "Traceback" not in result.stderr
