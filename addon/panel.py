@@ -124,8 +124,9 @@ def draw_panel(layout, context) -> None:
     size_row = column.row()
     size_row.label(text=f"Size: {width} x {height}", icon="IMAGE_DATA")
     if (width, height) != (render_w, render_h):
-        column.label(text=f"Render is {render_w} x {render_h}: rounded to multiples of 64 "
-                          f"(the decoder's tile size); planes still fill the frame", icon="INFO")
+        note = column.column(align=True)
+        note.label(text=f"Render {render_w} x {render_h}, rounded to multiples of 64", icon="INFO")
+        note.label(text="(the decoder's tile size); planes still fill the frame")
     column.prop(settings, "steps")
     column.prop(settings, "guidance")
     seed_row = column.row(align=True)
