@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(gen)
     gen.add_argument("--out", required=True, type=Path, help="stack folder to create (must not exist)")
 
+    regen = sub.add_parser("regenerate", help="regenerate one layer of a stack; the others stay byte-identical")
+    regen.add_argument("--stack", required=True, type=Path, help="the existing stack folder (or its stack.json)")
+    regen.add_argument("--layer-index", required=True, type=int, help="0 = background, 1.. = foregrounds")
+    regen.add_argument("--prompt", default=None, help="the layer's new prompt")
+    regen.add_argument("--seed", type=int, default=None, help="the layer's new seed")
+    add_edit_arguments(regen)
+
+    restyle = sub.add_parser("restyle", help="all layers again with a style prompt, keeping the layout")
+    restyle.add_argument("--stack", required=True, type=Path)
+    restyle.add_argument("--style", required=True, help="added to the global prompt")
+    add_edit_arguments(restyle)
+
     demo = sub.add_parser("demo", help="the main job, headless: generate a stack (and a .blend when available)")
     demo.add_argument("--out", type=Path, default=Path("demo"))
     demo.add_argument("--model", default=None, help="default: sdxl when its weights are present, else tiny")
@@ -84,6 +96,16 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="new stack folder (must not exist)")
+    p.add_argument("--model", default=None, help="default: the model recorded in the stack")
+    p.add_argument("--tta", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--models-dir", type=Path, default=None)
+    p.add_argument("--offline", action="store_true")
+    p.add_argument("--quiet", action="store_true")
 
 
 def request_from_args(args):
@@ -164,6 +186,41 @@ def cmd_generate(args) -> int:
     return EXIT_OK
 
 
+def run_edit(args, edit) -> int:
+    """Shared by `regenerate` and `restyle`: engine set-up, progress bar, report."""
+    from inference.engine import Engine, EngineSettings
+    from inference.progress import CancelToken
+
+    if args.out.exists():
+        raise UsageError(f"--out: {args.out} already exists; choose a new folder")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
+                                   allow_download=not args.offline))
+    bar = ProgressBar(args.quiet)
+    try:
+        stack = edit(engine, progress=bar, cancel=CancelToken())
+    finally:
+        bar.close()
+    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height})")
+    return EXIT_OK
+
+
+def cmd_regenerate(args) -> int:
+    from inference.methods.editing import regenerate_layer
+
+    return run_edit(args, lambda engine, **kw: regenerate_layer(
+        engine, args.stack, args.layer_index, args.out, new_prompt=args.prompt, new_seed=args.seed,
+        model=args.model, tta_passes=args.tta, **kw))
+
+
+def cmd_restyle(args) -> int:
+    from inference.methods.editing import restyle_stack
+
+    return run_edit(args, lambda engine, **kw: restyle_stack(
+        engine, args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
+
+
 def cmd_serve(args) -> int:
     from .process import run_server
 
@@ -184,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        handler = {"generate": cmd_generate, "serve": cmd_serve, "demo": cmd_demo}[args.command]
+        handler = {"generate": cmd_generate, "regenerate": cmd_regenerate, "restyle": cmd_restyle,
+                   "serve": cmd_serve, "demo": cmd_demo}[args.command]
         return handler(args)
     except (UsageError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)

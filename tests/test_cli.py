@@ -88,3 +88,27 @@ def test_generate_writes_a_stack_with_psd(tmp_path):
     assert stack.layers[1].box == (0.0, 0.0, 0.5, 1.0) or list(stack.layers[1].box) == [0.0, 0.0, 0.5, 1.0]
     assert "stack.psd" in stack.exports and (out / "stack.psd").is_file()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_regenerate_one_layer_keeps_the_others(tmp_path):
+    import hashlib
+
+    src = tmp_path / "src"
+    result = run_cli("generate", *GOOD, "--layer", "a rock", "--tta", "1", "--out", str(src), "--offline", "--quiet")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "edited"
+    result = run_cli("regenerate", "--stack", str(src), "--layer-index", "2", "--prompt", "a blue boulder",
+                     "--tta", "1", "--out", str(out), "--offline", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert digest(out / "background.png") == digest(src / "background.png")
+    assert digest(out / "layer_01.png") == digest(src / "layer_01.png")
+    assert digest(out / "layer_02.png") != digest(src / "layer_02.png")
+    bad = run_cli("regenerate", "--stack", str(src), "--layer-index", "7", "--seed", "1",
+                  "--out", str(tmp_path / "bad"), "--offline", "--quiet")
+    assert bad.returncode == 2 and "layer_index" in bad.stderr
+    assert not (tmp_path / "bad").exists()
