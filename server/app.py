@@ -21,7 +21,7 @@ from inference.errors import InvalidRequest
 
 from .jobs import JobManager, ServiceError
 from .schemas import (TERMINAL_STATES, ErrorOut, HealthOut, JobCreate, JobList, JobOut,
-                      ModelList, ModelOut)
+                      ModelList, ModelOut, RegenerateIn)
 from .security import BearerAuth, HostGuard
 
 API_PREFIX = "/v1"
@@ -108,6 +108,14 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
         """Cancel: a queued job at once; a running one stops within one denoising step
         (its status turns `cancelled` when it has stopped; `cancel_requested` until then)."""
         return manager.cancel(job_id)
+
+    @private.post("/jobs/{job_id}/regenerate", status_code=202, response_model=JobOut, tags=["jobs"],
+                  responses={**_NOT_FOUND, 409: {"model": ErrorOut, "description": "no finished stack"},
+                             429: {"model": ErrorOut, "description": "the queue is full"}})
+    def regenerate_layer(job_id: str, body: RegenerateIn) -> dict:
+        """Regenerate one layer of a finished stack as a new job (kind `regenerate`): a new
+        stack whose other layers are byte-identical copies, the new layer attending to them."""
+        return manager.submit_regenerate(job_id, body)
 
     @private.get("/jobs/{job_id}/events", tags=["jobs"],
                  responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}},

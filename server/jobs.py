@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from inference.errors import Cancelled, MultiplaneError
 from inference.progress import CancelToken, Progress
 
-from .schemas import TERMINAL_STATES, JobCreate
+from .schemas import TERMINAL_STATES, JobCreate, RegenerateIn
 
 log = logging.getLogger("multiplane.server")
 
@@ -165,9 +165,11 @@ def _cleanup_temp(root: Path) -> None:
 @dataclass(eq=False)
 class Job:
     id: str
-    kind: str  # "generate" or "download"
+    kind: str  # "generate", "regenerate" or "download"
     created: float
     body: Optional[JobCreate] = None
+    edit: Optional[RegenerateIn] = None
+    source: Optional[str] = None  # regenerate: the job whose stack is edited
     model: Optional[str] = None
     status: str = "queued"
     started: Optional[float] = None
@@ -342,6 +344,28 @@ class JobManager:
                       model=body.model)
             return self._enqueue(self._generate, job)
 
+    def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> dict:
+        """Queue regenerating one layer of a finished stack (a new job, a new stack folder)."""
+        from inference.errors import InvalidRequest
+
+        if edit.prompt is None and edit.seed is None:
+            raise InvalidRequest("prompt", "give a new prompt and/or a new seed for the layer")
+        with self._lock:
+            self._check_open()
+            source = self._job(source_id)
+            if source.status != "succeeded" or source.stack_dir is None:
+                raise Conflict(f"job {source_id} has no finished stack to edit (status {source.status})")
+            foregrounds = sum(1 for f in source.files if f.startswith("layer_") and f.endswith(".png"))
+            if edit.layer_index > foregrounds:
+                raise InvalidRequest("layer_index", f"must be 0 (background) .. {foregrounds} for this "
+                                                    f"stack, got {edit.layer_index}")
+            if len(self._generate.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); "
+                                f"wait for a job to finish or cancel one")
+            job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
+                      source=source_id, model=source.model)
+            return self._enqueue(self._generate, job)
+
     def submit_download(self, model: str) -> dict:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""
         from inference.models import preset_names
@@ -453,7 +477,7 @@ class JobManager:
             job = self._job(job_id)
             if job.terminal:
                 raise Conflict(f"job {job_id} already {job.status}")
-            lane = self._generate if job.kind == "generate" else self._download
+            lane = self._download if job.kind == "download" else self._generate
             if job.status == "queued":
                 # still waiting (or just taken by the worker, which then skips it)
                 if job in lane.queue:
@@ -498,13 +522,22 @@ class JobManager:
         if not self._start(job, self._generate):
             return
         out_dir = self.output_root / job.id
-        body = job.body
-        assert body is not None
+        progress = self._progress_callback(job, GenerationFraction())
         try:
-            self.engine.generate(body.to_stack_request(), body.model, out_dir,
-                                 progress=self._progress_callback(job, GenerationFraction()),
-                                 cancel=job.cancel, export_psd=body.export_psd,
-                                 export_ora=body.export_ora)
+            if job.kind == "regenerate":
+                from inference.methods.editing import regenerate_layer
+
+                edit = job.edit
+                assert edit is not None and job.source is not None
+                regenerate_layer(self.engine, self.output_root / job.source, edit.layer_index, out_dir,
+                                 new_prompt=edit.prompt, new_seed=edit.seed, tta_passes=edit.tta_passes,
+                                 progress=progress, cancel=job.cancel)
+            else:
+                body = job.body
+                assert body is not None
+                self.engine.generate(body.to_stack_request(), body.model, out_dir, progress=progress,
+                                     cancel=job.cancel, export_psd=body.export_psd,
+                                     export_ora=body.export_ora)
             name, files = stack_manifest(out_dir)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a job state
             self._fail(job, exc)
@@ -613,7 +646,8 @@ class JobManager:
             "cancel_requested": job.cancel.cancelled and not job.terminal,
             "created": iso_time(job.created), "started": iso_time(job.started),
             "finished": iso_time(job.finished), "stack": stack,
-            "request": job.body.model_dump() if job.body is not None else None,
+            "request": job.body.model_dump() if job.body is not None else (
+                {"source": job.source, **job.edit.model_dump()} if job.edit is not None else None),
             "version": job.version,
         }
 

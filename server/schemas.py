@@ -16,7 +16,7 @@ from inference import request as limits
 from inference.request import LayerSpec, StackRequest
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "download"]
+JobKind = Literal["generate", "regenerate", "download"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
 MAX_NAME_CHARS = 100
@@ -188,6 +188,31 @@ class JobCreate(_Closed):
                             background_seed=self.background_seed, name=self.name,
                             inter_layer_strength=float(self.inter_layer_strength),
                             mask_guidance=float(self.mask_guidance)).validated()
+
+
+class RegenerateIn(_Closed):
+    """Regenerate one layer of a finished stack; the other layers stay byte-identical."""
+
+    layer_index: int = Field(ge=0, le=limits.MAX_FOREGROUNDS,
+                             description="0 = background, 1.. = foregrounds (back to front)")
+    prompt: Optional[str] = Field(default=None, min_length=1, max_length=limits.MAX_PROMPT_CHARS,
+                                  description="the layer's new prompt (kept when absent)")
+    seed: Optional[int] = Field(default=None, ge=0, le=limits.MAX_SEED,
+                                description="the layer's new seed (kept when absent)")
+    tta_passes: int = Field(default=StackRequest.tta_passes,
+                            description=f"transparent decoder passes, one of {limits.TTA_PASSES}")
+
+    @field_validator("tta_passes")
+    @classmethod
+    def _tta_choice(cls, value: int) -> int:
+        return JobCreate._tta_choice(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
 
 
 class ProgressOut(BaseModel):

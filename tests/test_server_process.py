@@ -212,3 +212,31 @@ def test_twenty_concurrent_submissions_fifo_and_flat_memory(server):
     rss_after = proc.memory_info().rss
     growth_mb = (rss_after - rss_before) / 2**20
     assert growth_mb < 60, f"server RSS grew {growth_mb:.1f} MB over 20 jobs"
+
+
+def test_regenerate_one_layer_as_a_new_job(server):
+    import hashlib
+
+    job = server.submit(method="joint", layers=[{"prompt": "a heron"}, {"prompt": "a reed"}])
+    final = [e for _, e in sse_events(server, job["id"])][-1]
+    assert final["status"] == "succeeded", final["error"]
+
+    r = server.client.post(f"/v1/jobs/{job['id']}/regenerate", json={"layer_index": 5, "seed": 3})
+    assert r.status_code == 422 and "layer_index" in r.text
+    r = server.client.post(f"/v1/jobs/{job['id']}/regenerate", json={"layer_index": 1})
+    assert r.status_code == 422 and "prompt" in r.text
+    r = server.client.post(f"/v1/jobs/{job['id']}/regenerate",
+                           json={"layer_index": 2, "prompt": "a cattail", "tta_passes": 1})
+    assert r.status_code == 202, r.text
+    edit = r.json()
+    assert edit["kind"] == "regenerate" and edit["request"]["source"] == job["id"]
+    done = [e for _, e in sse_events(server, edit["id"])][-1]
+    assert done["status"] == "succeeded", done["error"]
+
+    def digest(job_id, name):
+        return hashlib.sha256(server.client.get(f"/v1/jobs/{job_id}/files/{name}").content).hexdigest()
+
+    assert digest(edit["id"], "background.png") == digest(job["id"], "background.png")
+    assert digest(edit["id"], "layer_01.png") == digest(job["id"], "layer_01.png")
+    assert digest(edit["id"], "layer_02.png") != digest(job["id"], "layer_02.png")
+    assert server.client.post("/v1/jobs/nope/regenerate", json={"layer_index": 0, "seed": 1}).status_code == 404
