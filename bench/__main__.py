@@ -14,8 +14,10 @@ from pathlib import Path
 BENCHMARKS = (
     "bench.independent",
     "bench.transparent_decode",
+    "bench.joint",
     "bench.server_latency",
     "bench.import_stack",
+    "bench.watcher_tick",
 )
 
 
