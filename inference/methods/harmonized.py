@@ -19,7 +19,7 @@ Two passes, each one batched UNet call per step:
    - blended (starts from the background's noise): in every self-attention it attends to
      its own keys/values and to the composite `m_soft ⊙ K_fg + (1 − m_soft) ⊙ K_bg` (and
      the same for values) — foreground structure inside the mask, background outside;
-     during the first half of the steps its clean estimate is also pulled toward the latent
+     from 10 % to 50 % of the steps its clean estimate is also pulled toward the latent
      alpha-over `m_soft ⊙ x̂0_fg + (1 − m_soft) ⊙ x̂0_bg` (weight 1 → 0);
    - background: plain, attending only to itself, so it stays what the background prompt
      gives, and the blended image's surround stays consistent with it (it keeps attending

@@ -22,9 +22,9 @@ through attention processors (`inference.layered_attention`) and a few latent-sp
   prompt tokens, alpha = distance of x̂0 from the empty latent (`inference.masks`). From
   30 % of the steps on, the foreground is confined toward empty by `(1 − g·(1 − m))^(1/K)`
   per step (g = `request.mask_guidance`, K = the number of steps it is applied, so the
-  total attenuation over the run is `1 − g·(1 − m)` rather than compounding); during the
-  first half of the steps the blended item's x̂0 is pulled toward the latent alpha-over of
-  the background and the masked foregrounds (DreamLayer's blend), with a weight falling
+  total attenuation over the run is `1 − g·(1 − m)` rather than compounding); from 10 % to
+  50 % of the steps the blended item's x̂0 is pulled toward the latent alpha-over of the
+  background and the masked foregrounds (DreamLayer's blend), with a weight falling
   linearly from 1 to 0. The final masks are saved in the stack (`mask_NN.png`).
 - SD 1.5 (`layer_sd15_joint`): the adapter's processors replace ours; rows are frame
   triples (fg_k, bg, blended), see `sd15_joint_rows`; masks from the alpha proxy and boxes.
@@ -59,7 +59,8 @@ from ..sampling import decode_rgb, initial_noise, job_pipeline, to_uint8, vae_sc
 from .independent import combine_prompts, decode_foreground, layer_seeds
 
 SELF_MASK_START = 0.3  # fraction of steps before self-masks confine the foregrounds
-PLACEMENT_END = 0.5  # fraction of steps during which the blended item is pulled to the blend
+PLACEMENT_START = 0.1  # the blended item is pulled to the latent blend from 10 % of the steps
+PLACEMENT_END = 0.5  # ... to 50 % (the very first estimates are too blurry to place anything)
 
 
 @dataclass
@@ -272,6 +273,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     content_ema: dict[int, torch.Tensor] = {}
     start_self = max(1, math.ceil(self_mask_start * steps)) if steps > 1 else steps
     end_place = max(1, math.ceil(placement_end * steps))
+    start_place = min(int(PLACEMENT_START * steps), end_place - 1)
 
     total = total_steps or steps
     if step_offset == 0:
@@ -326,8 +328,8 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                     keep = keep * (1.0 - mask_guidance * (1.0 - masks[item])).clamp(min=0) ** (1.0 / applied_steps)
                 target[item:item + 1] = confine(target[item:item + 1], keep, empty)
             # Place the foregrounds in the blended branch (early steps).
-            if blend_item is not None and bg_item is not None and all_fg and i < end_place:
-                weight = 1.0 - i / end_place
+            if blend_item is not None and bg_item is not None and all_fg and start_place <= i < end_place:
+                weight = 1.0 - (i - start_place) / (end_place - start_place)
                 source = lambda k: clean_pinned[k] if k in clean_pinned else target[k:k + 1]  # noqa: E731
                 place = [items[k].placement_mask.to(device) if items[k].placement_mask is not None else masks[k]
                          for k in all_fg]
