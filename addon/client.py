@@ -149,6 +149,12 @@ class ServerClient:
         """POST /v1/jobs → the queued job (id, status, position)."""
         return self._json("POST", f"{API}/jobs", body)
 
+    def regenerate(self, job_id: str, body: dict) -> dict:
+        """POST /v1/jobs/{id}/regenerate → a new queued job (kind "regenerate") whose stack
+        keeps every layer of job `job_id` but `body["layer_index"]`, which gets the new
+        prompt and/or seed. 404: the server does not know the job; 409: it has no finished stack."""
+        return self._json("POST", f"{API}/jobs/{urllib.parse.quote(job_id)}/regenerate", body)
+
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"{API}/jobs/{urllib.parse.quote(job_id)}")
 

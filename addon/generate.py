@@ -7,17 +7,20 @@ prompt, a box inside out, no inference environment) are one ERROR report, never 
 from __future__ import annotations
 
 import json
+import os
 import random
+from typing import Optional
 
 import bpy
-from bpy.props import EnumProperty, IntProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy.types import Operator
 
 from . import installer, jobs, preferences
-from .properties import MAX_FOREGROUNDS, MAX_SEED, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+from .properties import (MAX_FOREGROUNDS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
+                         REGENERATE_SEED_MODES, SIZE_MULTIPLE)
 
-REGENERATE_LAYER_UNSUPPORTED = ("The server's API (v1) cannot regenerate a single layer yet: "
-                                "change the layer's prompt and Generate again")
+NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
+             "version): regenerating one layer needs the job on the server that made it")
 
 
 def round_size(value: float) -> int:
@@ -80,6 +83,40 @@ def build_request(scene) -> tuple[dict, list]:
     return body, depths
 
 
+def watcher_free_or_report(operator) -> bool:
+    """False (with an ERROR report) while a generation or the install runs."""
+    if jobs.watcher.busy:
+        operator.report({"ERROR"}, "A backdrop is already being generated: wait for it or press Cancel")
+        return False
+    install = installer.current()
+    if install is not None and install.running:
+        operator.report({"ERROR"}, "The inference environment is still being installed: wait for it or cancel it")
+        return False
+    return True
+
+
+def backend_settings_or_report(operator, context):
+    """The preferences as BackendSettings when a job can be sent with them, else None after
+    an ERROR report (no inference environment, no server URL, online access off)."""
+    settings = preferences.backend_settings(context)
+    if settings.mode == "LOCAL":
+        server = preferences.backend.current()
+        if server is None or server.poll() not in ("starting", "ready"):
+            probe = settings.make_server()
+            try:
+                probe.check()
+            except preferences.backend.BackendError as error:
+                operator.report({"ERROR"}, f"Cannot start the inference server: {error}")
+                return None
+    elif not settings.url:
+        operator.report({"ERROR"}, "No server URL: enter it in the Multiplane preferences (or choose Start Local Process)")
+        return None
+    elif settings.remote_needs_online_access():
+        operator.report({"ERROR"}, preferences.OFFLINE_REMOTE)
+        return None
+    return settings
+
+
 class MULTIPLANE_OT_generate(Operator):
     """Generate a layered backdrop from the prompts and import it as camera-filling planes (runs in the background)"""
 
@@ -89,12 +126,7 @@ class MULTIPLANE_OT_generate(Operator):
     def execute(self, context):
         scene = context.scene
         watcher = jobs.watcher
-        if watcher.busy:
-            self.report({"ERROR"}, "A backdrop is already being generated: wait for it or press Cancel")
-            return {"CANCELLED"}
-        install = installer.current()
-        if install is not None and install.running:
-            self.report({"ERROR"}, "The inference environment is still being installed: wait for it or cancel it")
+        if not watcher_free_or_report(self):
             return {"CANCELLED"}
         if scene.camera is None:
             self.report({"ERROR"}, "The scene has no active camera: the layers are fitted to its view. Add one first")
@@ -106,21 +138,8 @@ class MULTIPLANE_OT_generate(Operator):
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        settings = preferences.backend_settings(context)
-        if settings.mode == "LOCAL":
-            server = preferences.backend.current()
-            if server is None or server.poll() not in ("starting", "ready"):
-                probe = settings.make_server()
-                try:
-                    probe.check()
-                except preferences.backend.BackendError as error:
-                    self.report({"ERROR"}, f"Cannot start the inference server: {error}")
-                    return {"CANCELLED"}
-        elif not settings.url:
-            self.report({"ERROR"}, "No server URL: enter it in the Multiplane preferences (or choose Start Local Process)")
-            return {"CANCELLED"}
-        elif settings.remote_needs_online_access():
-            self.report({"ERROR"}, preferences.OFFLINE_REMOTE)
+        settings = backend_settings_or_report(self, context)
+        if settings is None:
             return {"CANCELLED"}
         history = {"prompt": body["prompt"], "model": body["model"], "method": body["method"],
                    "request": json.dumps(body)}
@@ -311,24 +330,131 @@ class MULTIPLANE_OT_history_remove(Operator):
         return {"FINISHED"}
 
 
+def read_stack_manifest(folder: str) -> dict:
+    """A history item's stack.json, its "layers" a non-empty list of dicts (back to front);
+    ValueError with an artist-facing sentence when the folder or manifest is gone or broken."""
+    path = os.path.join(folder, "stack.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"The stack's folder {folder} (or its stack.json) no longer exists") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read {path}: {error}") from None
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{path} lists no layers")
+    manifest["layers"] = [layer if isinstance(layer, dict) else {} for layer in layers]
+    return manifest
+
+
+def build_regenerate_request(layers: list[dict], layer_index: int, prompt: str,
+                             seed: Optional[int], tta_passes: int) -> dict:
+    """The POST /v1/jobs/{id}/regenerate body; ValueError (artist-facing) for a layer that is
+    not in the stack or an edit that changes nothing."""
+    if not 0 <= layer_index < len(layers):
+        raise ValueError(f"The stack has no layer {layer_index}: choose 0 (background) to {len(layers) - 1}")
+    prompt = prompt.strip()
+    if prompt and len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"The new prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
+    old_prompt = str(layers[layer_index].get("prompt") or "").strip()
+    if prompt == old_prompt and seed is None:
+        prompt = ""
+    if not prompt and seed is None:
+        raise ValueError("Nothing to change: write a new prompt for the layer and/or choose a new seed")
+    body = {"layer_index": int(layer_index), "tta_passes": int(tta_passes)}
+    if prompt:
+        body["prompt"] = prompt
+    if seed is not None:
+        body["seed"] = int(seed)
+    return body
+
+
+def _selected_history_item(context):
+    settings = context.scene.multiplane
+    if 0 <= settings.history_index < len(settings.history):
+        return settings.history[settings.history_index]
+    return None
+
+
 class MULTIPLANE_OT_history_regenerate_layer(Operator):
-    """Regenerate one layer of this stack, keeping the others (not supported by the server API yet)"""
+    """Regenerate one layer of this stack with a new prompt and/or seed, keeping the other layers exactly; the result is a new stack that replaces the backdrop's planes in place (the old one stays in the history)"""
 
     bl_idname = "multiplane.history_regenerate_layer"
     bl_label = "Regenerate Layer"
 
     index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
-    layer: IntProperty(default=1, min=1, options={"SKIP_SAVE"})
+    layer: IntProperty(name="Layer", description="0 = background, 1.. = foregrounds (back to front)",
+                       default=1, min=0, options={"SKIP_SAVE"})
+    prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
+                           default="", options={"SKIP_SAVE"})
+    seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP", options={"SKIP_SAVE"})
+    seed: IntProperty(name="New Seed", default=0, min=0, options={"SKIP_SAVE"})
 
     @classmethod
-    def poll(cls, _context):
-        # The HTTP API v1 (server/schemas.py JobCreate) has no edit fields; greyed out until it does.
-        cls.poll_message_set(REGENERATE_LAYER_UNSUPPORTED)
-        return False
+    def poll(cls, context):
+        item = _selected_history_item(context)
+        if item is None:
+            cls.poll_message_set("Select a generated stack in the list first")
+            return False
+        if not item.job_id:
+            cls.poll_message_set(NO_JOB_ID)
+            return False
+        return True
 
-    def execute(self, _context):
-        self.report({"ERROR"}, REGENERATE_LAYER_UNSUPPORTED)
-        return {"CANCELLED"}
+    def execute(self, context):
+        scene = context.scene
+        item = _history_item(self, context)
+        if item is None:
+            return {"CANCELLED"}
+        if not item.job_id:
+            self.report({"ERROR"}, NO_JOB_ID)
+            return {"CANCELLED"}
+        if not watcher_free_or_report(self):
+            return {"CANCELLED"}
+        if scene.camera is None:
+            self.report({"ERROR"}, "The scene has no active camera: the layers are fitted to its view. Add one first")
+            return {"CANCELLED"}
+        if self.seed_mode == "RANDOM":
+            seed = random.randint(0, min(MAX_SEED, 2**31 - 1))
+        elif self.seed_mode == "SET":
+            seed = int(self.seed)
+        else:
+            seed = None
+        try:
+            manifest = read_stack_manifest(item.path)
+            layers = manifest["layers"]
+            body = build_regenerate_request(layers, self.layer, self.prompt, seed,
+                                            int(scene.multiplane.tta_passes))
+        except ValueError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        settings = backend_settings_or_report(self, context)
+        if settings is None:
+            return {"CANCELLED"}
+        here = jobs.server_identity(settings)
+        if item.server and item.server != here:
+            self.report({"ERROR"}, f"This stack was made by {jobs.describe_server_identity(item.server)}, but "
+                                   f"the add-on now uses {jobs.describe_server_identity(here)}, which does not "
+                                   f"know its job: switch back in the Multiplane preferences, or change the "
+                                   f"layer's prompt and Generate again")
+            return {"CANCELLED"}
+        # The new stack keeps the source's name, so its import replaces the same backdrop
+        # collection in place (the previous version stays in the history to re-import).
+        source_name = str(manifest.get("name") or os.path.basename(os.path.normpath(item.path)))
+        depths = [layer.get("depth") if isinstance(layer.get("depth"), (int, float)) else None for layer in layers]
+        history = {"prompt": item.prompt, "model": item.model, "method": item.method,
+                   "request": json.dumps({"source": item.job_id, **body})}
+        jobs.watcher.start(jobs.JobPlan(body=body, settings=settings, scene_name=scene.name, depths=depths,
+                                        history_fields=history, regenerate_from=item.job_id,
+                                        stack_name=source_name, source_folder=item.path))
+        jobs.ensure_timer()
+        what = "the background" if self.layer == 0 else f"layer {self.layer}"
+        changes = " and ".join(part for part in (
+            f"prompt {body['prompt']!r}" if "prompt" in body else "",
+            f"seed {body['seed']}" if "seed" in body else "") if part)
+        self.report({"INFO"}, f"Regenerating {what} of {item.name} with {changes}")
+        return {"FINISHED"}
 
 
 CLASSES = (

@@ -62,6 +62,24 @@ class JobPlan:
     scene_name: str
     depths: list = field(default_factory=list)  # None or a positive float per layer, back to front
     history_fields: dict = field(default_factory=dict)
+    # Regenerate one layer: the source job's id (then `body` is the /regenerate body) and the
+    # source stack's name, given to the new copy so its import replaces the same backdrop.
+    regenerate_from: str = ""
+    stack_name: str = ""
+    source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
+
+
+def server_identity(settings) -> str:
+    """Which server a job id belongs to: the URL of a remote one, or the output folder of the
+    local one (a local server knows the jobs whose stacks are in its output root)."""
+    if settings.mode == "REMOTE":
+        return f"REMOTE {str(settings.url).strip().rstrip('/')}"
+    return f"LOCAL {settings.output_dir}"
+
+
+def describe_server_identity(identity: str) -> str:
+    mode, _, where = identity.partition(" ")
+    return f"the server at {where}" if mode == "REMOTE" else f"the local server (output folder {where})"
 
 
 def describe_progress(job: dict) -> tuple[str, float]:
@@ -218,7 +236,10 @@ class Watcher:
         settings = scene.multiplane
         settings.backdrop = result.collection
         settings.stack_path = str(folder)
-        add_history(scene, folder, self._plan.history_fields if self._plan else {}, state.job_id)
+        fields = dict(self._plan.history_fields) if self._plan else {}
+        if self._plan is not None:
+            fields["server"] = server_identity(self._plan.settings)
+        add_history(scene, folder, fields, state.job_id)
         state.phase, state.text, state.imported = "succeeded", f"Imported {len(result.planes)} layers", result.collection.name
 
     # ------------------------------------------------------------------ worker thread
@@ -233,13 +254,14 @@ class Watcher:
                 self._post(token, "cancelled")
                 return
             self._post(token, "phase", ("submitting", "Submitting the job"))
-            job = client.submit(plan.body)
+            job = self._submit(client, plan)
             self._post(token, "job", job)
             job = self._follow(client, server, job, cancel, token)
             status = job.get("status")
             if status == "succeeded":
                 self._post(token, "phase", ("downloading", "Fetching the layer files"))
-                folder = fetch_stack(client, job, plan.settings, server is not None, plan.depths)
+                folder = fetch_stack(client, job, plan.settings, server is not None, plan.depths,
+                                     name=plan.stack_name or None)
                 self._post(token, "files", str(folder))
             elif status == "cancelled":
                 self._post(token, "cancelled")
@@ -256,6 +278,25 @@ class Watcher:
                 self._post(token, "failed", str(error))
         except Exception as error:  # a bug: still a message, never a dead watcher
             self._post(token, "failed", f"Unexpected error: {type(error).__name__}: {error}")
+
+    @staticmethod
+    def _submit(client: ServerClient, plan: JobPlan) -> dict:
+        if not plan.regenerate_from:
+            return client.submit(plan.body)
+        try:
+            return client.regenerate(plan.regenerate_from, plan.body)
+        except ServerError as error:
+            where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
+            if error.status == 404:
+                raise ServerError(
+                    f"The server no longer knows job {plan.regenerate_from}, the stack this layer belongs "
+                    f"to (it was restarted with another output folder, its outputs were deleted, or the "
+                    f"stack came from another server).{where} Change the layer's prompt in the panel and "
+                    f"press Generate instead.", 404) from None
+            if error.status == 409:
+                raise ServerError(f"Job {plan.regenerate_from} on the server has no finished stack to "
+                                  f"edit.{where}", 409) from None
+            raise
 
     def _connect(self, plan: JobPlan, cancel: threading.Event, token: str):
         settings = plan.settings
@@ -307,11 +348,14 @@ class Watcher:
             self._thread.join(timeout)
 
 
-def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: list) -> Path:
+def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: list,
+                name: Optional[str] = None) -> Path:
     """Copy (local server: straight from its output root) or download the job's files into
-    the add-on's own stacks folder, then write the artist's layer depths into stack.json."""
+    the add-on's own stacks folder, then write the artist's layer depths (and `name`, when
+    given: a regenerated stack keeps its source's name) into stack.json."""
     stack = job.get("stack") or {}
-    name = stack.get("name") or "Multiplane stack"
+    rename = name
+    name = name or stack.get("name") or "Multiplane stack"
     files = list(stack.get("files") or [])
     if "stack.json" not in files:
         files.append("stack.json")
@@ -332,6 +376,8 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: 
     for layer, depth in zip(manifest.get("layers", []), depths):
         if depth:
             layer["depth"] = float(depth)
+    if rename:
+        manifest["name"] = rename
     manifest_file.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     shutil.rmtree(destination, ignore_errors=True)
     partial.replace(destination)
@@ -350,6 +396,14 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
             setattr(item, key, value)
     if not item.name:
         item.name = folder.name
+    try:
+        manifest = json.loads((folder / "stack.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    for layer in manifest.get("layers") or []:
+        entry = item.layers.add()
+        entry.name = str(layer.get("name") or "")
+        entry.prompt = str(layer.get("prompt") or "")[:2000]
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 

@@ -85,6 +85,31 @@ def wrap(text: str, width: int) -> list[str]:
     return lines[:12]
 
 
+def draw_regenerate(layout, settings, item, busy: bool) -> None:
+    """Regenerate one layer of the selected stack: which layer, its new prompt and/or seed."""
+    box = layout.box()
+    box.enabled = not busy
+    box.label(text="Regenerate One Layer", icon="FILE_REFRESH")
+    if item.job_id:
+        box.prop(settings, "regenerate_layer")
+        box.prop(settings, "regenerate_prompt")
+        row = box.row(align=True)
+        row.prop(settings, "regenerate_seed_mode", text="")
+        if settings.regenerate_seed_mode == "SET":
+            row.prop(settings, "regenerate_seed", text="")
+    else:  # the button stays, greyed out by the operator's poll, whose tooltip says why
+        box.label(text="No server job id for this stack", icon="INFO")
+    op = box.operator(generate.MULTIPLANE_OT_history_regenerate_layer.bl_idname, icon="FILE_REFRESH")
+    op.index = settings.history_index
+    try:
+        op.layer = int(settings.regenerate_layer)
+    except (TypeError, ValueError):  # the enum has no valid value for this stack
+        op.layer = 0
+    op.prompt = settings.regenerate_prompt
+    op.seed_mode = settings.regenerate_seed_mode
+    op.seed = settings.regenerate_seed
+
+
 def draw_panel(layout, context) -> None:
     scene = context.scene
     settings = scene.multiplane
@@ -162,11 +187,10 @@ def draw_panel(layout, context) -> None:
         row.operator(generate.MULTIPLANE_OT_history_import.bl_idname, text="Re-import", icon="IMPORT")
         row.operator(generate.MULTIPLANE_OT_history_open_folder.bl_idname, text="Folder", icon="FILE_FOLDER")
         row.operator(generate.MULTIPLANE_OT_history_remove.bl_idname, text="", icon="X")
-        regen = layout.row()
-        regen.enabled = False  # the v1 API has no single-layer edit; the operator's poll says why
-        regen.operator(generate.MULTIPLANE_OT_history_regenerate_layer.bl_idname, icon="FILE_REFRESH")
         if 0 <= settings.history_index < len(settings.history):
-            layout.label(text=settings.history[settings.history_index].prompt[:60], icon="TEXT")
+            item = settings.history[settings.history_index]
+            layout.label(text=item.prompt[:60], icon="TEXT")
+            draw_regenerate(layout, settings, item, busy)
 
     layout.separator()
     row = layout.row(align=True)

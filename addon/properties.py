@@ -29,6 +29,36 @@ MODELS = (
 )
 
 
+REGENERATE_SEED_MODES = (
+    ("KEEP", "Keep Seed", "Keep the layer's seed (then give a new prompt)"),
+    ("RANDOM", "Random Seed", "A new random seed for the layer"),
+    ("SET", "This Seed", "The seed below"),
+)
+
+# Blender keeps only pointers to the strings of dynamic enum items: keep them alive here.
+_regenerate_layer_items: list = []
+
+
+def history_layer_items(item) -> list[tuple[str, str, str]]:
+    """(identifier, label, description) per layer of a history item: "0" = background."""
+    items = []
+    for index, layer in enumerate(item.layers):
+        kind = "Background" if index == 0 else f"Layer {index}"
+        prompt = layer.prompt.strip() or layer.name
+        items.append((str(index), f"{kind}: {prompt[:40]}" if prompt else kind, layer.prompt))
+    return items
+
+
+def _regenerate_layer_enum(self, _context):
+    items = []
+    if 0 <= self.history_index < len(self.history):
+        items = history_layer_items(self.history[self.history_index])
+    if not items:
+        items = [("0", "Background", ""), ("1", "Layer 1", "")]
+    _regenerate_layer_items[:] = items
+    return _regenerate_layer_items
+
+
 def _is_backdrop(_self, collection: bpy.types.Collection) -> bool:
     return collection.get("multiplane_stack") is not None
 
@@ -47,11 +77,21 @@ class MultiplaneLayer(PropertyGroup):
         default=0.0, min=0.0, soft_max=100.0, unit="LENGTH")
 
 
+class MultiplaneHistoryLayer(PropertyGroup):
+    """One layer of a generated stack as stack.json lists it (name = file stem), so the
+    regenerate-one-layer menu can name the layers without reading files at every redraw."""
+
+    prompt: StringProperty(name="Prompt")
+
+
 class MultiplaneHistoryItem(PropertyGroup):
     """A stack generated for this scene (name = display name)."""
 
     path: StringProperty(name="Folder", subtype="DIR_PATH")
-    job_id: StringProperty(name="Job")
+    job_id: StringProperty(name="Job", description="The job's id on the server that made the stack")
+    server: StringProperty(name="Server", description="Which server knows the job: "
+                           "'REMOTE <url>' or 'LOCAL <output folder>'")
+    layers: CollectionProperty(type=MultiplaneHistoryLayer, name="Layers")
     created: StringProperty(name="Created")
     prompt: StringProperty(name="Prompt")
     model: StringProperty(name="Model")
@@ -85,6 +125,12 @@ class MultiplaneSceneSettings(PropertyGroup):
         items=(("1", "1", ""), ("2", "2", ""), ("4", "4", ""), ("8", "8", "")), default="4")
     history: CollectionProperty(type=MultiplaneHistoryItem, name="History")
     history_index: IntProperty(name="Active Stack", default=0, min=0)
+    regenerate_layer: EnumProperty(name="Layer", description="The layer of the selected stack to regenerate "
+                                   "(the others stay exactly as they are)", items=_regenerate_layer_enum)
+    regenerate_prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
+                                      default="", maxlen=MAX_PROMPT_CHARS)
+    regenerate_seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP")
+    regenerate_seed: IntProperty(name="New Seed", default=0, min=0)
 
     stack_path: StringProperty(
         name="Stack",
@@ -100,7 +146,7 @@ class MultiplaneSceneSettings(PropertyGroup):
     )
 
 
-CLASSES = (MultiplaneLayer, MultiplaneHistoryItem, MultiplaneSceneSettings)
+CLASSES = (MultiplaneLayer, MultiplaneHistoryLayer, MultiplaneHistoryItem, MultiplaneSceneSettings)
 
 
 def register() -> None:
