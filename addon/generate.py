@@ -299,8 +299,6 @@ class MULTIPLANE_OT_history_open_folder(Operator):
     index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
 
     def execute(self, context):
-        import os
-
         item = _history_item(self, context)
         if item is None:
             return {"CANCELLED"}
