@@ -327,7 +327,7 @@ class LayeredAttnProcessor:
         dense = self.dense.get(which)
         if dense is not None and st.unit_scale and dense.device == x.device:
             patched = F.linear(x.index_select(0, rows), dense, linear.bias)
-            return out.index_copy(0, rows, patched.to(out.dtype))
+            return out.index_copy_(0, rows, patched.to(out.dtype))  # `out` is ours: in place
         up, down = factors
         if up.device != x.device or up.dtype != x.dtype:
             # Model CPU offload moves the UNet per call; follow it once and keep the copy.
@@ -335,7 +335,7 @@ class LayeredAttnProcessor:
             self.factors[which] = (up, down)
         side = F.linear(F.linear(x.index_select(0, rows), down), up)
         side = side * st.patched_scale.to(device=x.device, dtype=side.dtype).view(-1, 1, 1)
-        return out.index_add(0, rows, side.to(out.dtype))
+        return out.index_add_(0, rows, side.to(out.dtype))
 
     def inter_layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int
                               ) -> torch.Tensor:
@@ -381,7 +381,7 @@ class LayeredAttnProcessor:
         keys = torch.cat([k[target], mixed_k], dim=2)
         values = torch.cat([v[target], mixed_v], dim=2)
         replaced = F.scaled_dot_product_attention(q[target], keys, values, dropout_p=0.0, is_causal=False)
-        return out.index_copy(0, target, replaced.to(out.dtype))
+        return out.index_copy_(0, target, replaced.to(out.dtype))
 
     def region_gate(self, tokens: int, dtype, device) -> torch.Tensor:
         """[B, T, 1] region mask of each row at this resolution."""
