@@ -191,6 +191,7 @@ class LayeredAttentionState:
         per_row = scale * self.groups
         rows = [b for b, s in enumerate(per_row) if s != 0.0]
         self.patched_rows = torch.tensor(rows, dtype=torch.long) if rows else None
+        self.unpatched_rows = torch.tensor([b for b, s in enumerate(per_row) if s == 0.0], dtype=torch.long)
         self.patched_scale = torch.tensor([per_row[b] for b in rows]) if rows else None
         self.unit_scale = all(per_row[b] == 1.0 for b in rows)
 
@@ -318,16 +319,22 @@ class LayeredAttnProcessor:
     # -- parts ---------------------------------------------------------------------------
     def project(self, linear: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
         """linear(x), plus scale_b · up(down(x_b)) on the rows with a nonzero transparency scale."""
-        out = linear(x)
         st = self.state
         factors = self.factors.get(which)
         if factors is None or st.patched_rows is None:
-            return out
+            return linear(x)
         rows = st.patched_rows.to(x.device)
         dense = self.dense.get(which)
         if dense is not None and st.unit_scale and dense.device == x.device:
+            # Each row through exactly one weight: W for unpatched rows, W + ΔW for patched ones
+            # (no row is projected twice).
             patched = F.linear(x.index_select(0, rows), dense, linear.bias)
-            return out.index_copy_(0, rows, patched.to(out.dtype))  # `out` is ours: in place
+            keep = st.unpatched_rows.to(x.device)
+            out = patched.new_empty((x.shape[0], *patched.shape[1:]))
+            if keep.numel():
+                out.index_copy_(0, keep, linear(x.index_select(0, keep)).to(out.dtype))
+            return out.index_copy_(0, rows, patched)
+        out = linear(x)
         up, down = factors
         if up.device != x.device or up.dtype != x.dtype:
             # Model CPU offload moves the UNet per call; follow it once and keep the copy.
