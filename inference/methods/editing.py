@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -129,6 +129,36 @@ def _write(out_dir: Path, loaded, stack, request: StackRequest, seeds, backgroun
     return write_stack(out_dir, new, background, foregrounds, masks=masks, blended=blended, cancel=cancel)
 
 
+def _load_joint_items(engine, stack, request: StackRequest, seeds: list[int], model: Optional[str],
+                      progress: ProgressCallback, cancel: CancelToken):
+    """(loaded, pipe, items): the stack's model (or `model`) and the joint items for `request`,
+    before the caller pins or masks the layers it keeps. Call with the engine lock held."""
+    loaded = engine.load(model or _stack_model_spec(stack), progress, cancel)
+    pipe = job_pipeline(loaded.pipeline)
+    unet = pipe.unet
+    items = joint_items(pipe, request, seeds, pipe.vae, unet, loaded.device, unet.dtype)
+    return loaded, pipe, items
+
+
+def _sample_and_decode(loaded, pipe, items, request: StackRequest, progress: ProgressCallback,
+                       cancel: CancelToken, skip: Sequence[int] = ()):
+    """Denoise all layers jointly, then decode those not in `skip`: (sample result,
+    (background, foregrounds, blended), timings with "denoise" and "decode")."""
+    t = time.perf_counter()
+    result = sample_layers(loaded, pipe, items, width=request.width, height=request.height,
+                           steps=request.steps, guidance=request.guidance,
+                           negative_prompt=request.negative_prompt,
+                           inter_layer_strength=request.inter_layer_strength,
+                           mask_guidance=request.mask_guidance, progress=progress, cancel=cancel,
+                           layers=1 + len(request.layers))
+    timings = {"denoise": time.perf_counter() - t}
+    t = time.perf_counter()
+    decoded = decode_items(loaded, pipe.vae, items, result.latents, request.tta_passes, progress, cancel,
+                           skip=skip)
+    timings["decode"] = time.perf_counter() - t
+    return result, decoded, timings
+
+
 def regenerate_layer(engine, stack_dir, layer_index: int, out_dir, *, new_prompt: Optional[str] = None,
                      new_seed: Optional[int] = None, model: Optional[str] = None, tta_passes: int = 8,
                      inter_layer_strength: float = 0.3, mask_guidance: float = 0.5,
@@ -168,11 +198,9 @@ def regenerate_layer(engine, stack_dir, layer_index: int, out_dir, *, new_prompt
 
     with _engine_lock(engine):
         t0 = time.perf_counter()
-        loaded = engine.load(model or _stack_model_spec(stack), progress, cancel)
-        pipe = job_pipeline(loaded.pipeline)
+        loaded, pipe, items = _load_joint_items(engine, stack, request, seeds, model, progress, cancel)
         vae, unet = pipe.vae, pipe.unet
         lh, lw = request.height // vae_scale_factor(vae), request.width // vae_scale_factor(vae)
-        items = joint_items(pipe, request, seeds, vae, unet, loaded.device, unet.dtype)
         for i, item in enumerate(items[:-1]):  # all but blended
             if i == layer_index:
                 continue
@@ -181,19 +209,9 @@ def regenerate_layer(engine, stack_dir, layer_index: int, out_dir, *, new_prompt
                 mask = stored_masks[i - 1] if stored_masks[i - 1] is not None else images[i][..., 3]
                 item.fixed_mask = _latent_mask(mask, lh, lw, loaded.device)
         cancel.raise_if_cancelled()
-        t = time.perf_counter()
-        result = sample_layers(loaded, pipe, items, width=request.width, height=request.height,
-                               steps=request.steps, guidance=request.guidance,
-                               negative_prompt=request.negative_prompt,
-                               inter_layer_strength=request.inter_layer_strength,
-                               mask_guidance=request.mask_guidance, progress=progress, cancel=cancel,
-                               layers=1 + n_fg)
-        timings = {"denoise": time.perf_counter() - t}
-        t = time.perf_counter()
         skip = [i for i in range(len(items) - 1) if i != layer_index]
-        background, foregrounds, blended = decode_items(loaded, vae, items, result.latents, request.tta_passes,
-                                                        progress, cancel, skip=skip)
-        timings["decode"] = time.perf_counter() - t
+        result, (background, foregrounds, blended), timings = _sample_and_decode(
+            loaded, pipe, items, request, progress, cancel, skip=skip)
         background = images[0] if layer_index != 0 else background
         foregrounds = [images[i] if i != layer_index else foregrounds[i - 1] for i in range(1, n_fg + 1)]
         masks = list(stored_masks)
@@ -228,28 +246,16 @@ def restyle_stack(engine, stack_dir, style: str, out_dir, *, model: Optional[str
     seeds = [request.background_seed] + [layer.seed for layer in request.layers]
     with _engine_lock(engine):
         t0 = time.perf_counter()
-        loaded = engine.load(model or _stack_model_spec(stack), progress, cancel)
-        pipe = job_pipeline(loaded.pipeline)
-        vae, unet = pipe.vae, pipe.unet
+        loaded, pipe, items = _load_joint_items(engine, stack, request, seeds, model, progress, cancel)
+        vae = pipe.vae
         lh, lw = request.height // vae_scale_factor(vae), request.width // vae_scale_factor(vae)
-        items = joint_items(pipe, request, seeds, vae, unet, loaded.device, unet.dtype)
         masks = []
         for i in range(1, n_fg + 1):
             mask = stored_masks[i - 1] if stored_masks[i - 1] is not None else images[i][..., 3]
             items[i].fixed_mask = _latent_mask(mask, lh, lw, loaded.device)
             masks.append(mask)
-        t = time.perf_counter()
-        result = sample_layers(loaded, pipe, items, width=request.width, height=request.height,
-                               steps=request.steps, guidance=request.guidance,
-                               negative_prompt=request.negative_prompt,
-                               inter_layer_strength=request.inter_layer_strength,
-                               mask_guidance=request.mask_guidance, progress=progress, cancel=cancel,
-                               layers=1 + n_fg)
-        timings = {"denoise": time.perf_counter() - t}
-        t = time.perf_counter()
-        background, foregrounds, blended = decode_items(loaded, vae, items, result.latents, request.tta_passes,
-                                                        progress, cancel)
-        timings["decode"] = time.perf_counter() - t
+        _result, (background, foregrounds, blended), timings = _sample_and_decode(
+            loaded, pipe, items, request, progress, cancel)
         timings["total"] = time.perf_counter() - t0
         cancel.raise_if_cancelled()
         progress(Progress(phase="save", layers=1 + n_fg))
