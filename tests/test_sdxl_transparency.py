@@ -74,6 +74,16 @@ def run(unet) -> torch.Tensor:
         return unet(**tiny_inputs()).sample
 
 
+def hand_merged(unet, deltas: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+    """A copy of `unet` with each delta added to its weight by hand: what the patch must equal."""
+    merged = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            if name in deltas:
+                param.add_(deltas[name])
+    return merged
+
+
 def snapshot(unet) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in unet.named_parameters()}
 
@@ -151,11 +161,7 @@ def test_tiny_expected_deltas_follow_the_rule():
 def test_patched_forward_equals_hand_merged_unet():
     unet = tiny_unet()
     deltas = random_deltas(unet)
-    merged = copy.deepcopy(unet)
-    with torch.no_grad():
-        for name, param in merged.named_parameters():
-            if name in deltas:
-                param.add_(deltas[name])
+    merged = hand_merged(unet, deltas)
     plain = run(unet)
     patch = TransparencyPatch.from_state_dict(deltas, unet)
     with patch.applied(unet):
@@ -202,11 +208,7 @@ def test_offload_round_trip_is_rebound_only_when_asked():
     patch refuses that by default and, with rebind_moved, binds the originals back."""
     unet = tiny_unet()
     deltas = random_deltas(unet)
-    merged = copy.deepcopy(unet)
-    with torch.no_grad():
-        for name, param in merged.named_parameters():
-            if name in deltas:
-                param.add_(deltas[name])
+    merged = hand_merged(unet, deltas)
     plain = run(unet)
     patch = TransparencyPatch.from_state_dict(deltas, unet)
     with torch.no_grad():  # what an offload round trip does to every parameter
