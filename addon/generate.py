@@ -95,6 +95,27 @@ def watcher_free_or_report(operator) -> bool:
     return True
 
 
+def ready_to_start_or_report(operator, scene) -> bool:
+    """False (with an ERROR report) when a job cannot start now: the watcher or the install is
+    busy, or the scene has no camera to fit the layers to."""
+    if not watcher_free_or_report(operator):
+        return False
+    if scene.camera is None:
+        operator.report({"ERROR"}, "The scene has no active camera: the layers are fitted to its view. Add one first")
+        return False
+    return True
+
+
+def random_seed() -> int:
+    """A new seed inside the server's range (and Blender's 32-bit IntProperty)."""
+    return random.randint(0, min(MAX_SEED, 2**31 - 1))
+
+
+def clamped_index(index: int, length: int) -> int:
+    """The active row after a removal: `index` kept inside a list of `length` (0 when empty)."""
+    return max(0, min(index, length - 1))
+
+
 def backend_settings_or_report(operator, context):
     """The preferences as BackendSettings when a job can be sent with them, else None after
     an ERROR report (no inference environment, no server URL, online access off)."""
@@ -126,13 +147,10 @@ class MULTIPLANE_OT_generate(Operator):
     def execute(self, context):
         scene = context.scene
         watcher = jobs.watcher
-        if not watcher_free_or_report(self):
-            return {"CANCELLED"}
-        if scene.camera is None:
-            self.report({"ERROR"}, "The scene has no active camera: the layers are fitted to its view. Add one first")
+        if not ready_to_start_or_report(self, scene):
             return {"CANCELLED"}
         if scene.multiplane.randomize_seed:
-            scene.multiplane.seed = random.randint(0, min(MAX_SEED, 2**31 - 1))
+            scene.multiplane.seed = random_seed()
         try:
             body, depths = build_request(scene)
         except ValueError as error:
@@ -201,7 +219,7 @@ class MULTIPLANE_OT_layer_remove(Operator):
             self.report({"ERROR"}, "No foreground layer selected")
             return {"CANCELLED"}
         settings.layers.remove(settings.layer_index)
-        settings.layer_index = max(0, min(settings.layer_index, len(settings.layers) - 1))
+        settings.layer_index = clamped_index(settings.layer_index, len(settings.layers))
         return {"FINISHED"}
 
 
@@ -234,7 +252,7 @@ class MULTIPLANE_OT_randomize_seed(Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        context.scene.multiplane.seed = random.randint(0, min(MAX_SEED, 2**31 - 1))
+        context.scene.multiplane.seed = random_seed()
         return {"FINISHED"}
 
 
@@ -324,7 +342,7 @@ class MULTIPLANE_OT_history_remove(Operator):
         if item is None:
             return {"CANCELLED"}
         settings.history.remove(list(settings.history).index(item))
-        settings.history_index = max(0, min(settings.history_index, len(settings.history) - 1))
+        settings.history_index = clamped_index(settings.history_index, len(settings.history))
         return {"FINISHED"}
 
 
@@ -408,13 +426,10 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator):
         if not item.job_id:
             self.report({"ERROR"}, NO_JOB_ID)
             return {"CANCELLED"}
-        if not watcher_free_or_report(self):
-            return {"CANCELLED"}
-        if scene.camera is None:
-            self.report({"ERROR"}, "The scene has no active camera: the layers are fitted to its view. Add one first")
+        if not ready_to_start_or_report(self, scene):
             return {"CANCELLED"}
         if self.seed_mode == "RANDOM":
-            seed = random.randint(0, min(MAX_SEED, 2**31 - 1))
+            seed = random_seed()
         elif self.seed_mode == "SET":
             seed = int(self.seed)
         else:
