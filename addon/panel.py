@@ -212,11 +212,5 @@ class VIEW3D_PT_multiplane(Panel):
 CLASSES = (MULTIPLANE_UL_layers, MULTIPLANE_UL_history, VIEW3D_PT_multiplane)
 
 
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+# Blender's own helper: registers CLASSES in order and unregisters them in reverse.
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
