@@ -11,15 +11,14 @@ model far more than it ever does a real one.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-SIZE, STEPS, REPEATS = 256, 20, 3
+from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
+
+SIZE, STEPS, REPEATS = 256, 20, 5
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
 
 
@@ -68,89 +67,34 @@ def run_plain(base, fg, req) -> None:
              guidance_scale=req.guidance, generator=torch.Generator().manual_seed(seed), output_type="np")
 
 
-def run_ours(engine, req, root: Path, tag: str) -> None:
-    engine.generate(req, "tiny", root / f"{tag}-{time.perf_counter_ns()}")
-
-
 def timing() -> dict:
-    from inference.engine import Engine, EngineSettings
-
-    engine = Engine(EngineSettings(device="cpu", allow_download=False))
-    engine.load("tiny")
+    engine = tiny_engine()
     base, fg = plain_pipelines()
     req1, req8 = make_request(1), make_request(8)
-    samples: dict[str, list[float]] = {"ours_tta1": [], "ours_tta8": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run_ours(engine, req1, root, "warm")
         run_plain(base, fg, req1)
-        for _ in range(REPEATS):
-            for name, fn in (("plain", lambda: run_plain(base, fg, req1)),
-                             ("ours_tta1", lambda: run_ours(engine, req1, root, "t1")),
-                             ("ours_tta8", lambda: run_ours(engine, req8, root, "t8"))):
-                t = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"seconds": {k: round(v, 3) for k, v in med.items()},
-            "time_ratio": round(med["ours_tta1"] / med["plain"], 3),
-            "time_ratio_tta8": round(med["ours_tta8"] / med["plain"], 3)}
-
-
-def peak_rss(variant: str) -> dict:
-    """RSS (KiB) of a fresh process: after loading, and the peak while generating once."""
-    out = subprocess.run([sys.executable, "-m", "bench.independent", "--rss", variant],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-class PeakSampler:
-    """Samples this process's RSS every 2 ms on a thread (ru_maxrss also counts import spikes)."""
-
-    def __init__(self):
-        import threading
-
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(0.002)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        samples = alternate({"plain": lambda: run_plain(base, fg, req1),
+                             "ours_tta1": lambda: run_ours(engine, req1, root, "t1"),
+                             "ours_tta8": lambda: run_ours(engine, req8, root, "t8")}, REPEATS)
+    # Ratios use each variant's fastest run (the one least disturbed by other processes).
+    best = {k: min(v) for k, v in samples.items()}
+    return {"seconds": {k: round(v, 3) for k, v in best.items()},
+            "median_seconds": {k: round(statistics.median(v), 3) for k, v in samples.items()},
+            "time_ratio": round(best["ours_tta1"] / best["plain"], 3),
+            "time_ratio_tta8": round(best["ours_tta8"] / best["plain"], 3)}
 
 
 def rss_child(variant: str) -> None:
-    import psutil
-
     req = make_request(1)
     with tempfile.TemporaryDirectory() as tmp:
         if variant == "ours":
-            from inference.engine import Engine, EngineSettings
-
-            engine = Engine(EngineSettings(device="cpu", allow_download=False))
-            engine.load("tiny")
-            loaded = psutil.Process().memory_info().rss
-            with PeakSampler() as sampler:
-                run_ours(engine, req, Path(tmp), "rss")
+            engine = tiny_engine()
+            report_rss(lambda: run_ours(engine, req, Path(tmp), "rss"))
         else:
             base, fg = plain_pipelines()
-            loaded = psutil.Process().memory_info().rss
-            with PeakSampler() as sampler:
-                run_plain(base, fg, req)
-    print(json.dumps({"loaded": loaded // 1024, "peak": sampler.peak // 1024}))
+            report_rss(lambda: run_plain(base, fg, req))
 
 
 def run() -> dict:
@@ -160,7 +104,7 @@ def run() -> dict:
     result = {"benchmark": "independent stack (bg + 3 fg) vs plain diffusers calls",
               "size": SIZE, "steps": STEPS, "target_ratio": 1.10}
     result.update(timing())
-    ours, plain = peak_rss("ours"), peak_rss("plain")
+    ours, plain = peak_rss("bench.independent", "ours"), peak_rss("bench.independent", "plain")
     result["peak_rss_kib"] = {"ours": ours, "plain": plain}
     result["rss_ratio"] = round(ours["peak"] / plain["peak"], 3)
     return result

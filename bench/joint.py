@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
 
 SIZE, STEPS, REPEATS = 256, 20, 5
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
@@ -64,33 +64,21 @@ def run_plain(pipe, req) -> None:
          guidance_scale=req.guidance, generator=torch.Generator().manual_seed(req.seed), output_type="np")
 
 
-def run_ours(engine, req, root: Path, tag: str) -> None:
-    engine.generate(req, "tiny", root / f"{tag}-{time.perf_counter_ns()}")
-
-
 def timing() -> dict:
-    from inference.engine import Engine, EngineSettings
-
-    engine = Engine(EngineSettings(device="cpu", allow_download=False))
-    engine.load("tiny")
+    engine = tiny_engine()
     pipe = plain_pipeline()
     joint, independent = make_request("joint"), make_request("independent")
     no_inter = make_request("joint", inter_layer_strength=0.0)
-    samples: dict[str, list[float]] = {"joint": [], "plain_batch5": [], "independent": [],
-                                       "joint_no_inter_layer": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run_ours(engine, joint, root, "warm")
         run_ours(engine, independent, root, "warm")
         run_plain(pipe, joint)
-        for _ in range(REPEATS):
-            for name, fn in (("plain_batch5", lambda: run_plain(pipe, joint)),
-                             ("joint", lambda: run_ours(engine, joint, root, "j")),
-                             ("independent", lambda: run_ours(engine, independent, root, "i")),
-                             ("joint_no_inter_layer", lambda: run_ours(engine, no_inter, root, "n"))):
-                t = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t)
+        samples = alternate({"plain_batch5": lambda: run_plain(pipe, joint),
+                             "joint": lambda: run_ours(engine, joint, root, "j"),
+                             "independent": lambda: run_ours(engine, independent, root, "i"),
+                             "joint_no_inter_layer": lambda: run_ours(engine, no_inter, root, "n")},
+                            REPEATS)
     # Ratios use each variant's fastest run: on a shared machine the minimum is the run least
     # disturbed by other processes (medians are reported too).
     med = {k: min(v) for k, v in samples.items()}
@@ -101,33 +89,15 @@ def timing() -> dict:
             "time_ratio_no_inter_layer": round(med["joint_no_inter_layer"] / med["plain_batch5"], 3)}
 
 
-def peak_rss(variant: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.joint", "--rss", variant],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def rss_child(variant: str) -> None:
-    import psutil
-
-    from bench.independent import PeakSampler
-
     req = make_request("joint")
     with tempfile.TemporaryDirectory() as tmp:
         if variant == "joint":
-            from inference.engine import Engine, EngineSettings
-
-            engine = Engine(EngineSettings(device="cpu", allow_download=False))
-            engine.load("tiny")
-            loaded = psutil.Process().memory_info().rss
-            with PeakSampler() as sampler:
-                run_ours(engine, req, Path(tmp), "rss")
+            engine = tiny_engine()
+            report_rss(lambda: run_ours(engine, req, Path(tmp), "rss"))
         else:
             pipe = plain_pipeline()
-            loaded = psutil.Process().memory_info().rss
-            with PeakSampler() as sampler:
-                run_plain(pipe, req)
-    print(json.dumps({"loaded": loaded // 1024, "peak": sampler.peak // 1024}))
+            report_rss(lambda: run_plain(pipe, req))
 
 
 def run() -> dict:
@@ -137,7 +107,7 @@ def run() -> dict:
     result = {"benchmark": "joint stack (bg + 3 fg + blended) vs plain diffusers batch of 5",
               "size": SIZE, "steps": STEPS, "target_time_ratio": 1.15, "target_ratio_vs_independent": 1.0}
     result.update(timing())
-    ours, plain = peak_rss("joint"), peak_rss("plain")
+    ours, plain = peak_rss("bench.joint", "joint"), peak_rss("bench.joint", "plain")
     result["peak_rss_kib"] = {"joint": ours, "plain_batch5": plain}
     result["rss_ratio"] = round(ours["peak"] / plain["peak"], 3)
     return result

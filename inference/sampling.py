@@ -56,16 +56,33 @@ def denoise(pipe, *, prompt: str, negative_prompt: str, width: int, height: int,
     return out[0]
 
 
-def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """From the UNet's latent space back to the VAE's (`z / scaling_factor`, or mean/std)."""
+def _latent_stats(vae, like: torch.Tensor):
+    """(mean, std) as [1, C, 1, 1] tensors when the VAE defines them (SD3/Flux-style), else None."""
     cfg = vae.config
     mean = getattr(cfg, "latents_mean", None)
     std = getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        return latents * std_t / cfg.scaling_factor + mean_t
-    return latents / cfg.scaling_factor
+    if mean is None or std is None:
+        return None
+    return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1))
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """From the UNet's latent space back to the VAE's (`z / scaling_factor`, or mean/std)."""
+    stats = _latent_stats(vae, latents)
+    if stats is not None:
+        mean, std = stats
+        return latents * std / vae.config.scaling_factor + mean
+    return latents / vae.config.scaling_factor
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latent → UNet latent (the inverse of `unscale_latents`)."""
+    stats = _latent_stats(vae, z)
+    if stats is not None:
+        mean, std = stats
+        return (z - mean) * vae.config.scaling_factor / std
+    return z * vae.config.scaling_factor
 
 
 @torch.inference_mode()

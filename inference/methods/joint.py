@@ -55,7 +55,7 @@ from ..layered_attention import (
 from ..masks import box_mask, confine, latent_alpha_over, latent_alpha_proxy, mask_to_uint8, minmax
 from ..progress import CancelToken, Progress, ProgressCallback
 from ..request import StackRequest
-from ..sampling import decode_rgb, initial_noise, job_pipeline, to_uint8, vae_scale_factor
+from ..sampling import decode_rgb, initial_noise, job_pipeline, scale_latents, to_uint8, vae_scale_factor
 from .independent import combine_prompts, decode_foreground, layer_seeds
 
 SELF_MASK_START = 0.3  # fraction of steps before self-masks confine the foregrounds
@@ -85,18 +85,6 @@ class LayeredResult:
 
 
 # ------------------------------------------------------------------ helpers
-def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """VAE latent → UNet latent (inverse of `sampling.unscale_latents`)."""
-    cfg = vae.config
-    mean = getattr(cfg, "latents_mean", None)
-    std = getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
-        return (z - mean_t) * cfg.scaling_factor / std_t
-    return z * cfg.scaling_factor
-
-
 _EMPTY_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 

@@ -1,0 +1,77 @@
+"""Pieces every engine benchmark shares: the warm tiny engine, alternating timing, RSS."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def tiny_engine():
+    """An Engine with the tiny model loaded (so timings exclude loading)."""
+    from inference.engine import Engine, EngineSettings
+
+    engine = Engine(EngineSettings(device="cpu", allow_download=False))
+    engine.load("tiny")
+    return engine
+
+
+def run_ours(engine, req, root: Path, tag: str) -> None:
+    engine.generate(req, "tiny", root / f"{tag}-{time.perf_counter_ns()}")
+
+
+def alternate(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each variant, interleaved so machine noise hits all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    return samples
+
+
+class PeakSampler:
+    """Samples this process's RSS every 2 ms on a thread (ru_maxrss also counts import spikes)."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def report_rss(work: Callable[[], None]) -> None:
+    """In a benchmark's `--rss` child: RSS after loading, and the peak while `work` runs (KiB)."""
+    import psutil
+
+    loaded = psutil.Process().memory_info().rss
+    with PeakSampler() as sampler:
+        work()
+    print(json.dumps({"loaded": loaded // 1024, "peak": sampler.peak // 1024}))
+
+
+def peak_rss(module: str, variant: str) -> dict:
+    """Run `python -m <module> --rss <variant>` in a fresh process and read its report."""
+    out = subprocess.run([sys.executable, "-m", module, "--rss", variant],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
