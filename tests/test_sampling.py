@@ -12,7 +12,7 @@ from inference.sampling import scale_latents, unscale_latents, vae_scale_factor
     dict(scaling_factor=1.5305, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.1, 0.9, 1.3, 0.7]),
 ])
 def test_scale_and_unscale_are_inverse(config):
-    vae = SimpleNamespace(config=SimpleNamespace(latents_mean=None, latents_std=None, **config))
+    vae = SimpleNamespace(config=SimpleNamespace(**{"latents_mean": None, "latents_std": None, **config}))
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     unet_space = scale_latents(vae, z)
     assert not torch.allclose(unet_space, z)
