@@ -60,7 +60,8 @@ class Engine:
         self.settings = settings or EngineSettings()
         self._loaded = None
         self._loaded_spec: Optional[str] = None
-        self._lock = threading.Lock()
+        # Held while a job uses the warm model: generate here, edits in methods/editing.py.
+        self.lock = threading.Lock()
         self._device = None
 
     # -- models -------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Engine:
             from .errors import InvalidRequest
 
             raise InvalidRequest("out", f"{out_dir} already exists; choose a new folder")
-        with self._lock:
+        with self.lock:
             t0 = time.perf_counter()
             loaded = self.load(model, progress, cancel)
             t_load = time.perf_counter() - t0

@@ -97,12 +97,6 @@ def _load_source(stack_dir):
     return stack, images, masks
 
 
-def _engine_lock(engine):
-    import contextlib
-
-    return getattr(engine, "_lock", None) or contextlib.nullcontext()
-
-
 def _ensure_copies(src: Path, dest: Path, names: list[str]) -> None:
     """Make kept files byte-identical to the source (re-encoding may differ across Pillow versions)."""
     for name in names:
@@ -196,7 +190,7 @@ def regenerate_layer(engine, stack_dir, layer_index: int, out_dir, *, new_prompt
     request = request.validated()
     seeds = [request.background_seed] + [layer.seed for layer in request.layers]
 
-    with _engine_lock(engine):
+    with engine.lock:
         t0 = time.perf_counter()
         loaded, pipe, items = _load_joint_items(engine, stack, request, seeds, model, progress, cancel)
         vae, unet = pipe.vae, pipe.unet
@@ -244,7 +238,7 @@ def restyle_stack(engine, stack_dir, style: str, out_dir, *, model: Optional[str
                                   inter_layer_strength=inter_layer_strength,
                                   mask_guidance=mask_guidance).validated()
     seeds = [request.background_seed] + [layer.seed for layer in request.layers]
-    with _engine_lock(engine):
+    with engine.lock:
         t0 = time.perf_counter()
         loaded, pipe, items = _load_joint_items(engine, stack, request, seeds, model, progress, cancel)
         vae = pipe.vae
