@@ -8,7 +8,6 @@ environment "Install inference environment" makes in the extension's user folder
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import Cancelled
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .request import StackRequest
 

@@ -4,7 +4,7 @@ The limits live here once; the CLI and the HTTP schemas read them from this modu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .errors import InvalidRequest
