@@ -80,7 +80,22 @@ def _load_strict(model_cls, path: str | Path, what: str, dtype: torch.dtype, dev
     return model
 
 
-class TransparentDecoder(ModelMixin, ConfigMixin):
+class StrictSingleFile:
+    """`from_single_file` for our published-weight models; `weight_kind` names them in errors."""
+
+    weight_kind = "model"
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu", **config):
+        """Load a published .safetensors strictly (WeightMismatch names any bad tensor).
+
+        `config` overrides the default (published) configuration, e.g. for tiny test models.
+        """
+        return _load_strict(cls, path, cls.weight_kind, dtype, device, config)
+
+
+class TransparentDecoder(StrictSingleFile, ModelMixin, ConfigMixin):
     """UNet (no time embedding) mapping (VAE-decoded RGB, unscaled latent) → alpha + straight RGB.
 
     The latent is projected with a 1x1 conv and added to the activations entering the
@@ -89,6 +104,8 @@ class TransparentDecoder(ModelMixin, ConfigMixin):
     Every block except the last halves the resolution, so H and W must be multiples of
     `size_multiple` (2 ** (number of blocks - 1) = 64 for the published model).
     """
+
+    weight_kind = "transparent decoder"
 
     @register_to_config
     def __init__(
@@ -216,21 +233,6 @@ class TransparentDecoder(ModelMixin, ConfigMixin):
         """Image sides must be multiples of this (each block but the last halves them)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    @classmethod
-    def from_single_file(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        **config,
-    ) -> "TransparentDecoder":
-        """Load a published decoder .safetensors strictly (WeightMismatch names any bad tensor).
-
-        `config` overrides the default (published) configuration, e.g. for tiny test models.
-        """
-        return _load_strict(cls, path, "transparent decoder", dtype, device, config)
-
     def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """pixel [B,3,H,W] in [0,1], latent [B,4,H/f,W/f] unscaled → raw [B,4,H,W] (A,R,G,B)."""
         latent_features = self.latent_conv_in(latent)
@@ -250,7 +252,7 @@ class TransparentDecoder(ModelMixin, ConfigMixin):
         return hidden
 
 
-class TransparentEncoder(ModelMixin, ConfigMixin):
+class TransparentEncoder(StrictSingleFile, ModelMixin, ConfigMixin):
     """Plain conv stack predicting the latent offset that encodes transparency.
 
     Input cat(alpha, padded straight RGB) [B,4,H,W] → offset [B,4,H/f,W/f] with
@@ -259,6 +261,8 @@ class TransparentEncoder(ModelMixin, ConfigMixin):
     conv(prev→c), SiLU, conv(c→c), SiLU, and a final conv(c_last→out). The output is raw;
     see `encode_transparent` for how it is scaled and used.
     """
+
+    weight_kind = "transparent encoder"
 
     @register_to_config
     def __init__(
@@ -283,18 +287,6 @@ class TransparentEncoder(ModelMixin, ConfigMixin):
     @property
     def downscale_factor(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)
-
-    @classmethod
-    def from_single_file(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        **config,
-    ) -> "TransparentEncoder":
-        """Load a published offset-encoder .safetensors strictly (see TransparentDecoder)."""
-        return _load_strict(cls, path, "transparent encoder", dtype, device, config)
 
     def forward(self, alpha_and_rgb: torch.Tensor) -> torch.Tensor:
         return self.blocks(alpha_and_rgb)
