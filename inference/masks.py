@@ -111,7 +111,9 @@ def resize_map(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def latent_alpha_proxy(x0: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """a = minmax(‖x̂0 − z_empty‖ over channels): [B, C, h, w] → [B, h, w]."""
-    return minmax((x0.float() - empty.float()).norm(dim=1))
+    # √Σ² rather than .norm(dim=1): torch's vector norm over the channel dim of a small
+    # batch is ~50× slower on CPU, and this runs every denoising step.
+    return minmax((x0.float() - empty.float()).square().sum(dim=1).sqrt())
 
 
 def confine(x0: torch.Tensor, mask: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
