@@ -18,11 +18,13 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -447,6 +449,37 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         os.fsync(handle.fileno())
 
 
+PNG_WRITERS = min(4, os.cpu_count() or 1)  # zlib releases the GIL: files encode in parallel
+
+
+def _write_pngs(jobs: Sequence[tuple[Path, Callable[[], np.ndarray]]], checkpoint: Callable[[], None]) -> None:
+    """Write each `(path, make_array)` as a PNG, several at once; the first error is raised.
+
+    Each job checks `checkpoint` (cancellation) before it starts; after an error, jobs not
+    yet started are dropped and running ones finish before this returns, so the caller may
+    remove the folder safely.
+    """
+    failed = threading.Event()
+
+    def write(path: Path, make: Callable[[], np.ndarray]) -> None:
+        if failed.is_set():
+            return
+        try:
+            checkpoint()
+            _write_png(path, make())
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="multiplane-png")
+    try:
+        futures = [pool.submit(write, path, make) for path, make in jobs]
+        for future in futures:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -556,18 +589,13 @@ def write_stack(
     temp.mkdir()
     try:
         images = [background, *foregrounds]
-        for layer, image in zip(final.layers, images):
-            checkpoint()
-            _write_png(temp / layer.file, image)
-        for layer, mask in zip(final.layers[1:], masks):
-            if mask is not None:
-                checkpoint()
-                _write_png(temp / layer.mask, mask)
-        checkpoint()
-        _write_png(temp / COMPOSITE_FILE, alpha_over(images))
+        jobs = [(temp / COMPOSITE_FILE, lambda: alpha_over(images))]
+        jobs += [(temp / layer.file, lambda image=image: image) for layer, image in zip(final.layers, images)]
+        jobs += [(temp / layer.mask, lambda mask=mask: mask)
+                 for layer, mask in zip(final.layers[1:], masks) if mask is not None]
         if blended is not None:
-            checkpoint()
-            _write_png(temp / BLENDED_FILE, blended)
+            jobs.append((temp / BLENDED_FILE, lambda: blended))
+        _write_pngs(jobs, checkpoint)
         if export_psd or export_ora:
             from . import stack_export
 
