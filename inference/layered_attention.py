@@ -13,8 +13,9 @@ attention module of the UNet by `layered_attention(...)`, adds per job:
   items are bit-identical to a run without the patch;
 - **inter-layer attention** (self attention only): each item's queries attend to its own
   keys and to the keys/values of the other items of its group, average-pooled p×p on the
-  token grid (`inter_layer_pool`, by default the smallest p ≥ 2 with (L−1)/p² ≤ 1/2, so
-  the joint attention costs at most ~1.5× plain attention instead of L times), with a log-bias
+  token grid (`inter_layer_pool`, by default the smallest p ≥ 2 with (L−1)/p² ≤ 1/8, so
+  the extra keys are at most T/8 — a summary of each other layer, e.g. 6×6 cells per layer on
+  SDXL's 32×32 grid with three foregrounds — instead of L times the keys), with a log-bias
   `log(strength) + log(p²)` on their logits: another layer's region counts `strength`
   times as much as an own region of the same size with the same score. At
   strength 0 the processor runs plain attention (the joint path is skipped, not merely
@@ -49,6 +50,7 @@ from .errors import InvalidRequest
 from .masks import resize_map
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+KEY_ALIGNMENT = 16  # inter-layer attention pads its key count to a multiple of this
 ROLES = ("background", "foreground", "blended")
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -72,6 +74,10 @@ class AttentionCapture:
     item b; `self_items` are batch items whose self-attention spread `1/Σ P²` (divided by
     the key count, so resolutions are comparable) is recorded for modules with at most
     `max_self_tokens` tokens (the full T×T map is materialized there).
+
+    Capturing runs inside every attention call, so it is vectorized over the captured rows:
+    one score product for all of them and a 0/1 token selector instead of per-item loops;
+    sums are kept per token grid and resized only when read.
     """
 
     def __init__(self, cross_tokens: Mapping[int, Sequence[int]], self_items: Sequence[int] = (),
@@ -80,52 +86,80 @@ class AttentionCapture:
         self.self_items = [int(b) for b in self_items]
         self.max_self_tokens = max_self_tokens
         self.enabled = True
+        self.cross_rows = sorted(self.cross_tokens)
+        self._cross_index = {b: n for n, b in enumerate(self.cross_rows)}
+        self._self_index = {b: n for n, b in enumerate(self.self_items)}
+        self._selectors: dict = {}
+        self._row_index: dict = {}
         self.reset()
 
     def reset(self) -> None:
-        # Sums are kept per item and per token grid (h, w) and resized to the latent grid only
-        # when read, so capturing costs no interpolation per attention call.
-        self._cross: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
-        self._cross_count: dict[int, int] = {}
-        self._spread: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
-        self._spread_count: dict[int, int] = {}
+        self._cross: dict[tuple[int, int], torch.Tensor] = {}  # grid → [rows, h, w] sum
+        self._cross_count = 0
+        self._spread: dict[tuple[int, int], torch.Tensor] = {}
+        self._spread_count = 0
+        self._means: dict = {}  # (kind, size) → [rows, *size] mean, until the next add
 
-    @staticmethod
-    def _add(sums: dict, counts: dict, b: int, grid_map: torch.Tensor) -> None:
-        per_grid = sums.setdefault(b, {})
-        grid = tuple(grid_map.shape)
-        per_grid[grid] = grid_map if grid not in per_grid else per_grid[grid] + grid_map
-        counts[b] = counts.get(b, 0) + 1
+    def rows(self, which: str, device) -> torch.Tensor:
+        """Batch rows captured for `which` ("cross" or "self"), as an index tensor on `device`."""
+        key = (which, device)
+        if key not in self._row_index:
+            rows = self.cross_rows if which == "cross" else self.self_items
+            self._row_index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._row_index[key]
 
-    @staticmethod
-    def _mean(sums: dict, counts: dict, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
-        if b not in sums:
+    def selector(self, length: int, device, dtype) -> torch.Tensor:
+        """[rows, 1, S, 1] 0/1 weights picking each captured row's own prompt tokens."""
+        key = (length, device, dtype)
+        if key not in self._selectors:
+            sel = torch.zeros(len(self.cross_rows), 1, length, 1, dtype=dtype)
+            for n, b in enumerate(self.cross_rows):
+                tokens = [t for t in self.cross_tokens[b] if 0 <= t < length]
+                sel[n, 0, tokens, 0] = 1.0
+            self._selectors[key] = sel.to(device)
+        return self._selectors[key]
+
+    def add_cross(self, grid_maps: torch.Tensor) -> None:
+        """Add one attention call's [cross rows, h, w] prompt-token mass."""
+        grid = tuple(grid_maps.shape[1:])
+        self._cross[grid] = grid_maps if grid not in self._cross else self._cross[grid] + grid_maps
+        self._cross_count += 1
+        self._means.clear()
+
+    def add_spread(self, grid_maps: torch.Tensor) -> None:
+        """Add one attention call's [self items, h, w] relative attention spread."""
+        grid = tuple(grid_maps.shape[1:])
+        self._spread[grid] = grid_maps if grid not in self._spread else self._spread[grid] + grid_maps
+        self._spread_count += 1
+        self._means.clear()
+
+    def _mean(self, kind: str, row: Optional[int], size: tuple[int, int]) -> Optional[torch.Tensor]:
+        sums, count = (self._cross, self._cross_count) if kind == "cross" else (self._spread, self._spread_count)
+        if row is None or not sums:
             return None
-        total = sum(resize_map(m[None], *size)[0] for m in sums[b].values())
-        return total / counts[b]
-
-    def add_cross(self, b: int, grid_map: torch.Tensor) -> None:
-        self._add(self._cross, self._cross_count, b, grid_map)
-
-    def add_spread(self, b: int, grid_map: torch.Tensor) -> None:
-        self._add(self._spread, self._spread_count, b, grid_map)
+        key = (kind, tuple(size))
+        if key not in self._means:  # all rows at once: items are read one after another
+            self._means[key] = sum(resize_map(m, *size) for m in sums.values()) / count
+        return self._means[key][row]
 
     def cross_map(self, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
         """Mean captured cross-attention mass of item b on a `size` grid (None if nothing captured)."""
-        return self._mean(self._cross, self._cross_count, b, size)
+        return self._mean("cross", self._cross_index.get(b), size)
 
     def spread_map(self, b: int, size: tuple[int, int]) -> Optional[torch.Tensor]:
         """Mean captured relative attention spread of item b on a `size` grid (None if nothing)."""
-        return self._mean(self._spread, self._spread_count, b, size)
+        return self._mean("spread", self._self_index.get(b), size)
 
 
 def default_inter_layer_pool(items: int) -> int:
-    """Pooling p (≥ 2) that keeps the other items' keys at most about T/2 in total.
+    """Pooling p (≥ 2) that keeps the other items' keys at most T/8 in total.
 
-    (L−1)·T/p² ≤ T/2 ⇔ p ≥ √(2(L−1)): 2 for one foreground (L = 3), 3 for three (L = 5),
-    5 for eight; the joint attention then costs at most ~1.5× plain attention.
+    (L−1)·T/p² ≤ T/8 ⇔ p ≥ √(8(L−1)): 3 for one foreground (L = 3), 6 for three (L = 5),
+    9 for eight. Attention cost grows with the key count (and a bit more: the extra keys
+    break the kernel's aligned blocks), so this budget keeps the joint self-attention
+    within ~1.3× of plain attention on CPU.
     """
-    return max(2, math.ceil(math.sqrt(2 * max(items - 1, 1))))
+    return max(2, math.ceil(math.sqrt(8 * max(items - 1, 1))))
 
 
 class LayeredAttentionState:
@@ -178,12 +212,21 @@ class LayeredAttentionState:
         self._grid_cache: dict[int, tuple[int, int]] = {}
         self._bias_cache: dict = {}
 
+    def set_inter_layer_strength(self, strength: float) -> None:
+        """Change the strength between steps (0 = plain self-attention from now on)."""
+        if not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"inter_layer_strength must be ≥ 0, got {strength}")
+        if float(strength) != self.inter_layer_strength:
+            self.inter_layer_strength = float(strength)
+            self._bias_cache.clear()
+
     def set_transparency_scale(self, scale: Optional[Sequence[float]]) -> None:
         """Per-item side-path scale; rows with scale 0 never touch the side path."""
         if scale is None:
             self.patched_rows = None
             self.patched_scale = None
             self.unit_scale = False
+            self.row_patched = (False,) * self.batch
             return
         scale = [float(s) for s in scale]
         if len(scale) != self.items:
@@ -191,9 +234,9 @@ class LayeredAttentionState:
         per_row = scale * self.groups
         rows = [b for b, s in enumerate(per_row) if s != 0.0]
         self.patched_rows = torch.tensor(rows, dtype=torch.long) if rows else None
-        self.unpatched_rows = torch.tensor([b for b, s in enumerate(per_row) if s == 0.0], dtype=torch.long)
         self.patched_scale = torch.tensor([per_row[b] for b in rows]) if rows else None
         self.unit_scale = all(per_row[b] == 1.0 for b in rows)
+        self.row_patched = tuple(s != 0.0 for s in per_row)
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """(h, w) of a token sequence at one UNet resolution (each level halves, rounding up)."""
@@ -223,19 +266,21 @@ class LayeredAttentionState:
         return torch.tensor([[j for j in range(self.items) if j != i] for i in range(self.items)],
                             dtype=torch.long).reshape(self.items, self.items - 1)
 
-    def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype) -> torch.Tensor:
-        """Additive bias [G·L, 1, 1, T + (L−1)·T'] for [own keys, other items' pooled keys].
+    def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype, padding: int = 0) -> torch.Tensor:
+        """Additive bias [G·L, 1, 1, T + (L−1)·T' + padding] for [own keys, other items' pooled
+        keys, padding keys].
 
         A pooled key stands for T/T' tokens, so it gets log(T/T') on top of log(strength):
         another layer's region counts `strength` times an own region of the same size.
+        Padding keys get −inf (they only align the key count for the attention kernel).
         """
-        key = (tokens, pooled_tokens, device, dtype)
+        key = (tokens, pooled_tokens, padding, device, dtype)
         if key not in self._bias_cache:
             w = self.log_weights() + math.log(tokens / pooled_tokens)
             rows = []
             for i in range(self.items):
                 others = w[i, self.other_items[i]].repeat_interleave(pooled_tokens)
-                rows.append(torch.cat([torch.zeros(tokens), others]))
+                rows.append(torch.cat([torch.zeros(tokens), others, torch.full((padding,), -math.inf)]))
             bias = torch.stack(rows).repeat(self.groups, 1)
             self._bias_cache[key] = bias[:, None, None, :].to(device=device, dtype=dtype)
         return self._bias_cache[key]
@@ -269,6 +314,7 @@ class LayeredAttnProcessor:
         # Merged W + up·down where that is cheaper than the side path (rank ≥ in·out/(in+out),
         # e.g. full-rank test patches); used for rows whose scale is exactly 1.
         self.dense = dense or {}
+        self._row_weights: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     # Declared as __call__ with named parameters only: Attention.forward passes just these.
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
@@ -323,17 +369,16 @@ class LayeredAttnProcessor:
         factors = self.factors.get(which)
         if factors is None or st.patched_rows is None:
             return linear(x)
-        rows = st.patched_rows.to(x.device)
         dense = self.dense.get(which)
-        if dense is not None and st.unit_scale and dense.device == x.device:
-            # Each row through exactly one weight: W for unpatched rows, W + ΔW for patched ones
-            # (no row is projected twice).
-            patched = F.linear(x.index_select(0, rows), dense, linear.bias)
-            keep = st.unpatched_rows.to(x.device)
-            out = patched.new_empty((x.shape[0], *patched.shape[1:]))
-            if keep.numel():
-                out.index_copy_(0, keep, linear(x.index_select(0, keep)).to(out.dtype))
-            return out.index_copy_(0, rows, patched)
+        if dense is not None and st.unit_scale and dense.device == x.device and x.dtype == dense.dtype:
+            # Each row through exactly one weight — W for unpatched rows, W + ΔW for patched
+            # ones — in one batched product with a per-row weight (no row projected twice, no
+            # gathering and scattering of rows).
+            weights = self.row_weights(which, linear.weight, dense)
+            if linear.bias is None:
+                return torch.bmm(x, weights)
+            return torch.baddbmm(linear.bias.view(1, 1, -1), x, weights)
+        rows = st.patched_rows.to(x.device)
         out = linear(x)
         up, down = factors
         if up.device != x.device or up.dtype != x.dtype:
@@ -343,6 +388,17 @@ class LayeredAttnProcessor:
         side = F.linear(F.linear(x.index_select(0, rows), down), up)
         side = side * st.patched_scale.to(device=x.device, dtype=side.dtype).view(-1, 1, 1)
         return out.index_add_(0, rows, side.to(out.dtype))
+
+    def row_weights(self, which: str, weight: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """[B, in, out]: Wᵀ for unpatched rows, (W + ΔW)ᵀ for patched ones; built once per layout."""
+        st = self.state
+        key = (st.row_patched, weight.data_ptr(), dense.data_ptr(), weight.device)
+        cached = self._row_weights.get(which)
+        if cached is None or cached[0] != key:
+            per_row = [dense.t() if patched else weight.t() for patched in st.row_patched]
+            cached = (key, torch.stack(per_row).contiguous())
+            self._row_weights[which] = cached
+        return cached[1]
 
     def inter_layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int
                               ) -> torch.Tensor:
@@ -362,15 +418,19 @@ class LayeredAttnProcessor:
 
         others = st.other_items.to(k.device)
 
-        def context(own: torch.Tensor) -> torch.Tensor:
+        def context(own: torch.Tensor) -> tuple[torch.Tensor, int, int]:
             small = pooled(own)
             n = small.shape[2]
             small = small.reshape(groups, items, heads, n, head_dim)[:, others]  # [G, L, L−1, H, n, d]
             small = small.permute(0, 1, 3, 2, 4, 5).reshape(batch, heads, (items - 1) * n, head_dim)
-            return torch.cat([own, small], dim=2)
+            # Zero keys (bias −inf) up to a multiple of KEY_ALIGNMENT: attention kernels are much
+            # slower on odd key counts (on CPU 292 keys cost 20 % more than 304).
+            padding = -(tokens + small.shape[2]) % KEY_ALIGNMENT
+            parts = [own, small] + ([own.new_zeros(batch, heads, padding, head_dim)] if padding else [])
+            return torch.cat(parts, dim=2), n, padding
 
-        keys, values = context(k), context(v)
-        bias = st.inter_layer_bias(tokens, (keys.shape[2] - tokens) // (items - 1), q.device, q.dtype)
+        (keys, n, padding), (values, _, _) = context(k), context(v)
+        bias = st.inter_layer_bias(tokens, n, q.device, q.dtype, padding)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=0.0, is_causal=False)
 
     def composite_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -404,19 +464,19 @@ class LayeredAttnProcessor:
         h, w = st.grid(tokens)
         scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
         if not is_self:
-            if not cap.cross_tokens:
+            if not cap.cross_rows:
                 return
-            rows = list(cap.cross_tokens)
-            probs = torch.softmax((q[rows].float() @ k[rows].float().transpose(-1, -2)) * scale, dim=-1)
-            heard = probs.mean(dim=1)  # [rows, T, S]
-            for n, b in enumerate(rows):
-                cap.add_cross(b, heard[n][:, cap.cross_tokens[b]].sum(dim=-1).reshape(h, w))
-        elif tokens <= cap.max_self_tokens:
-            for b in cap.self_items:
-                probs = torch.softmax((q[b].float() @ k[b].float().transpose(-1, -2)) * scale, dim=-1)
-                rows = probs.mean(dim=0)
-                spread = (1.0 / (rows * rows).sum(dim=-1).clamp(min=1e-12)) / tokens
-                cap.add_spread(b, spread.reshape(h, w))
+            rows = cap.rows("cross", q.device)
+            qr, kr = q.index_select(0, rows).float(), k.index_select(0, rows).float()
+            probs = torch.softmax(torch.matmul(qr, kr.transpose(-1, -2)) * scale, dim=-1)  # [R, H, T, S]
+            mass = torch.matmul(probs, cap.selector(kr.shape[2], q.device, probs.dtype))  # [R, H, T, 1]
+            cap.add_cross(mass.mean(dim=1).reshape(len(cap.cross_rows), h, w))
+        elif cap.self_items and tokens <= cap.max_self_tokens:
+            rows = cap.rows("self", q.device)
+            qr, kr = q.index_select(0, rows).float(), k.index_select(0, rows).float()
+            probs = torch.softmax(torch.matmul(qr, kr.transpose(-1, -2)) * scale, dim=-1).mean(dim=1)
+            spread = (1.0 / (probs * probs).sum(dim=-1).clamp(min=1e-12)) / tokens  # [R, T]
+            cap.add_spread(spread.reshape(len(cap.self_items), h, w))
 
 
 # ------------------------------------------------------------------ installing

@@ -64,6 +64,29 @@ def test_one_unet_call_per_step_and_stack_files(engine, tmp_path):
     assert {e.layer for e in events if e.phase == "decode"} == {0, 1, 2}
 
 
+def test_layers_see_each_other_during_the_first_half_of_the_steps(engine, tmp_path, monkeypatch):
+    from inference.layered_attention import LayeredAttnProcessor
+    from inference.methods.joint import INTER_LAYER_END
+
+    unet = engine.load("tiny").pipeline.unet
+    per_step: list[int] = []
+    joint = LayeredAttnProcessor.inter_layer_attention
+
+    def counting(self, *args, **kwargs):
+        per_step[-1] += 1
+        return joint(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayeredAttnProcessor, "inter_layer_attention", counting)
+    handle = unet.register_forward_pre_hook(lambda *_: per_step.append(0))
+    try:
+        engine.generate(request(steps=6), "tiny", tmp_path / "s")
+    finally:
+        handle.remove()
+    self_attention = sum(1 for name in unet.attn_processors if ".attn1." in name)
+    first = round(INTER_LAYER_END * 6)
+    assert per_step == [self_attention] * first + [0] * (6 - first)
+
+
 def test_same_request_same_bytes_and_strength_matters(engine, tmp_path):
     engine.generate(request(), "tiny", tmp_path / "a")
     engine.generate(request(), "tiny", tmp_path / "b")

@@ -104,7 +104,10 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
     pooled = LayeredAttnProcessor("a", pooled_state)(attn, x16)
     torch.testing.assert_close(pooled, manual_joint(attn, x16, groups, items, log_w, (4, 4), 2),
                                rtol=1e-4, atol=1e-5)
-    assert [default_inter_layer_pool(n) for n in (2, 3, 5, 10)] == [2, 2, 3, 5]
+    assert [default_inter_layer_pool(n) for n in (2, 3, 5, 10)] == [3, 4, 6, 9]
+    for n in range(2, 11):  # the smallest pooling that keeps the extra keys within T/8
+        p = default_inter_layer_pool(n)
+        assert (n - 1) / p**2 <= 1 / 8 < (n - 1) / (p - 1) ** 2
     # Groups never see each other: changing the unconditional group leaves the conditional one.
     x2 = x.clone()
     x2[:items] = torch.randn(items, 9, DIM)

@@ -7,7 +7,10 @@ through attention processors (`inference.layered_attention`) and a few latent-sp
 - per-sample transparency: foreground rows get the LayerDiffuse patch as a low-rank side
   path (scale 1), background and blended rows none (scale 0) — same call;
 - inter-layer attention (`request.inter_layer_strength`): self-attention queries also see
-  the other items' keys/values, so light, style and layout agree;
+  the other items' keys/values, so light, style and layout agree. It runs during the first
+  half of the steps (`INTER_LAYER_END`), while layout and light form; afterwards each layer
+  refines its own detail with plain self-attention (half the cost, and late-step detail does
+  not leak between layers);
 - layer-specific prompts: background `combine_prompts(background, prompt)`, foreground
   `combine_prompts(layer, prompt)`; the blended item gets the layer prompts (front to
   back), then the background prompt, then the global prompt — it has to depict all of them,
@@ -56,11 +59,12 @@ from ..masks import box_mask, confine, latent_alpha_over, latent_alpha_proxy, ma
 from ..progress import CancelToken, Progress, ProgressCallback
 from ..request import StackRequest
 from ..sampling import decode_rgb, initial_noise, job_pipeline, scale_latents, to_uint8, vae_scale_factor
-from .independent import combine_prompts, decode_foreground, layer_seeds
+from .independent import combine_prompts, layer_seeds
 
 SELF_MASK_START = 0.3  # fraction of steps before self-masks confine the foregrounds
 PLACEMENT_START = 0.1  # the blended item is pulled to the latent blend from 10 % of the steps
 PLACEMENT_END = 0.5  # ... to 50 % (the very first estimates are too blurry to place anything)
+INTER_LAYER_END = 0.5  # layers see each other during the first half of the steps
 
 
 @dataclass
@@ -189,11 +193,13 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                   composite: Optional[KVComposite] = None, capture_self: Sequence[int] = (),
                   self_mask_start: float = SELF_MASK_START, placement_end: float = PLACEMENT_END,
                   estimate_masks: bool = True, attends: Optional[torch.Tensor] = None,
+                  inter_layer_end: float = INTER_LAYER_END,
                   accumulate_capture: bool = False, step_offset: int = 0,
                   total_steps: Optional[int] = None) -> LayeredResult:
     """Denoise all `items` together, one UNet call per step; see the module docstring.
 
-    `attends` overrides who sees whom in inter-layer attention ([L, L] bool); with
+    `attends` overrides who sees whom in inter-layer attention ([L, L] bool), which runs
+    on the first `inter_layer_end` fraction of the steps; with
     `accumulate_capture` the attention maps are averaged over all steps instead of kept
     per step; `step_offset`/`total_steps` place these steps in a longer job's progress.
     """
@@ -262,6 +268,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
     start_self = max(1, math.ceil(self_mask_start * steps)) if steps > 1 else steps
     end_place = max(1, math.ceil(placement_end * steps))
     start_place = min(int(PLACEMENT_START * steps), end_place - 1)
+    end_inter = math.ceil(inter_layer_end * steps)
 
     total = total_steps or steps
     if step_offset == 0:
@@ -272,8 +279,12 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                 raise Cancelled(cancel.reason)
             for item, clean in pinned:
                 latents[item:item + 1] = scheduler.add_noise(clean, noise[item:item + 1], t.reshape(1))
+            if family_sdxl:
+                state.set_inter_layer_strength(inter_layer_strength if i < end_inter else 0.0)
             if state.capture is not None and not accumulate_capture:
                 capture.reset()
+                # Masks are first used for placement at `start_place`: capture from there on.
+                capture.enabled = i >= start_place
             rows = latents if family_sdxl else latents[row_items]
             model_input = torch.cat([rows] * groups) if groups > 1 else rows
             model_input = scheduler.scale_model_input(model_input, t)
@@ -353,32 +364,53 @@ def joint_items(pipe, request: StackRequest, seeds: list[int], vae, unet, device
     return items
 
 
+DECODE_BATCH_PIXELS = 1024 * 1024  # latents decoded per VAE call while their pixels fit this
+
+
 def decode_items(loaded, vae, items: list[LayerItem], latents: torch.Tensor, tta_passes: int,
                  progress: ProgressCallback, cancel: CancelToken, skip: Sequence[int] = ()):
-    """(background, foregrounds, blended) uint8 arrays; items in `skip` give None."""
+    """(background, foregrounds, blended) uint8 arrays; items in `skip` give None.
+
+    The VAE decodes several items per call while they fit `DECODE_BATCH_PIXELS` (small
+    images: one call instead of one per layer; 1024² ones: one at a time, as memory wants);
+    the foregrounds of a call then go through the transparent decoder together.
+    """
+    from ..transparent_vae import decode_transparent
+
     layers = sum(1 for it in items if it.role != "blended")
-    background, foregrounds, blended = None, [], None
-    layer_index = 0
+    layer_of = {}
     for i, it in enumerate(items):
+        if it.role != "blended":
+            layer_of[i] = len(layer_of)
+    wanted = [i for i, it in enumerate(items) if it.role == "blended" or i not in skip]
+    per_call = max(1, DECODE_BATCH_PIXELS // (latents.shape[-2] * latents.shape[-1] * vae_scale_factor(vae) ** 2))
+    background, foregrounds, blended = None, [None] * sum(1 for it in items if it.role == "foreground"), None
+    fg_slot = {i: n for n, i in enumerate(i for i, it in enumerate(items) if it.role == "foreground")}
+    for start in range(0, len(wanted), per_call):
         cancel.raise_if_cancelled()
-        if it.role == "blended":
-            pixels, _ = decode_rgb(vae, latents[i:i + 1])
-            blended = to_uint8(pixels)
+        chunk = wanted[start:start + per_call]
+        for i in chunk:
+            if items[i].role == "background":
+                progress(Progress(phase="decode", step=0, total=1, layer=layer_of[i], layers=layers))
+        pixels, z = decode_rgb(vae, latents[chunk])
+        for n, i in enumerate(chunk):
+            if items[i].role == "blended":
+                blended = to_uint8(pixels[n:n + 1])
+            elif items[i].role == "background":
+                background = to_uint8(pixels[n:n + 1])
+                progress(Progress(phase="decode", step=1, total=1, layer=layer_of[i], layers=layers))
+        fg = [n for n, i in enumerate(chunk) if items[i].role == "foreground"]
+        if not fg:
             continue
-        if i in skip:
-            if it.role == "foreground":
-                foregrounds.append(None)
-            layer_index += 1
-            continue
-        if it.role == "background":
-            progress(Progress(phase="decode", step=0, total=1, layer=layer_index, layers=layers))
-            pixels, _ = decode_rgb(vae, latents[i:i + 1])
-            background = to_uint8(pixels)
-            progress(Progress(phase="decode", step=1, total=1, layer=layer_index, layers=layers))
-        else:
-            foregrounds.append(decode_foreground(loaded, vae, latents[i:i + 1], tta_passes, progress, cancel,
-                                                 layer=layer_index, layers=layers))
-        layer_index += 1
+        single = len(fg) == 1  # one layer reports each TTA pass; a batch reports per layer when done
+        rgba = decode_transparent(loaded.decoder, pixels[fg], z[fg], passes=tta_passes, cancel=cancel,
+                                  progress=progress if single else None, layer=layer_of[chunk[fg[0]]],
+                                  layers=layers)
+        for row, n in enumerate(fg):
+            foregrounds[fg_slot[chunk[n]]] = to_uint8(rgba[row:row + 1])
+            if not single:
+                progress(Progress(phase="decode", step=tta_passes, total=tta_passes, layer=layer_of[chunk[n]],
+                                  layers=layers))
     return background, foregrounds, blended
 
 
