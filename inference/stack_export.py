@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .stack import (
+    PNG_SAVE_OPTIONS,
     LayerStack,
     StackLayer,
     alpha_over,
@@ -77,7 +78,7 @@ def write_psd(out_path: str | Path, layers: Sequence[StackLayer], images: Sequen
 
 def _png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, **PNG_SAVE_OPTIONS)
     return buffer.getvalue()
 
 

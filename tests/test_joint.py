@@ -64,27 +64,45 @@ def test_one_unet_call_per_step_and_stack_files(engine, tmp_path):
     assert {e.layer for e in events if e.phase == "decode"} == {0, 1, 2}
 
 
-def test_layers_see_each_other_during_the_first_half_of_the_steps(engine, tmp_path, monkeypatch):
-    from inference.layered_attention import LayeredAttnProcessor
-    from inference.methods.joint import INTER_LAYER_END
+def test_step_schedule_of_inter_layer_attention_and_capture(engine, tmp_path, monkeypatch):
+    """Layers see each other during the first half of the steps; attention maps for the
+    self-masks are captured every CAPTURE_EVERY-th step from the first placement step."""
+    from inference.layered_attention import AttentionCapture, LayeredAttnProcessor
+    from inference.methods.joint import CAPTURE_EVERY, INTER_LAYER_END, PLACEMENT_START
 
     unet = engine.load("tiny").pipeline.unet
-    per_step: list[int] = []
-    joint = LayeredAttnProcessor.inter_layer_attention
+    joint_calls: list[int] = []
+    captures: list[int] = []
+    joint, add_cross = LayeredAttnProcessor.inter_layer_attention, AttentionCapture.add_cross
 
-    def counting(self, *args, **kwargs):
-        per_step[-1] += 1
+    def counting_joint(self, *args, **kwargs):
+        joint_calls[-1] += 1
         return joint(self, *args, **kwargs)
 
-    monkeypatch.setattr(LayeredAttnProcessor, "inter_layer_attention", counting)
-    handle = unet.register_forward_pre_hook(lambda *_: per_step.append(0))
+    def counting_capture(self, *args, **kwargs):
+        captures[-1] += 1
+        return add_cross(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayeredAttnProcessor, "inter_layer_attention", counting_joint)
+    monkeypatch.setattr(AttentionCapture, "add_cross", counting_capture)
+    def new_step(*_):
+        joint_calls.append(0)
+        captures.append(0)
+
+    handle = unet.register_forward_pre_hook(new_step)
+    steps = 10
     try:
-        engine.generate(request(steps=6), "tiny", tmp_path / "s")
+        engine.generate(request(steps=steps), "tiny", tmp_path / "s")
     finally:
         handle.remove()
     self_attention = sum(1 for name in unet.attn_processors if ".attn1." in name)
-    first = round(INTER_LAYER_END * 6)
-    assert per_step == [self_attention] * first + [0] * (6 - first)
+    cross_attention = sum(1 for name in unet.attn_processors if ".attn2." in name)
+    first = round(INTER_LAYER_END * steps)
+    assert joint_calls == [self_attention] * first + [0] * (steps - first)
+    start = int(PLACEMENT_START * steps)
+    assert captures == [cross_attention if i >= start and (i - start) % CAPTURE_EVERY == 0 else 0
+                        for i in range(steps)]
+    assert sum(captures) > 0
 
 
 def test_same_request_same_bytes_and_strength_matters(engine, tmp_path):

@@ -21,8 +21,9 @@ through attention processors (`inference.layered_attention`) and a few latent-sp
   transparent latent outside the box after every step, so the final latent is exactly
   empty there);
 - self-mask guidance: each step estimates every foreground's mask
-  `m = minmax(content ⊙ alpha) ⊙ box`, content = cross-attention mass on the layer's own
-  prompt tokens, alpha = distance of x̂0 from the empty latent (`inference.masks`). From
+  `m = minmax(content ⊙ alpha) ⊙ box`, content = running mean of the cross-attention mass
+  on the layer's own prompt tokens (captured every `CAPTURE_EVERY`-th step from the first
+  placement step on), alpha = distance of x̂0 from the empty latent (`inference.masks`). From
   30 % of the steps on, the foreground is confined toward empty by `(1 − g·(1 − m))^(1/K)`
   per step (g = `request.mask_guidance`, K = the number of steps it is applied, so the
   total attenuation over the run is `1 − g·(1 − m)` rather than compounding); from 10 % to
@@ -65,6 +66,7 @@ SELF_MASK_START = 0.3  # fraction of steps before self-masks confine the foregro
 PLACEMENT_START = 0.1  # the blended item is pulled to the latent blend from 10 % of the steps
 PLACEMENT_END = 0.5  # ... to 50 % (the very first estimates are too blurry to place anything)
 INTER_LAYER_END = 0.5  # layers see each other during the first half of the steps
+CAPTURE_EVERY = 2  # cross-attention maps for the self-masks are captured every other step
 
 
 @dataclass
@@ -283,8 +285,9 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                 state.set_inter_layer_strength(inter_layer_strength if i < end_inter else 0.0)
             if state.capture is not None and not accumulate_capture:
                 capture.reset()
-                # Masks are first used for placement at `start_place`: capture from there on.
-                capture.enabled = i >= start_place
+                # Masks are first used for placement at `start_place`: capture from there on,
+                # every CAPTURE_EVERY-th step (the content estimate is a running mean anyway).
+                capture.enabled = i >= start_place and (i - start_place) % CAPTURE_EVERY == 0
             rows = latents if family_sdxl else latents[row_items]
             model_input = torch.cat([rows] * groups) if groups > 1 else rows
             model_input = scheduler.scale_model_input(model_input, t)
@@ -312,6 +315,7 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                     if content is not None:
                         content = minmax(content.to(device))
                         content_ema[item] = content if item not in content_ema else 0.5 * (content_ema[item] + content)
+                    if item in content_ema:
                         estimate = minmax(content_ema[item] * alpha[item])
                     else:
                         estimate = alpha[item]
