@@ -9,8 +9,8 @@ with TTA 1 and writing the PNG stack) costs on top. Also reported: joint vs `ind
 process after a warm-up (ratios from each variant's fastest of 5 runs); peak RSS comes from fresh subprocesses, one per variant.
 Targets: joint/plain time ≤ 1.15, joint/independent time ≤ 1.0; RSS ratio reported.
 `time_ratio_no_inter_layer` (inter_layer_strength 0) separates the cost of inter-layer
-attention — which grows the tiny model's attention, a large share of its compute, about
-~1.5× — from the rest of the machinery.
+attention (other layers' keys within T/8, during the first half of the steps) from the
+rest of the machinery.
 """
 from __future__ import annotations
 
