@@ -261,6 +261,29 @@ def test_low_rank_factors_reproduce_low_rank_deltas():
     assert up.shape[1] == min(deltas[name].shape)
 
 
+def test_randomized_factoring_matches_full_svd_and_is_deterministic():
+    from inference.sdxl_transparency import factor_low_rank
+
+    g = torch.Generator().manual_seed(1)
+    rank = 24
+    # A rank-24 delta stored in fp16 (like the published file): rank 24 plus rounding noise.
+    delta = (torch.randn(300, rank, generator=g) @ torch.randn(rank, 500, generator=g) / rank).half().float()
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    up, down = factor_low_rank(delta, rank)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert up.shape == (300, rank) and down.shape == (rank, 500)
+    error = lambda approx: ((approx - delta).norm() / delta.norm()).item()  # noqa: E731
+    assert error(up @ down) <= error(best) * 1.001 + 1e-7
+    assert error(up @ down) < 1e-3
+    again = factor_low_rank(delta, rank)
+    assert torch.equal(again[0], up) and torch.equal(again[1], down)
+    # A rank too small for the delta cannot reproduce it (the check above can fail).
+    assert error(torch.matmul(*factor_low_rank(delta, 4))) > 0.1
+
+
 def test_from_file_streams_validates_and_matches_in_memory(tmp_path):
     unet = tiny_unet()
     deltas = {k: v.half() for k, v in random_deltas(unet).items()}
