@@ -607,6 +607,10 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
 
     decoder = TransparentDecoder.from_single_file(resolved.files["decoder"], dtype=dtype, device=device,
                                                   **resolved.decoder_config)
+    if torch.device(device).type in ("cpu", "cuda"):
+        # Its full-resolution convolutions run ~1.7× faster channels-last on CPU (oneDNN)
+        # and use tensor cores on CUDA; results agree with the reference to ~5e-6.
+        decoder.to(memory_format=torch.channels_last)
     encoder = None
     if "encoder" in resolved.files:
         encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,

@@ -280,6 +280,11 @@ def tiny_loaded():
     return load_model(resolved, torch.device("cpu"), default_dtype(torch.device("cpu")))
 
 
+def test_loaded_transparent_decoder_runs_channels_last(tiny_loaded):
+    conv = next(m for m in tiny_loaded.decoder.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def unet_inputs(unet, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cfg = unet.config

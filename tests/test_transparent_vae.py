@@ -121,6 +121,17 @@ def test_decoder_reproduces_golden(golden_decoder, reference):
     median = augmented_decode(golden_decoder, golden["pixel"], golden["latent"], passes=8)
     assert (median - golden["augmented_median"]).abs().max().item() <= 1e-4
 
+    # The engine runs the decoder channels-last on CPU/CUDA (faster); same numerics.
+    golden_decoder.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            fast = golden_decoder(golden["pixel"], golden["latent"])
+        assert (fast - golden["single_pass"]).abs().max().item() <= 1e-4
+        median = augmented_decode(golden_decoder, golden["pixel"], golden["latent"], passes=8)
+        assert (median - golden["augmented_median"]).abs().max().item() <= 1e-4
+    finally:
+        golden_decoder.to(memory_format=torch.contiguous_format)
+
 
 def test_encoder_reproduces_golden(weight_manifest, reference, tmp_path):
     path = tmp_path / "vae_transparent_encoder.safetensors"
