@@ -9,7 +9,9 @@ Side by side in one run, on the tiny model (real engine code, random weights):
   job, the client's time minus the worker's time on it (the server's own share).
 
 The server is the real `python -m server serve` process over loopback. Both sides run on
-the same CPU, one at a time. Targets are reported, not asserted.
+the same CPU, one at a time. The stack is the same size and step count as the engine
+benchmarks (256², 20 steps: well under a second, shorter than any real job, so the server's
+fixed per-job cost weighs more here than in use). Targets are reported, not asserted.
 
 `python -m bench.server_latency [repeats]` prints one JSON line.
 """
@@ -31,7 +33,7 @@ LATENCY_TARGET_MS = 50.0
 OVERHEAD_TARGET_PERCENT = 5.0
 REQUEST = {"prompt": "a misty lake at dawn", "background": "reeds", "model": "tiny",
            "method": "independent",
-           "width": 256, "height": 256, "steps": 4, "tta_passes": 1,
+           "width": 256, "height": 256, "steps": 20, "tta_passes": 1,
            "layers": [{"prompt": "a heron"}]}
 
 

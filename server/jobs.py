@@ -7,11 +7,12 @@ cancel and subscribe here.
 
 Every state change bumps the job's `version` and hands a snapshot (a plain dict shaped like
 `schemas.JobOut`) to the job's subscribers, from whichever thread made the change; the
-subscribers (server-sent event streams) must not block.
+subscribers (server-sent event streams) must not block and must not modify it (parts are shared).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import re
@@ -190,6 +191,15 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATES
+
+    @functools.cached_property
+    def request_dump(self) -> Optional[dict]:
+        """The request as JSON-ready data, built once (it never changes; snapshots are many)."""
+        if self.body is not None:
+            return self.body.model_dump()
+        if self.edit is not None:
+            return {"source": self.source, **self.edit.model_dump()}
+        return None
 
 
 Subscriber = Callable[[Optional[dict]], None]
@@ -646,8 +656,7 @@ class JobManager:
             "cancel_requested": job.cancel.cancelled and not job.terminal,
             "created": iso_time(job.created), "started": iso_time(job.started),
             "finished": iso_time(job.finished), "stack": stack,
-            "request": job.body.model_dump() if job.body is not None else (
-                {"source": job.source, **job.edit.model_dump()} if job.edit is not None else None),
+            "request": job.request_dump,  # shared by all snapshots: they are read-only
             "version": job.version,
         }
 
