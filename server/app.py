@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
@@ -48,8 +49,10 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
     app = FastAPI(title="Multiplane inference server", version=info.version,
                   description="Generates layered scene backdrops (an RGB background plus RGBA "
                               "foregrounds) for the Multiplane Blender add-on. Every endpoint "
-                              "but /v1/health needs `Authorization: Bearer <token>`.")
+                              "but /v1/health needs `Authorization: Bearer <token>`.",
+                  docs_url=None, redoc_url=None)
     app.state.manager = manager
+    add_offline_docs(app)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -164,6 +167,35 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
     app.include_router(private)
     app.add_middleware(HostGuard, hosts=hosts)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from files shipped in the `fastapi-offline` wheel.
+
+    FastAPI's own page loads its script from a CDN, so on an offline machine (or a GPU box
+    without internet) it stays blank. Falls back to that page if the wheel is missing.
+    """
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        import fastapi_offline
+    except ImportError:
+        js, css = None, None
+    else:
+        from fastapi.staticfiles import StaticFiles
+
+        static = Path(fastapi_offline.__file__).parent / "static"
+        app.mount(DOCS_ASSETS, StaticFiles(directory=static), name="docs-assets")
+        js, css = f"{DOCS_ASSETS}/swagger-ui-bundle.js", f"{DOCS_ASSETS}/swagger-ui.css"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        assets = {"swagger_js_url": js, "swagger_css_url": css,
+                  "swagger_favicon_url": f"{DOCS_ASSETS}/favicon.png"} if js else {}
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API", **assets)
 
 
 async def status_stream(first: dict, updates: asyncio.Queue, unsubscribe,

@@ -102,6 +102,18 @@ def test_every_endpoint_but_health_needs_the_token(api, method, path, header):
     assert "token" in r.json()["detail"]
 
 
+def test_docs_page_works_offline(api):
+    page = api.client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    html = page.text
+    assert "/openapi.json" in html and "/docs-assets/swagger-ui-bundle.js" in html
+    assert "https://" not in html and "http://" not in html  # nothing from a CDN
+    script = api.client.get("/docs-assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and "SwaggerUIBundle" in script.text
+    assert api.client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert api.client.get("/openapi.json").json()["info"]["title"] == "Multiplane inference server"
+
+
 def test_health_needs_no_token_and_reports_the_queue(api):
     r = api.client.get("/v1/health")
     assert r.status_code == 200
