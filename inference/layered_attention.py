@@ -210,7 +210,7 @@ class LayeredAttentionState:
         self.capture = capture
         self.set_transparency_scale(transparency_scale)
         self._grid_cache: dict[int, tuple[int, int]] = {}
-        self._bias_cache: dict = {}
+        self._tensor_cache: dict = {}
 
     def set_inter_layer_strength(self, strength: float) -> None:
         """Change the strength between steps (0 = plain self-attention from now on)."""
@@ -218,7 +218,7 @@ class LayeredAttentionState:
             raise ValueError(f"inter_layer_strength must be ≥ 0, got {strength}")
         if float(strength) != self.inter_layer_strength:
             self.inter_layer_strength = float(strength)
-            self._bias_cache.clear()
+            self._tensor_cache.clear()
 
     def set_transparency_scale(self, scale: Optional[Sequence[float]]) -> None:
         """Per-item side-path scale; rows with scale 0 never touch the side path."""
@@ -251,6 +251,23 @@ class LayeredAttentionState:
                 raise ValueError(f"{tokens} tokens match no resolution of a {self.latent_size} latent")
         return self._grid_cache[tokens]
 
+    def pooling_matrix(self, tokens: int, device, dtype) -> Optional[torch.Tensor]:
+        """[n, T]: row c averages the tokens of the c-th p×p cell of the token grid (cells at
+        the right/bottom edge average the tokens they cover, like `avg_pool2d(ceil_mode=True)`);
+        None for p = 1. One matmul pools keys and values of every item at once."""
+        if self.inter_layer_pool == 1:
+            return None
+        key = ("pool", tokens, device, dtype)
+        if key not in self._tensor_cache:
+            h, w = self.grid(tokens)
+            p = self.inter_layer_pool
+            cols = math.ceil(w / p)
+            cell = (torch.arange(h)[:, None] // p * cols + torch.arange(w)[None, :] // p).flatten()
+            matrix = torch.zeros(math.ceil(h / p) * cols, tokens)
+            matrix[cell, torch.arange(tokens)] = 1.0
+            self._tensor_cache[key] = (matrix / matrix.sum(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+        return self._tensor_cache[key]
+
     def log_weights(self) -> torch.Tensor:
         """[L, L] log-weight of item j's keys for item i: 0 own, log(strength) others, −inf off."""
         s = self.inter_layer_strength
@@ -275,15 +292,15 @@ class LayeredAttentionState:
         Padding keys get −inf (they only align the key count for the attention kernel).
         """
         key = (tokens, pooled_tokens, padding, device, dtype)
-        if key not in self._bias_cache:
+        if key not in self._tensor_cache:
             w = self.log_weights() + math.log(tokens / pooled_tokens)
             rows = []
             for i in range(self.items):
                 others = w[i, self.other_items[i]].repeat_interleave(pooled_tokens)
                 rows.append(torch.cat([torch.zeros(tokens), others, torch.full((padding,), -math.inf)]))
             bias = torch.stack(rows).repeat(self.groups, 1)
-            self._bias_cache[key] = bias[:, None, None, :].to(device=device, dtype=dtype)
-        return self._bias_cache[key]
+            self._tensor_cache[key] = bias[:, None, None, :].to(device=device, dtype=dtype)
+        return self._tensor_cache[key]
 
 
 # ------------------------------------------------------------------ the processor
@@ -406,32 +423,26 @@ class LayeredAttnProcessor:
         st = self.state
         groups, items = st.groups, st.items
         batch, heads, _, head_dim = k.shape
-        h, w = st.grid(tokens)
-        pool = st.inter_layer_pool
-
-        def pooled(x: torch.Tensor) -> torch.Tensor:
-            if pool == 1:
-                return x
-            grid = x.transpose(2, 3).reshape(batch, heads * head_dim, h, w)
-            grid = F.avg_pool2d(grid, pool, ceil_mode=True)
-            return grid.reshape(batch, heads, head_dim, -1).transpose(2, 3)
-
         others = st.other_items.to(k.device)
-
-        def context(own: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-            small = pooled(own)
-            n = small.shape[2]
-            small = small.reshape(groups, items, heads, n, head_dim)[:, others]  # [G, L, L−1, H, n, d]
-            small = small.permute(0, 1, 3, 2, 4, 5).reshape(batch, heads, (items - 1) * n, head_dim)
-            # Zero keys (bias −inf) up to a multiple of KEY_ALIGNMENT: attention kernels are much
-            # slower on odd key counts (on CPU 292 keys cost 20 % more than 304).
-            padding = -(tokens + small.shape[2]) % KEY_ALIGNMENT
-            parts = [own, small] + ([own.new_zeros(batch, heads, padding, head_dim)] if padding else [])
-            return torch.cat(parts, dim=2), n, padding
-
-        (keys, n, padding), (values, _, _) = context(k), context(v)
+        pool = st.pooling_matrix(tokens, k.device, k.dtype)  # [n, T], None when not pooling
+        n = tokens if pool is None else pool.shape[0]
+        extra = (items - 1) * n
+        # Zero keys (bias −inf) up to a multiple of KEY_ALIGNMENT: attention kernels are much
+        # slower on odd key counts (on CPU 292 keys cost 20 % more than 304).
+        padding = -(tokens + extra) % KEY_ALIGNMENT
+        # Keys and values side by side in one buffer: [own tokens | other items' pooled | pad].
+        kv = k.new_empty(2, batch, heads, tokens + extra + padding, head_dim)
+        kv[0, :, :, :tokens] = k
+        kv[1, :, :, :tokens] = v
+        own = kv[:, :, :, :tokens]
+        small = own if pool is None else torch.matmul(pool, own)  # [2, B, H, n, d]
+        small = small.reshape(2, groups, items, heads, n, head_dim)[:, :, others]  # [2, G, L, L−1, H, n, d]
+        kv[:, :, :, tokens:tokens + extra] = small.permute(0, 1, 2, 4, 3, 5, 6).reshape(
+            2, batch, heads, extra, head_dim)
+        if padding:
+            kv[:, :, :, tokens + extra:] = 0
         bias = st.inter_layer_bias(tokens, n, q.device, q.dtype, padding)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, dropout_p=0.0, is_causal=False)
 
     def composite_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             tokens: int) -> torch.Tensor:
