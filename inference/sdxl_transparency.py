@@ -271,11 +271,14 @@ def factor_low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     with them) are the same in every process and the caller's RNG is untouched.
     """
     r = min(rank, *delta.shape)
-    if 2 * (r + LOW_RANK_OVERSAMPLING) >= min(delta.shape):
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        return u[:, :r] * s[:r], vh[:r]
-    devices = [delta.device] if delta.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(delta, q=r + LOW_RANK_OVERSAMPLING, niter=2)
-    return u[:, :r] * s[:r], v[:, :r].T.contiguous()
+    # CUDA and the CPU have the decompositions; elsewhere (MPS) they run on the CPU.
+    work = delta if delta.device.type in ("cpu", "cuda") else delta.cpu()
+    if 2 * (r + LOW_RANK_OVERSAMPLING) >= min(work.shape):
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        up, down = u[:, :r] * s[:r], vh[:r]
+    else:
+        with torch.random.fork_rng(devices=[work.device] if work.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(work, q=r + LOW_RANK_OVERSAMPLING, niter=2)
+        up, down = u[:, :r] * s[:r], v[:, :r].T.contiguous()
+    return up.to(delta.device), down.to(delta.device)
