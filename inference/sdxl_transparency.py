@@ -277,8 +277,15 @@ def factor_low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         up, down = u[:, :r] * s[:r], vh[:r]
     else:
-        with torch.random.fork_rng(devices=[work.device] if work.device.type == "cuda" else []):
-            torch.manual_seed(0)
+        on_cuda = work.device.type == "cuda"
+        with torch.random.fork_rng(devices=[work.device] if on_cuda else []):
+            # Seed only the generator the probes come from (torch.manual_seed would also
+            # reseed other devices' generators, outside the fork).
+            if on_cuda:
+                with torch.cuda.device(work.device):
+                    torch.cuda.manual_seed(0)
+            else:
+                torch.default_generator.manual_seed(0)
             u, s, v = torch.svd_lowrank(work, q=r + LOW_RANK_OVERSAMPLING, niter=2)
         up, down = u[:, :r] * s[:r], v[:, :r].T.contiguous()
     return up.to(delta.device), down.to(delta.device)
