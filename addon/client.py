@@ -53,6 +53,20 @@ def describe_validation_error(detail: Any) -> str:
     return "; ".join(parts)
 
 
+def describe_models(models: list[dict]) -> str:
+    """One line for the user from GET /v1/models: which presets are ready to use and what a
+    first job with each of the others would download ("sdxl ready, sd15 to download: 4.3 GB")."""
+    parts = []
+    for model in models:
+        name = model.get("name", "?")
+        if model.get("available"):
+            parts.append(f"{name} ready")
+        else:
+            size = model.get("download_bytes") or model.get("size_bytes")
+            parts.append(f"{name} to download" + (f": {size / 1e9:.1f} GB" if size else ""))
+    return ", ".join(parts) if parts else "no models"
+
+
 class ServerClient:
     """Talks to one server: `ServerClient("http://127.0.0.1:8765", token)`."""
 

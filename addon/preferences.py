@@ -17,7 +17,7 @@ from bpy.props import EnumProperty, StringProperty
 from bpy.types import AddonPreferences, Operator
 
 from . import backend, installer
-from .client import ServerClient, ServerError
+from .client import ServerClient, ServerError, describe_models
 
 # The extension's root package (…multiplane); this module lives in its `addon` sub-package.
 ADDON_ID = __package__.rpartition(".")[0] or __package__
@@ -240,6 +240,7 @@ class MULTIPLANE_OT_test_connection(Operator):
                 client = ServerClient(settings.url, settings.token, timeout=3.0)
                 health = client.health()
                 client.check_token()
+                models = client.models()
             else:
                 server = backend.ensure_server(settings.make_server)
                 # A short wait: enough for an already-running server; a cold start keeps going
@@ -248,13 +249,15 @@ class MULTIPLANE_OT_test_connection(Operator):
                 if state != "ready":
                     self.report({"INFO"}, "The local server is starting; the status line shows when it is ready")
                     return {"FINISHED"}
-                health = ServerClient(server.info.url, server.token, timeout=3.0).health()
+                client = ServerClient(server.info.url, server.token, timeout=3.0)
+                health = client.health()
+                models = client.models()
         except (ServerError, backend.BackendError) as error:
             self.report({"ERROR"}, f"Connection failed: {error}")
             return {"CANCELLED"}
         device = health.get("device", {}).get("device") or health.get("device", {}).get("type") or "?"
         self.report({"INFO"}, f"Connected: Multiplane server {health.get('version', '?')} on {device}, "
-                              f"{health.get('queue_length', 0)} job(s) waiting")
+                              f"{health.get('queue_length', 0)} job(s) waiting; models: {describe_models(models)}")
         return {"FINISHED"}
 
 

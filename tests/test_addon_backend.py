@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from addon import backend, installer
-from addon.client import ServerClient, ServerError, describe_validation_error
+from addon.client import ServerClient, ServerError, describe_models, describe_validation_error
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -40,6 +40,10 @@ def test_managed_server_starts_answers_and_stops(tmp_path):
         client = ServerClient(info.url, info.token)
         assert client.health()["status"] == "ok"
         client.check_token()
+        models = {m["name"]: m for m in client.models()}
+        assert models["tiny"]["available"]  # built by the test session's tiny fixtures
+        summary = describe_models(list(models.values()))
+        assert "tiny ready" in summary and all(summary.count(name) == 1 for name in ("sdxl", "sd15", "tiny"))
         with pytest.raises(ServerError, match="refused the token") as caught:
             ServerClient(info.url, "wrong-token-0123456789").check_token()
         assert caught.value.status == 401
@@ -134,6 +138,14 @@ def test_find_python_prefers_the_checkout_venv(tmp_path):
 
 
 # --------------------------------------------------------------------------- client errors
+
+
+def test_model_summary_says_what_a_first_job_downloads():
+    models = [{"name": "sdxl", "available": False, "size_bytes": 9_100_000_000, "download_bytes": 6_900_000_000},
+              {"name": "sd15", "available": False, "size_bytes": 4_300_000_000},
+              {"name": "tiny", "available": True, "size_bytes": 2_000_000, "download_bytes": 0}]
+    assert describe_models(models) == "sdxl to download: 6.9 GB, sd15 to download: 4.3 GB, tiny ready"
+    assert describe_models([]) == "no models"
 
 
 def test_client_errors_are_sentences():

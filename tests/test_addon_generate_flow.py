@@ -146,6 +146,7 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     bpy.ops.multiplane.generate()
     out["remote"] = _tick_until(_finished)
     out["remote_files"] = sorted(p.name for p in Path(jobs.watcher.state.stack_dir).iterdir())
+    out["remote_test_connection"] = _report(bpy.ops.multiplane.test_connection)
     prefs.backend = "LOCAL"
 
     # 4. The server crashes mid-job: a clear error; the next Generate starts a new one.
@@ -214,6 +215,7 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
 
     assert out["remote"]["state"] == "succeeded", out["remote"]
     assert set(out["remote_files"]) == set(out["files"]) | {"layer_02.png"}  # two foregrounds by then
+    assert out["remote_test_connection"] == ""  # health, token and the model list all answered
 
     crash = out["crash"]
     assert crash["state"] == "failed"
