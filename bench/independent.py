@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
 
-SIZE, STEPS, REPEATS = 256, 20, 5
+SIZE, STEPS, REPEATS = 256, 20, 8
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
 
 

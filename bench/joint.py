@@ -6,7 +6,9 @@ way to get five images, so the ratio shows what joint generation (per-sample tra
 side path, inter-layer attention, attention capture, mask guidance, transparent decoding
 with TTA 1 and writing the PNG stack) costs on top. Also reported: joint vs `independent`
 (four separate sampling runs) on the same request. Timing alternates the variants in one
-process after a warm-up (ratios from each variant's fastest of 5 runs); peak RSS comes from fresh subprocesses, one per variant.
+process after a warm-up (ratios from each variant's fastest of 8 runs: a shared machine's
+speed drifts by minutes, and the fastest run is the least disturbed one); peak RSS comes
+from fresh subprocesses, one per variant.
 Targets: joint/plain time ≤ 1.15, joint/independent time ≤ 1.0; RSS ratio reported.
 `time_ratio_no_inter_layer` (inter_layer_strength 0) separates the cost of inter-layer
 attention (other layers' keys within T/8, during the first half of the steps) from the
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
 
-SIZE, STEPS, REPEATS = 256, 20, 5
+SIZE, STEPS, REPEATS = 256, 20, 8
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
 
 
