@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch.utils.flop_counter import FlopCounterMode
 
-from inference.transparent_vae import TransparentDecoder, decode_transparent
+from inference.transparent_vae import TransparentDecoder, decode_transparent, fast_memory_format
 
 BENCH_VAE = dict(
     block_out_channels=(32, 64, 128, 128),
@@ -73,7 +73,7 @@ def full_size_flops(size: int = 1024) -> dict:
 def run(size: int = 256, repeats: int = 2) -> dict:
     """Best-of-`repeats` timings (after one warm-up each) and their ratios, as a dict."""
     torch.manual_seed(0)
-    decoder = TransparentDecoder().eval()
+    decoder = fast_memory_format(TransparentDecoder().eval(), "cpu")  # as the engine loads it
     vae = AutoencoderKL(**BENCH_VAE).eval()
     latent = torch.randn(1, 4, size // 8, size // 8)
     with torch.no_grad():

@@ -122,7 +122,9 @@ def test_decoder_reproduces_golden(golden_decoder, reference):
     assert (median - golden["augmented_median"]).abs().max().item() <= 1e-4
 
     # The engine runs the decoder channels-last on CPU/CUDA (faster); same numerics.
-    golden_decoder.to(memory_format=torch.channels_last)
+    from inference.transparent_vae import fast_memory_format
+
+    fast_memory_format(golden_decoder, "cpu")
     try:
         with torch.no_grad():
             fast = golden_decoder(golden["pixel"], golden["latent"])
