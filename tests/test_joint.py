@@ -151,6 +151,35 @@ def test_box_confines_foreground_latent(engine):
     assert free[16:, :].mean() > 1e-3 * inside.mean()
 
 
+def test_decoding_in_chunks_matches_one_batch(engine, monkeypatch):
+    """Small images share VAE/decoder calls; large ones go one per call. Same layers either
+    way (up to batch-size rounding), same per-layer progress, skipped items stay None."""
+    from inference.methods import joint
+    from inference.methods.independent import layer_seeds
+    from inference.sampling import job_pipeline
+
+    loaded = engine.load("tiny")
+    pipe = job_pipeline(loaded.pipeline)
+    req = request().validated()
+    items = joint.joint_items(pipe, req, layer_seeds(req), pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
+    latents = torch.cat([it.noise for it in items]) * 0.5
+
+    def decode(pixels_per_call, skip=()):
+        monkeypatch.setattr(joint, "DECODE_BATCH_PIXELS", pixels_per_call)
+        events = []
+        out = joint.decode_items(loaded, pipe.vae, items, latents, 2, events.append, CancelToken(), skip=skip)
+        return out, sorted({(e.layer, e.step, e.total) for e in events if e.step == e.total})
+
+    (bg, fgs, blend), done = decode(16 * 256 * 256)  # all four items in one call
+    (bg1, fgs1, blend1), done1 = decode(256 * 256)  # one item per call
+    assert done == done1 == [(0, 1, 1), (1, 2, 2), (2, 2, 2)]  # every layer reports it finished
+    for a, b in zip([bg, *fgs, blend], [bg1, *fgs1, blend1]):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    (bg2, fgs2, blend2), _ = decode(2 * 256 * 256, skip=(0, 2))
+    assert bg2 is None and fgs2[1] is None and blend2 is not None
+    assert np.abs(fgs2[0].astype(int) - fgs[0].astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("field,value", [("inter_layer_strength", -0.1), ("inter_layer_strength", 5.0),
                                          ("inter_layer_strength", float("nan")), ("mask_guidance", 1.5),
                                          ("mask_guidance", True)])

@@ -115,6 +115,20 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
     assert torch.equal(ours2[items:], ours[items:])
 
 
+def test_pooling_matrix_is_ceil_mode_average_pooling():
+    """Grids that the pooling does not divide: edge cells average only what they cover."""
+    import torch.nn.functional as F
+
+    for (h, w), pool in (((7, 5), 3), ((16, 16), 6), ((4, 4), 2)):
+        state = LayeredAttentionState(roles(2), 2, (h, w), inter_layer_strength=1.0, inter_layer_pool=pool)
+        x = torch.randn(3, h * w, 5)
+        matrix = state.pooling_matrix(h * w, x.device, x.dtype)
+        grid = x.transpose(1, 2).reshape(3, 5, h, w)
+        expected = F.avg_pool2d(grid, pool, ceil_mode=True).reshape(3, 5, -1).transpose(1, 2)
+        torch.testing.assert_close(matrix @ x, expected)
+    assert LayeredAttentionState(roles(2), 2, (4, 4), inter_layer_pool=1).pooling_matrix(16, "cpu", torch.float32) is None
+
+
 def low_rank_factors(attn: Attention, rank: int = 3, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     factors = {}
