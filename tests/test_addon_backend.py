@@ -4,13 +4,11 @@ parent, clear errors for bad interpreters), the HTTP client's error sentences, a
 installer (offline refusal, pip progress, cancel, failures)."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 

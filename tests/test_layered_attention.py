@@ -117,8 +117,6 @@ def test_inter_layer_attention_matches_reference_formula_and_mixes_layers():
 
 def test_pooling_matrix_is_ceil_mode_average_pooling():
     """Grids that the pooling does not divide: edge cells average only what they cover."""
-    import torch.nn.functional as F
-
     for (h, w), pool in (((7, 5), 3), ((16, 16), 6), ((4, 4), 2)):
         state = LayeredAttentionState(roles(2), 2, (h, w), inter_layer_strength=1.0, inter_layer_pool=pool)
         x = torch.randn(3, h * w, 5)

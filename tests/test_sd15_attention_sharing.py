@@ -200,7 +200,6 @@ def reference_unit(attn, proc, h, context, control_features=None):
         return torch.stack([y[:, r, c] for r in range(rows) for c in range(cols)])  # [tokens, C]
 
     h_prime = torch.zeros_like(h)
-    added = torch.zeros_like(h)  # what the unit adds before the cross-frame step
     for item in range(batch):
         f = item % frames
         x = h[item]
