@@ -400,14 +400,21 @@ def _layerdiffuse_needed(preset: ModelPreset, have: dict[str, Path], models_dir:
     return needed, extras
 
 
+def _fetch_with_layerdiffuse(plans: list, source: ModelPreset, bundled: dict[str, Path], *, models_dir,
+                             allow_download, progress, cancel) -> dict[str, Path]:
+    """Role → path: the `bundled` LayerDiffuse files, the rest of `source`'s fetched (with the
+    base `plans`, in one acquire so one error lists everything missing), optional ones found."""
+    needed, extras = _layerdiffuse_needed(source, bundled, models_dir)
+    found = acquire(plans, [f.hub_file() for f in needed], models_dir=models_dir,
+                    allow_download=allow_download, progress=progress, cancel=cancel)
+    return {**bundled, **{f.role: found[f.hub_file()] for f in needed}, **extras}
+
+
 def _resolve_preset(preset: ModelPreset, *, models_dir, allow_download, progress, cancel) -> ResolvedModel:
     plan = plan_snapshot(preset.base, preset.base_files, models_dir=models_dir)
-    needed, extras = _layerdiffuse_needed(preset, {}, models_dir)
-    found = acquire([plan], [f.hub_file() for f in needed], models_dir=models_dir,
-                    allow_download=allow_download, progress=progress, cancel=cancel)
+    files = _fetch_with_layerdiffuse([plan], preset, {}, models_dir=models_dir, allow_download=allow_download,
+                                     progress=progress, cancel=cancel)
     assert plan.folder is not None
-    files = {f.role: found[f.hub_file()] for f in needed}
-    files.update(extras)
     return ResolvedModel(spec=preset.name, preset=preset.name, family=preset.family, base=plan.folder,
                          base_kind="diffusers", base_label=preset.base, files=files,
                          variant=preset.variant)
@@ -417,12 +424,8 @@ def _resolve_folder(spec: str, folder: Path, *, preset: Optional[ModelPreset], m
                     progress, cancel, base_label: str) -> ResolvedModel:
     family, variant = inspect_diffusers_folder(folder)
     source = family_preset(family)
-    files = bundled_layerdiffuse(folder, source)
-    needed, extras = _layerdiffuse_needed(source, files, models_dir)
-    found = acquire([], [f.hub_file() for f in needed], models_dir=models_dir,
-                    allow_download=allow_download, progress=progress, cancel=cancel)
-    files.update({f.role: found[f.hub_file()] for f in needed})
-    files.update(extras)
+    files = _fetch_with_layerdiffuse([], source, bundled_layerdiffuse(folder, source), models_dir=models_dir,
+                                     allow_download=allow_download, progress=progress, cancel=cancel)
     decoder_config, encoder_config = {}, {}
     tiny_config = folder / "layerdiffuse" / "tiny_config.json"
     if tiny_config.is_file():
@@ -438,12 +441,9 @@ def _resolve_single_file(spec: str, path: Path, *, models_dir, allow_download, p
     source = family_preset(family)
     # Configs only: a complete local copy of the base (weights too) works just as well.
     plan = plan_snapshot(source.base, source.config_files, models_dir=models_dir)
-    needed, extras = _layerdiffuse_needed(source, {}, models_dir)
-    found = acquire([plan], [f.hub_file() for f in needed], models_dir=models_dir,
-                    allow_download=allow_download, progress=progress, cancel=cancel)
+    files = _fetch_with_layerdiffuse([plan], source, {}, models_dir=models_dir, allow_download=allow_download,
+                                     progress=progress, cancel=cancel)
     assert plan.folder is not None
-    files = {f.role: found[f.hub_file()] for f in needed}
-    files.update(extras)
     return ResolvedModel(spec=spec, preset=source.name, family=family, base=path, base_kind="single_file",
                          base_label=str(path), files=files, base_config=plan.folder)
 
