@@ -75,3 +75,11 @@ def peak_rss(module: str, variant: str) -> dict:
     out = subprocess.run([sys.executable, "-m", module, "--rss", variant],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_peak_rss(module: str, ours: str, plain: str) -> dict:
+    """Peak RSS of the `ours` and `plain` variants, each in a fresh process, and their ratio."""
+    ours_rss, plain_rss = peak_rss(module, ours), peak_rss(module, plain)
+    return {"peak_rss_kib": {ours: ours_rss, plain: plain_rss},
+            "rss_ratio": round(ours_rss["peak"] / plain_rss["peak"], 3)}
+

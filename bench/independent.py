@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
+from bench.common import alternate, compare_peak_rss, report_rss, run_ours, tiny_engine
 
 SIZE, STEPS, REPEATS = 256, 20, 8
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
@@ -104,9 +104,7 @@ def run() -> dict:
     result = {"benchmark": "independent stack (bg + 3 fg) vs plain diffusers calls",
               "size": SIZE, "steps": STEPS, "target_ratio": 1.10}
     result.update(timing())
-    ours, plain = peak_rss("bench.independent", "ours"), peak_rss("bench.independent", "plain")
-    result["peak_rss_kib"] = {"ours": ours, "plain": plain}
-    result["rss_ratio"] = round(ours["peak"] / plain["peak"], 3)
+    result.update(compare_peak_rss("bench.independent", "ours", "plain"))
     return result
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import alternate, peak_rss, report_rss, run_ours, tiny_engine
+from bench.common import alternate, compare_peak_rss, report_rss, run_ours, tiny_engine
 
 SIZE, STEPS, REPEATS = 256, 20, 8
 LAYERS = ("a red fox", "a moss-covered rock", "hanging fern leaves")
@@ -109,9 +109,7 @@ def run() -> dict:
     result = {"benchmark": "joint stack (bg + 3 fg + blended) vs plain diffusers batch of 5",
               "size": SIZE, "steps": STEPS, "target_time_ratio": 1.15, "target_ratio_vs_independent": 1.0}
     result.update(timing())
-    ours, plain = peak_rss("bench.joint", "joint"), peak_rss("bench.joint", "plain")
-    result["peak_rss_kib"] = {"joint": ours, "plain_batch5": plain}
-    result["rss_ratio"] = round(ours["peak"] / plain["peak"], 3)
+    result.update(compare_peak_rss("bench.joint", "joint", "plain_batch5"))
     return result
 
 
