@@ -203,6 +203,10 @@ class LayeredAttentionState:
             raise ValueError(f"attends must be [{self.items}, {self.items}], got {tuple(attends.shape)}")
         attends.fill_diagonal_(True)
         self.attends = attends
+        # [L, L−1]: for each item, the other items of its group in order (built once: every
+        # self-attention call of the job indexes with it).
+        self.other_items = torch.tensor([[j for j in range(self.items) if j != i] for i in range(self.items)],
+                                        dtype=torch.long).reshape(self.items, self.items - 1)
         self.regions = regions
         if regions is not None and regions.shape[0] != self.items:
             raise ValueError(f"regions needs one map per item ({self.items}), got {regions.shape[0]}")
@@ -276,12 +280,6 @@ class LayeredAttentionState:
         w[~self.attends] = -math.inf
         w.fill_diagonal_(0.0)
         return w
-
-    @property
-    def other_items(self) -> torch.Tensor:
-        """[L, L−1]: for each item, the other items of its group in order."""
-        return torch.tensor([[j for j in range(self.items) if j != i] for i in range(self.items)],
-                            dtype=torch.long).reshape(self.items, self.items - 1)
 
     def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype, padding: int = 0) -> torch.Tensor:
         """Additive bias [G·L, 1, 1, T + (L−1)·T' + padding] for [own keys, other items' pooled

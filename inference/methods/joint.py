@@ -381,15 +381,12 @@ def decode_items(loaded, vae, items: list[LayerItem], latents: torch.Tensor, tta
     """
     from ..transparent_vae import decode_transparent
 
-    layers = sum(1 for it in items if it.role != "blended")
-    layer_of = {}
-    for i, it in enumerate(items):
-        if it.role != "blended":
-            layer_of[i] = len(layer_of)
+    layer_of = {i: n for n, i in enumerate(i for i, it in enumerate(items) if it.role != "blended")}
+    layers = len(layer_of)
     wanted = [i for i, it in enumerate(items) if it.role == "blended" or i not in skip]
     per_call = max(1, DECODE_BATCH_PIXELS // (latents.shape[-2] * latents.shape[-1] * vae_scale_factor(vae) ** 2))
-    background, foregrounds, blended = None, [None] * sum(1 for it in items if it.role == "foreground"), None
     fg_slot = {i: n for n, i in enumerate(i for i, it in enumerate(items) if it.role == "foreground")}
+    background, foregrounds, blended = None, [None] * len(fg_slot), None
     for start in range(0, len(wanted), per_call):
         cancel.raise_if_cancelled()
         chunk = wanted[start:start + per_call]
