@@ -418,8 +418,30 @@ def test_encode_transparent_formula():
     assert (encode_transparent(vae, encoder, changed, offset_scale=3.0) - base).abs().max() > 1e-4
 
 
+def test_encode_uses_the_scale_the_encoder_file_was_loaded_with(tmp_path):
+    """The scale belongs to the weight file: set at load, used by every encode, never guessed."""
+    from safetensors.torch import save_file
+
+    vae = _tiny_vae()
+    torch.manual_seed(2)
+    path = tmp_path / "encoder.safetensors"
+    save_file(TransparentEncoder(**TINY_ENCODER).state_dict(), str(path))
+    rgba = torch.rand(1, 4, 64, 64)
+    unknown = TransparentEncoder.from_single_file(path, **TINY_ENCODER)
+    assert unknown.offset_scale is None
+    with pytest.raises(InvalidRequest, match="scale is unknown"):
+        encode_transparent(vae, unknown, rgba)
+    x1 = TransparentEncoder.from_single_file(path, offset_scale=1.0, **TINY_ENCODER)
+    x300 = TransparentEncoder.from_single_file(path, offset_scale=300, **TINY_ENCODER)
+    assert (x1.offset_scale, x300.offset_scale) == (1.0, 300.0)
+    assert torch.equal(encode_transparent(vae, x1, rgba), encode_transparent(vae, unknown, rgba, offset_scale=1.0))
+    assert torch.equal(encode_transparent(vae, x300, rgba), encode_transparent(vae, x1, rgba, offset_scale=300.0))
+    assert not torch.allclose(encode_transparent(vae, x300, rgba), encode_transparent(vae, x1, rgba), atol=1e-3)
+
+
 def test_encode_transparent_rejects_bad_input():
     vae, encoder = _tiny_vae(), TransparentEncoder(**TINY_ENCODER)
+    encoder.offset_scale = 1.0
     with pytest.raises(InvalidRequest, match="multiples of 8"):
         encode_transparent(vae, encoder, torch.rand(1, 4, 60, 64))
     with pytest.raises(InvalidRequest, match="R,G,B,A"):
