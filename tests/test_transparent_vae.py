@@ -1,7 +1,8 @@
 """LayerDiffuse transparent decoder/encoder: layout, golden numerics, strict loading, TTA."""
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +20,12 @@ from inference.transparent_vae import (
     pad_transparent_rgb,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_weights import deterministic_weights  # noqa: E402
+
 TINY_DECODER = dict(block_out_channels=(8, 8, 16, 16, 32, 32, 32), norm_num_groups=4, attention_head_dim=8)
 TINY_ENCODER = dict(block_out_channels=(8, 8, 8, 16))
 
-
-def deterministic_weights(shapes: dict) -> dict[str, torch.Tensor]:
-    """The reference README's recipe, from the manifest's names and shapes alone."""
-    weights = {}
-    for i, name in enumerate(sorted(shapes)):
-        shape = tuple(shapes[name])
-        r = torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float32)
-        if len(shape) >= 2:
-            weights[name] = r / math.sqrt(math.prod(shape[1:]))
-        elif name.endswith("weight"):
-            weights[name] = 1 + 0.1 * r
-        else:
-            weights[name] = 0.1 * r
-    return weights
 
 
 def manifest_layout(weight_manifest: dict, name: str) -> dict[str, tuple[int, ...]]:
