@@ -245,7 +245,8 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                                       transparency_scale=patch_scale, attends=attends,
                                       regions=boxes if has_box else None, composite=composite,
                                       capture=capture if (capture.cross_tokens or capture.self_items) else None)
-        processors = layered_attention(unet, state, transparency_factors(loaded.unet_patch))
+        processors = layered_attention(unet, state, transparency_factors(loaded.unet_patch),
+                                       loaded.unet_patch.bias_deltas())
     else:
         # The adapter's per-frame LoRA is the transparency, its cross-frame attention the
         # inter-layer attention; masks come from the latent alpha proxy and boxes only.
