@@ -328,6 +328,43 @@ def test_sd15_editing_re_encodes_kept_foregrounds_with_its_encoder(engine, sd15_
     assert (tmp_path / "restyled" / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
 
 
+def test_joint_without_interactions_is_independent(engine):
+    """inter_layer_strength 0, mask_guidance 0, no boxes: every layer of the joint run — the
+    background and each foreground latent, same seeds — is the independent method's (plain
+    pipeline for the background, patched one for each foreground). Joint is independent plus
+    only the documented interactions."""
+    from inference.methods.independent import combine_prompts, layer_seeds
+    from inference.methods.joint import joint_items, sample_layers
+    from inference.sampling import denoise, initial_noise, job_pipeline
+
+    loaded = engine.load("tiny")
+    pipe = job_pipeline(loaded.pipeline)
+    req = request(layers=(LayerSpec("a red fox"), LayerSpec("a rock")), inter_layer_strength=0.0,
+                  mask_guidance=0.0).validated()
+    seeds = layer_seeds(req)
+    items = joint_items(pipe, req, seeds, pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
+    joint = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0, negative_prompt="",
+                          inter_layer_strength=0.0, mask_guidance=0.0, progress=ignore_progress,
+                          cancel=CancelToken(), layers=3).latents
+
+    def independent(layer: int, prompt: str) -> torch.Tensor:
+        noise = initial_noise(seeds[layer], pipe.vae, pipe.unet, 256, 256, loaded.device, pipe.unet.dtype)
+        return denoise(pipe, prompt=combine_prompts(prompt, req.prompt), negative_prompt="", width=256, height=256,
+                       steps=2, guidance=4.0, noise=noise, progress=ignore_progress, cancel=CancelToken(),
+                       layer=layer, layers=3)
+
+    torch.testing.assert_close(joint[0:1], independent(0, req.background), rtol=1e-4, atol=1e-4)
+    for i, layer in enumerate(req.layers, start=1):
+        with loaded.transparency(pipe.unet):
+            alone = independent(i, layer.prompt)
+        torch.testing.assert_close(joint[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+        assert (joint[i:i + 1] - joint[0:1]).abs().max() > 1e-2  # layers differ, so the check can fail
+    interacting = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
+                                negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.0,
+                                progress=ignore_progress, cancel=CancelToken(), layers=3).latents
+    assert (interacting[1:2] - joint[1:2]).abs().max() > 1e-3  # inter-layer attention is what differs
+
+
 def test_background_at_strength_zero_matches_plain_diffusers(engine):
     """With layers not attending to each other, the joint sampler's background row is the
     ordinary SDXL pipeline's result for the same prompt and noise (batched call or not)."""
