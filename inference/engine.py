@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,18 +27,6 @@ class EngineSettings:
     allow_download: bool = True
     offload: bool = False
     vae_tiling: bool = False
-
-
-@dataclass
-class GeneratedLayers:
-    """What a method returns: uint8 arrays, back to front, plus per-layer facts."""
-
-    background: "object"  # np.ndarray (H, W, 3) uint8
-    foregrounds: list = field(default_factory=list)  # np.ndarray (H, W, 4) uint8, straight alpha
-    seeds: list[int] = field(default_factory=list)  # background first
-    masks: Optional[list] = None
-    blended: Optional[object] = None
-    timings: dict = field(default_factory=dict)
 
 
 def quiet_libraries() -> None:

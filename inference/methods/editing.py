@@ -33,10 +33,11 @@ import torch
 from ..errors import InvalidRequest
 from ..masks import mask_to_uint8, resize_map
 from ..progress import CancelToken, Progress, ProgressCallback, ignore_progress
+from ..layered_sampler import LayeredSampler, LayeredSettings
+from ..prompts import combine_prompts
 from ..request import LayerSpec, StackRequest, validate_prompt, validate_seed
-from ..sampling import job_pipeline, vae_scale_factor
-from .independent import combine_prompts
-from .joint import decode_items, joint_items, sample_layers, scale_latents
+from ..sampling import job_pipeline, scale_latents, vae_scale_factor
+from .joint import decode_items, joint_items
 
 
 def _stack_model_spec(stack) -> str:
@@ -139,12 +140,8 @@ def _sample_and_decode(loaded, pipe, items, request: StackRequest, progress: Pro
     """Denoise all layers jointly, then decode those not in `skip`: (sample result,
     (background, foregrounds, blended), timings with "denoise" and "decode")."""
     t = time.perf_counter()
-    result = sample_layers(loaded, pipe, items, width=request.width, height=request.height,
-                           steps=request.steps, guidance=request.guidance,
-                           negative_prompt=request.negative_prompt,
-                           inter_layer_strength=request.inter_layer_strength,
-                           mask_guidance=request.mask_guidance, progress=progress, cancel=cancel,
-                           layers=1 + len(request.layers))
+    result = LayeredSampler(loaded, pipe, items, LayeredSettings.from_request(request))(
+        progress=progress, cancel=cancel, layers=1 + len(request.layers))
     timings = {"denoise": time.perf_counter() - t}
     t = time.perf_counter()
     decoded = decode_items(loaded, pipe.vae, items, result.latents, request.tta_passes, progress, cancel,
