@@ -313,26 +313,22 @@ def test_sd15_joint_frames_arrangement(sd15_loaded):
 def test_sd15_editing_re_encodes_kept_foregrounds_with_its_encoder(engine, sd15_loaded, tmp_path):
     """With its offset encoder SD 1.5 can regenerate one layer: the kept foreground is encoded
     back (no "needs the transparent encoder" refusal) and stays byte-identical."""
-    import threading
-
-    from inference.methods.editing import regenerate_layer, restyle_stack
     from inference.stack import load_stack
 
     source = tmp_path / "src"
     engine.generate(request(steps=2), "tiny", source)
 
-    class SD15Engine:  # the engine's load/lock surface, serving the tiny SD 1.5 model
-        lock = threading.Lock()
-
+    class SD15Engine(Engine):  # the real engine, serving the tiny SD 1.5 model
         def load(self, spec, progress=None, cancel=None):
             return sd15_loaded
 
+    sd15 = SD15Engine(EngineSettings(device="cpu", allow_download=False))
     out = tmp_path / "edited"
-    regenerate_layer(SD15Engine(), source, 1, out, new_seed=11, tta_passes=1)
+    sd15.regenerate(source, 1, out, new_seed=11, tta_passes=1)
     assert (out / "layer_02.png").read_bytes() == (source / "layer_02.png").read_bytes()
     assert (out / "background.png").read_bytes() == (source / "background.png").read_bytes()
     assert (out / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
-    restyled = restyle_stack(SD15Engine(), source, "ukiyo-e print", tmp_path / "restyled", tta_passes=1)
+    restyled = sd15.restyle(source, "ukiyo-e print", tmp_path / "restyled", tta_passes=1)
     assert [layer.seed for layer in restyled.layers] == [layer.seed for layer in load_stack(source).layers]
     assert (tmp_path / "restyled" / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
 
