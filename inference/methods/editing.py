@@ -33,7 +33,7 @@ import torch
 from ..errors import InvalidRequest
 from ..masks import mask_to_uint8, resize_map
 from ..progress import CancelToken, Progress, ProgressCallback, ignore_progress
-from ..request import LayerSpec, StackRequest, validate_prompt, validate_seed
+from ..request import LayerSpec, StackRequest, validate_layer_edit, validate_layer_index, validate_prompt
 from ..sampling import job_pipeline, vae_scale_factor
 from .independent import combine_prompts
 from .joint import decode_items, joint_items, sample_layers, scale_latents
@@ -167,14 +167,8 @@ def regenerate_layer(engine, stack_dir, layer_index: int, out_dir, *, new_prompt
         raise InvalidRequest("out", f"{out_dir} already exists; choose a new folder")
     stack, images, stored_masks = _load_source(stack_dir)
     n_fg = len(stack.layers) - 1
-    if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index <= n_fg:
-        raise InvalidRequest("layer_index", f"must be 0 (background) .. {n_fg}, got {layer_index!r}")
-    if new_prompt is not None:
-        validate_prompt("new_prompt", new_prompt, required=layer_index > 0)
-    if new_seed is not None:
-        validate_seed("new_seed", new_seed)
-    if new_prompt is None and new_seed is None:
-        raise InvalidRequest("new_prompt", "give a new prompt and/or a new seed for the layer")
+    validate_layer_index("layer_index", layer_index, n_fg)
+    validate_layer_edit(new_prompt, new_seed, prompt_required=layer_index > 0)
 
     request = _request_from_stack(stack, tta_passes=tta_passes, inter_layer_strength=inter_layer_strength,
                                   mask_guidance=mask_guidance)
