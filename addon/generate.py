@@ -16,8 +16,9 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy.types import Operator
 
 from . import installer, jobs, preferences
-from .properties import (MAX_FOREGROUNDS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
-                         REGENERATE_SEED_MODES, SIZE_MULTIPLE)
+from .limits import (MAX_FOREGROUNDS, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE,
+                     SIZE_MULTIPLE)
+from .properties import REGENERATE_SEED_MODES
 
 NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
              "version): regenerating one layer needs the job on the server that made it")
@@ -77,7 +78,7 @@ def build_request(scene) -> tuple[dict, list]:
         "guidance": float(settings.guidance),
         "seed": int(settings.seed),
         "tta_passes": int(settings.tta_passes),
-        "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:100],
+        "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
     depths = [None] + [layer.depth or None for layer in settings.layers]
     return body, depths

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from . import backend, installer
+from . import backend, installer, limits
 from .client import ServerClient, ServerError
 from .stack_reader import safe_folder_name
 
@@ -403,7 +403,7 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     for layer in manifest.get("layers") or []:
         entry = item.layers.add()
         entry.name = str(layer.get("name") or "")
-        entry.prompt = str(layer.get("prompt") or "")[:2000]
+        entry.prompt = str(layer.get("prompt") or "")[:limits.MAX_PROMPT_CHARS]
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 
