@@ -21,41 +21,43 @@ NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or
              "version): regenerating one layer needs the job on the server that made it")
 
 
-def _history_item(operator, context):
-    history = context.scene.multiplane.history
-    index = operator.index if operator.index >= 0 else context.scene.multiplane.history_index
-    if not 0 <= index < len(history):
-        operator.report({"ERROR"}, "No generated stack selected")
-        return None
-    return history[index]
+class OnHistoryItem:
+    """Mix-in of the history operators: `index` says which stack (-1: the selected one)."""
+
+    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
+
+    def history_item(self, context):
+        """The stack this operator works on, or None after an ERROR report."""
+        history = context.scene.multiplane.history
+        index = self.index if self.index >= 0 else context.scene.multiplane.history_index
+        if not 0 <= index < len(history):
+            self.report({"ERROR"}, "No generated stack selected")
+            return None
+        return history[index]
 
 
-class MULTIPLANE_OT_history_import(Operator):
+class MULTIPLANE_OT_history_import(Operator, OnHistoryItem):
     """Import this generated stack again (replaces its planes in place)"""
 
     bl_idname = "multiplane.history_import"
     bl_label = "Re-import Stack"
     bl_options = {"REGISTER", "UNDO"}
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
-
     def execute(self, context):
-        item = _history_item(self, context)
+        item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
         return bpy.ops.multiplane.import_stack("EXEC_DEFAULT", filepath=item.path)
 
 
-class MULTIPLANE_OT_history_open_folder(Operator):
+class MULTIPLANE_OT_history_open_folder(Operator, OnHistoryItem):
     """Open the stack's folder in the file manager"""
 
     bl_idname = "multiplane.history_open_folder"
     bl_label = "Open Folder"
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
-
     def execute(self, context):
-        item = _history_item(self, context)
+        item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
         if not os.path.isdir(item.path):
@@ -65,18 +67,16 @@ class MULTIPLANE_OT_history_open_folder(Operator):
         return {"FINISHED"}
 
 
-class MULTIPLANE_OT_history_remove(Operator):
+class MULTIPLANE_OT_history_remove(Operator, OnHistoryItem):
     """Forget this stack (its files stay on disk)"""
 
     bl_idname = "multiplane.history_remove"
     bl_label = "Remove from History"
     bl_options = {"REGISTER", "UNDO"}
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
-
     def execute(self, context):
         settings = context.scene.multiplane
-        item = _history_item(self, context)
+        item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
         settings.history.remove(list(settings.history).index(item))
@@ -131,13 +131,12 @@ def _selected_history_item(context):
     return None
 
 
-class MULTIPLANE_OT_history_regenerate_layer(Operator):
+class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
     """Regenerate one layer of this stack with a new prompt and/or seed, keeping the other layers exactly; the result is a new stack that replaces the backdrop's planes in place (the old one stays in the history)"""
 
     bl_idname = "multiplane.history_regenerate_layer"
     bl_label = "Regenerate Layer"
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
     layer: IntProperty(name="Layer", description="0 = background, 1.. = foregrounds (back to front)",
                        default=1, min=0, options={"SKIP_SAVE"})
     prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
@@ -158,7 +157,7 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator):
 
     def execute(self, context):
         scene = context.scene
-        item = _history_item(self, context)
+        item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
         if not item.job_id:
