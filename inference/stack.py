@@ -30,8 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import MultiplaneError, StackFormatError
+from .errors import InvalidRequest, MultiplaneError, StackFormatError
 from .progress import CancelToken
+from .request import validate_box
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +241,12 @@ def _check_box(value: Any, source: str, field_name: str) -> Optional[Box]:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 4:
         raise _fail(source, field_name, f"must be null or [x0, y0, x1, y1], got {value!r}")
-    x0, y0, x1, y1 = (_check_number(v, source, f"{field_name}[{i}]") for i, v in enumerate(value))
-    if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-        raise _fail(source, field_name, f"coordinates must lie in [0, 1] (normalized), got {list(value)}")
-    if not (x0 < x1 and y0 < y1):
-        raise _fail(source, field_name, f"needs x0 < x1 and y0 < y1, got {list(value)}")
-    return (x0, y0, x1, y1)
+    box = tuple(_check_number(v, source, f"{field_name}[{i}]") for i, v in enumerate(value))
+    try:
+        validate_box(field_name, box)  # the same rule as for a request's layout box
+    except InvalidRequest as error:
+        raise _fail(source, field_name, f"{error.message}, got {list(value)}") from None
+    return box
 
 
 def _check_model(value: Any, source: str) -> dict:
