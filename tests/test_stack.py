@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference import stack as stack_module
 from inference.errors import Cancelled, StackFormatError
 from inference.progress import CancelToken
 from inference.stack import (
@@ -26,13 +25,16 @@ from inference.stack import (
     StackLayer,
     alpha_over,
     cleanup_temp,
+    export_ora,
+    export_psd,
     list_stacks,
     load_layer_images,
     load_png,
     load_stack,
+    ora_bytes,
     write_stack,
 )
-from inference.stack_export import export_ora, export_psd, ora_bytes
+from inference.stack import writer as stack_writer
 
 H, W = 48, 64
 SHA = "sha256:" + "ab" * 32
@@ -253,7 +255,7 @@ def test_bytes_are_deterministic(tmp_path):
 
 def failing_after(monkeypatch, calls: int, action):
     """Replace the PNG writer so that call number `calls` runs `action` first."""
-    real = stack_module._write_png
+    real = stack_writer.write_png
     count = {"n": 0}
 
     def writer(path, array):
@@ -262,13 +264,13 @@ def failing_after(monkeypatch, calls: int, action):
             action()
         real(path, array)
 
-    monkeypatch.setattr(stack_module, "_write_png", writer)
+    monkeypatch.setattr(stack_writer, "write_png", writer)
     return count
 
 
 @pytest.mark.parametrize("writers", [1, 4])
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, writers):
-    monkeypatch.setattr(stack_module, "PNG_WRITERS", writers)
+    monkeypatch.setattr(stack_writer, "PNG_WRITERS", writers)
     background, fgs = make_layers()
 
     def boom():
@@ -284,7 +286,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, writers):
 
 @pytest.mark.parametrize("writers", [1, 4])
 def test_cancel_between_files_leaves_nothing(tmp_path, monkeypatch, writers):
-    monkeypatch.setattr(stack_module, "PNG_WRITERS", writers)
+    monkeypatch.setattr(stack_writer, "PNG_WRITERS", writers)
     background, fgs = make_layers()
     token = CancelToken()
     count = failing_after(monkeypatch, 2, lambda: token.cancel("user pressed stop"))
@@ -356,7 +358,7 @@ def test_failed_final_rename_restores_old_stack(written, monkeypatch):
             raise OSError("simulated rename failure")
         real_rename(src, dst)
 
-    monkeypatch.setattr(stack_module.os, "rename", rename)
+    monkeypatch.setattr(stack_writer.os, "rename", rename)
     with pytest.raises(OSError, match="simulated rename"):
         write_stack(folder, make_stack(), background, fgs, overwrite=True)
     monkeypatch.undo()
@@ -687,7 +689,7 @@ def test_write_stack_with_exports_lists_them(tmp_path):
 
 
 def test_import_does_not_pull_torch_or_psd_tools():
-    code = ("import sys, inference.stack, inference.stack_export; "
+    code = ("import sys, inference.stack; "
             "bad = [m for m in ('torch', 'diffusers', 'psd_tools') if m in sys.modules]; "
             "sys.exit(', '.join(bad) or 0)")
     root = Path(__file__).resolve().parents[1]
