@@ -38,7 +38,7 @@ def _check_layers(layers: Sequence[StackLayer], images: Sequence[np.ndarray], wi
 def _replace_atomically(out_path: Path, write) -> None:
     """Call write(temp_path) then rename over out_path, so no half-written export is left."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = scratch_path(out_path, "tmp")
+    temp = scratch_path(out_path)
     try:
         write(temp)
         fsync_file(temp)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,10 +38,8 @@ def list_stacks(root: str | Path) -> list[tuple[Path, LayerStack]]:
 def cleanup_temp(root: str | Path, min_age_seconds: float = 0.0) -> list[Path]:
     """Remove leftovers of interrupted writes under `root`; returns the paths handled.
 
-    `.<name>.tmp-<hex>` folders (unfinished stacks) are deleted. `.<name>.old-<hex>`
-    folders (a stack being replaced) are deleted when `<name>` exists, and renamed back to
-    `<name>` when it does not (the crash happened between the two renames). Call it when
-    no writer is running on `root` (e.g. at server start), or pass `min_age_seconds`.
+    `.<name>.tmp-<hex>` folders (unfinished stacks) are deleted. Call it when no writer is
+    running on `root` (e.g. at server start), or pass `min_age_seconds`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -58,11 +55,6 @@ def cleanup_temp(root: str | Path, min_age_seconds: float = 0.0) -> list[Path]:
                 continue
         except OSError:
             continue
-        target = root / match.group("name")
-        if match.group("role") == "old" and not (target.exists() or target.is_symlink()):
-            os.rename(child, target)
-            logger.warning("restored %s from an interrupted replacement", target)
-        else:
-            shutil.rmtree(child, ignore_errors=True)
+        shutil.rmtree(child, ignore_errors=True)
         handled.append(child)
     return handled

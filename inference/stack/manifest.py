@@ -29,8 +29,8 @@ ORA_FILE = "stack.ora"
 KINDS = ("background", "foreground")
 TIMING_PHASES = ("load", "denoise", "decode", "save", "total")
 
-# Hidden siblings used while writing (`.tmp-`) and while replacing an old stack (`.old-`).
-SCRATCH_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?P<token>[0-9a-f]{8})$")
+# The hidden sibling a stack (or an export) is written into before it is renamed into place.
+SCRATCH_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<token>[0-9a-f]{8})$")
 _SHA256_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 Box = tuple[float, float, float, float]
@@ -50,10 +50,10 @@ def mask_file_name(index: int) -> str:
     return f"mask_{index:02d}.png"
 
 
-def scratch_path(dest: Path, role: str) -> Path:
-    """A hidden sibling of `dest` (`.<name>.<role>-<8 hex>`) that listers skip and
-    `cleanup_temp` recognizes (SCRATCH_PATTERN)."""
-    return dest.parent / f".{dest.name}.{role}-{secrets.token_hex(4)}"
+def scratch_path(dest: Path) -> Path:
+    """A fresh hidden sibling of `dest` (`.<name>.tmp-<8 hex>`): listers skip it and
+    `cleanup_temp` deletes it when it is left over (SCRATCH_PATTERN)."""
+    return dest.parent / f".{dest.name}.tmp-{secrets.token_hex(4)}"
 
 
 def parse_created(created: str) -> datetime:

@@ -35,7 +35,7 @@ from .manifest import (
 
 
 class StackExists(MultiplaneError, FileExistsError):
-    """The destination folder of a new stack already exists and overwriting was not asked for."""
+    """The destination folder of a new stack already exists (stacks are never replaced)."""
 
 
 PNG_WRITERS = min(4, os.cpu_count() or 1)  # zlib releases the GIL: files encode in parallel
@@ -83,7 +83,6 @@ def write_stack(
     export_psd: bool = False,
     export_ora: bool = False,
     cancel: Optional[CancelToken] = None,
-    overwrite: bool = False,
 ) -> LayerStack:
     """Write a complete stack folder at `dest` atomically and return the manifest written.
 
@@ -95,8 +94,7 @@ def write_stack(
 
     Nothing is visible at `dest` until every file is written and synced; on any error or
     cancellation (checked between files) the temp folder is removed and the error re-raised.
-    An existing `dest` raises StackExists unless `overwrite=True`, in which case the old
-    stack is first renamed aside (so a crash leaves it recoverable by `cleanup_temp`).
+    An existing `dest` raises StackExists: a stack is never replaced.
     """
     started = time.perf_counter()
     dest = Path(dest)
@@ -150,15 +148,14 @@ def write_stack(
     # result is also normalized (boxes as float tuples, numbers as floats).
     final = LayerStack.from_dict(described.to_dict(), "stack")
 
-    if dest.exists() or dest.is_symlink():
-        _check_replaceable(dest, overwrite)
+    _refuse_existing(dest)
 
     def checkpoint() -> None:
         if cancel is not None:
             cancel.raise_if_cancelled()
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = scratch_path(dest, "tmp")
+    temp = scratch_path(dest)
     temp.mkdir()
     try:
         images = [background, *foregrounds]
@@ -183,44 +180,26 @@ def write_stack(
         write_bytes(temp / MANIFEST_FILE, final.to_json().encode("utf-8"))
         fsync_dir(temp)
         checkpoint()
-        _commit(temp, dest, overwrite)
+        _commit(temp, dest)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return final
 
 
-def _check_replaceable(dest: Path, overwrite: bool) -> None:
-    if not overwrite:
-        raise StackExists(f"{dest} already exists; choose another name or pass overwrite=True to replace it")
-    if dest.is_symlink() or not dest.is_dir():
-        raise StackExists(f"{dest} exists and is not a folder; refusing to replace it")
-    if not (dest / MANIFEST_FILE).is_file() and any(dest.iterdir()):
-        raise StackExists(f"{dest} is a non-empty folder without {MANIFEST_FILE} (not a layer stack); "
-                          "refusing to replace it")
+def _refuse_existing(dest: Path) -> None:
+    if dest.exists() or dest.is_symlink():
+        raise StackExists(f"{dest} already exists; choose another name")
 
 
-def _commit(temp: Path, dest: Path, overwrite: bool) -> None:
-    """Rename the finished temp folder into place, moving an existing stack aside first."""
-    if not (dest.exists() or dest.is_symlink()):
-        try:
-            os.rename(temp, dest)
-        except OSError as error:
-            if dest.exists():
-                raise StackExists(f"{dest} appeared while the stack was being written; "
-                                  "choose another name") from error
-            raise
-        fsync_dir(dest.parent)
-        return
-    _check_replaceable(dest, overwrite)
-    aside = scratch_path(dest, "old")
-    os.rename(dest, aside)
+def _commit(temp: Path, dest: Path) -> None:
+    """Rename the finished temp folder into place (never over an existing one)."""
+    _refuse_existing(dest)
     try:
         os.rename(temp, dest)
-    except BaseException:
-        os.rename(aside, dest)
+    except OSError as error:
+        if dest.exists():
+            raise StackExists(f"{dest} appeared while the stack was being written; "
+                              "choose another name") from error
         raise
     fsync_dir(dest.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
