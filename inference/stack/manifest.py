@@ -286,73 +286,27 @@ def _check_layer(value: Any, source: str, index: int) -> StackLayer:
 
 
 def _manifest_from_dict(data: Any, source: str) -> LayerStack:
-    """The single place that decides whether a manifest is valid (used by reader and writer)."""
-    if not isinstance(data, dict):
-        raise StackFormatError(f"{source}: the manifest must be a JSON object, got {type(data).__name__}")
-    fmt = data.get("format")
-    if fmt != FORMAT:
-        raise _fail(source, "format", f"must be {FORMAT!r}, got {fmt!r} (not a Multiplane layer stack)")
-    version = _check_int(_require(data, "format_version", source), source, "format_version", minimum=1)
-    if version > FORMAT_VERSION:
-        raise _fail(source, "format_version",
-                    f"this stack uses format version {version}, but this reader understands only up to "
-                    f"{FORMAT_VERSION}; update Multiplane to read it")
+    """The single place that decides whether a manifest is valid (used by reader and writer).
+
+    Fields are checked in a fixed order, so the first problem reported is always the same.
+    """
+    # 1. what this is: a Multiplane manifest of a version this reader understands
+    version = _check_header(data, source)
 
     def get(key: str) -> Any:
         return _require(data, key, source)
 
-    created = _check_str(get("created"), source, "created", non_empty=True)
-    try:
-        parse_created(created)
-    except ValueError:
-        raise _fail(source, "created", f"must be an ISO 8601 time, got {created!r}") from None
-
-    raw_layers = get("layers")
-    if not isinstance(raw_layers, list) or not raw_layers:
-        raise _fail(source, "layers", "must be a non-empty list (the background first)")
-    layers = [_check_layer(item, source, i) for i, item in enumerate(raw_layers)]
-    if layers[0].kind != "background":
-        raise _fail(source, "layers[0].kind", f"the first layer must be the background, got {layers[0].kind!r}")
-    for i, layer in enumerate(layers[1:], start=1):
-        if layer.kind != "foreground":
-            raise _fail(source, f"layers[{i}].kind", "exactly one background is allowed, and only first")
-
+    # 2. when, what and which files
+    created = _check_created(get("created"), source)
+    layers = _check_layers(get("layers"), source)
     composite = _check_file_name(get("composite"), source, "composite")
     blended = get("blended")
     blended = None if blended is None else _check_file_name(blended, source, "blended")
+    _check_unique(layers, composite, blended, source)
+    timings = _check_timings(get("timings"), source)
+    exports = _check_exports(get("exports"), source)
 
-    # Names and files must be unique: readers key objects by name and a shared file would
-    # mean one layer silently showing another's pixels.
-    seen_names: dict[str, int] = {}
-    seen_files: dict[str, str] = {}
-    for i, layer in enumerate(layers):
-        if layer.name in seen_names:
-            raise _fail(source, f"layers[{i}].name",
-                        f"duplicate name {layer.name!r} (also layers[{seen_names[layer.name]}])")
-        seen_names[layer.name] = i
-        for key, file_name in (("file", layer.file), ("mask", layer.mask)):
-            if file_name is None:
-                continue
-            here = f"layers[{i}].{key}"
-            if file_name.lower() in seen_files:
-                raise _fail(source, here, f"{file_name!r} is already used by {seen_files[file_name.lower()]}")
-            seen_files[file_name.lower()] = here
-    for key, file_name in (("composite", composite), ("blended", blended)):
-        if file_name is not None:
-            if file_name.lower() in seen_files:
-                raise _fail(source, key, f"{file_name!r} is already used by {seen_files[file_name.lower()]}")
-            seen_files[file_name.lower()] = key
-
-    timings = get("timings")
-    if not isinstance(timings, dict):
-        raise _fail(source, "timings", f"must be an object, got {type(timings).__name__}")
-    timings = {k: _check_number(v, source, f"timings.{k}", 0.0) for k, v in timings.items()}
-
-    exports = get("exports")
-    if not isinstance(exports, list):
-        raise _fail(source, "exports", f"must be a list, got {type(exports).__name__}")
-    exports = [_check_file_name(v, source, f"exports[{i}]", suffix=None) for i, v in enumerate(exports)]
-
+    # 3. the scalar settings, in the order they are written
     return LayerStack(
         format_version=version,
         name=_check_str(get("name"), source, "name"),
@@ -374,3 +328,74 @@ def _manifest_from_dict(data: Any, source: str) -> LayerStack:
     )
 
 
+def _check_header(data: Any, source: str) -> int:
+    """`format` and `format_version`; returns the version."""
+    if not isinstance(data, dict):
+        raise StackFormatError(f"{source}: the manifest must be a JSON object, got {type(data).__name__}")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise _fail(source, "format", f"must be {FORMAT!r}, got {fmt!r} (not a Multiplane layer stack)")
+    version = _check_int(_require(data, "format_version", source), source, "format_version", minimum=1)
+    if version > FORMAT_VERSION:
+        raise _fail(source, "format_version",
+                    f"this stack uses format version {version}, but this reader understands only up to "
+                    f"{FORMAT_VERSION}; update Multiplane to read it")
+    return version
+
+
+def _check_created(value: Any, source: str) -> str:
+    created = _check_str(value, source, "created", non_empty=True)
+    try:
+        parse_created(created)
+    except ValueError:
+        raise _fail(source, "created", f"must be an ISO 8601 time, got {created!r}") from None
+    return created
+
+
+def _check_layers(value: Any, source: str) -> list[StackLayer]:
+    """Every layer checked; exactly one background, and it comes first."""
+    if not isinstance(value, list) or not value:
+        raise _fail(source, "layers", "must be a non-empty list (the background first)")
+    layers = [_check_layer(item, source, i) for i, item in enumerate(value)]
+    if layers[0].kind != "background":
+        raise _fail(source, "layers[0].kind", f"the first layer must be the background, got {layers[0].kind!r}")
+    for i, layer in enumerate(layers[1:], start=1):
+        if layer.kind != "foreground":
+            raise _fail(source, f"layers[{i}].kind", "exactly one background is allowed, and only first")
+    return layers
+
+
+def _check_unique(layers: list[StackLayer], composite: str, blended: Optional[str], source: str) -> None:
+    """Names and files must be unique: readers key objects by name and a shared file would
+    mean one layer silently showing another's pixels."""
+    seen_names: dict[str, int] = {}
+    seen_files: dict[str, str] = {}
+
+    def claim(file_name: str, here: str) -> None:
+        if file_name.lower() in seen_files:
+            raise _fail(source, here, f"{file_name!r} is already used by {seen_files[file_name.lower()]}")
+        seen_files[file_name.lower()] = here
+
+    for i, layer in enumerate(layers):
+        if layer.name in seen_names:
+            raise _fail(source, f"layers[{i}].name",
+                        f"duplicate name {layer.name!r} (also layers[{seen_names[layer.name]}])")
+        seen_names[layer.name] = i
+        for key, file_name in (("file", layer.file), ("mask", layer.mask)):
+            if file_name is not None:
+                claim(file_name, f"layers[{i}].{key}")
+    for key, file_name in (("composite", composite), ("blended", blended)):
+        if file_name is not None:
+            claim(file_name, key)
+
+
+def _check_timings(value: Any, source: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(source, "timings", f"must be an object, got {type(value).__name__}")
+    return {k: _check_number(v, source, f"timings.{k}", 0.0) for k, v in value.items()}
+
+
+def _check_exports(value: Any, source: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _fail(source, "exports", f"must be a list, got {type(value).__name__}")
+    return [_check_file_name(v, source, f"exports[{i}]", suffix=None) for i, v in enumerate(value)]

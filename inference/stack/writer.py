@@ -101,8 +101,39 @@ def write_stack(
     if not dest.name or dest.name.startswith("."):
         raise ValueError(f"dest: the stack folder name must not be empty or hidden, got {dest.name!r}")
 
-    # ---- validate everything before touching the disk
+    # 1. validate everything before touching the disk
     foregrounds = list(foregrounds)
+    masks = _check_inputs(stack, background, foregrounds, masks, blended)
+    final = _final_manifest(stack, dest, masks, blended is not None, export_psd, export_ora)
+    _refuse_existing(dest)
+
+    def checkpoint() -> None:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+
+    # 2. write and sync every file into a hidden temp folder, the manifest last
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = scratch_path(dest)
+    temp.mkdir()
+    try:
+        _write_files(temp, final, [background, *foregrounds], masks, blended, checkpoint)
+        checkpoint()
+        final.timings["save"] = round(time.perf_counter() - started, 4)
+        write_bytes(temp / MANIFEST_FILE, final.to_json().encode("utf-8"))
+        fsync_dir(temp)
+        # 3. rename it into place: the only step visible at `dest`
+        checkpoint()
+        _commit(temp, dest)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check_inputs(stack: LayerStack, background: np.ndarray, foregrounds: list[np.ndarray],
+                  masks: Optional[Sequence[Optional[np.ndarray]]],
+                  blended: Optional[np.ndarray]) -> list[Optional[np.ndarray]]:
+    """Types, counts and pixel arrays of a `write_stack` call; returns one mask entry per foreground."""
     if not isinstance(stack, LayerStack):
         raise ValueError(f"stack: expected a LayerStack, got {type(stack).__name__}")
     if len(stack.layers) != 1 + len(foregrounds):
@@ -123,7 +154,12 @@ def write_stack(
         masks = [None] * len(foregrounds)
     if blended is not None:
         check_image_array(blended, "blended", size, 3)
+    return masks
 
+
+def _final_manifest(stack: LayerStack, dest: Path, masks: Sequence[Optional[np.ndarray]], has_blended: bool,
+                    export_psd: bool, export_ora: bool) -> LayerStack:
+    """A copy of `stack` with what the format fixes filled in, checked like the reader checks it."""
     layers = []
     for i, layer in enumerate(stack.layers):
         if not isinstance(layer, StackLayer):
@@ -141,50 +177,30 @@ def write_stack(
         created=stack.created or _utc_now(),
         layers=layers,
         composite=COMPOSITE_FILE,
-        blended=BLENDED_FILE if blended is not None else None,
+        blended=BLENDED_FILE if has_blended else None,
         exports=exports,
     )
     # The same rules the reader applies (raises StackFormatError naming the field); the
     # result is also normalized (boxes as float tuples, numbers as floats).
-    final = LayerStack.from_dict(described.to_dict(), "stack")
+    return LayerStack.from_dict(described.to_dict(), "stack")
 
-    _refuse_existing(dest)
 
-    def checkpoint() -> None:
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = scratch_path(dest)
-    temp.mkdir()
-    try:
-        images = [background, *foregrounds]
-        jobs = [(temp / COMPOSITE_FILE, lambda: alpha_over(images))]
-        jobs += [(temp / layer.file, lambda image=image: image) for layer, image in zip(final.layers, images)]
-        jobs += [(temp / layer.mask, lambda mask=mask: mask)
-                 for layer, mask in zip(final.layers[1:], masks) if mask is not None]
-        if blended is not None:
-            jobs.append((temp / BLENDED_FILE, lambda: blended))
-        _write_pngs(jobs, checkpoint)
-        if export_psd or export_ora:
-            if export_psd:
-                checkpoint()
-                write_psd(temp / PSD_FILE, final.layers, images, stack.width, stack.height)
-                fsync_file(temp / PSD_FILE)
-            if export_ora:
-                checkpoint()
-                write_ora(temp / ORA_FILE, final.layers, images, stack.width, stack.height)
-                fsync_file(temp / ORA_FILE)
-        checkpoint()
-        final.timings["save"] = round(time.perf_counter() - started, 4)
-        write_bytes(temp / MANIFEST_FILE, final.to_json().encode("utf-8"))
-        fsync_dir(temp)
-        checkpoint()
-        _commit(temp, dest)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return final
+def _write_files(folder: Path, final: LayerStack, images: list[np.ndarray],
+                  masks: Sequence[Optional[np.ndarray]], blended: Optional[np.ndarray],
+                  checkpoint: Callable[[], None]) -> None:
+    """Every PNG `final` names (several at once), then the exports it lists, each synced."""
+    jobs = [(folder / COMPOSITE_FILE, lambda: alpha_over(images))]
+    jobs += [(folder / layer.file, lambda image=image: image) for layer, image in zip(final.layers, images)]
+    jobs += [(folder / layer.mask, lambda mask=mask: mask)
+             for layer, mask in zip(final.layers[1:], masks) if mask is not None]
+    if blended is not None:
+        jobs.append((folder / BLENDED_FILE, lambda: blended))
+    _write_pngs(jobs, checkpoint)
+    for name, write in ((PSD_FILE, write_psd), (ORA_FILE, write_ora)):
+        if name in final.exports:
+            checkpoint()
+            write(folder / name, final.layers, images, final.width, final.height)
+            fsync_file(folder / name)
 
 
 def _refuse_existing(dest: Path) -> None:
