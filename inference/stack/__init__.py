@@ -15,7 +15,6 @@ from .composite import alpha_over, check_image_array
 from .export import export_ora, export_psd, ora_bytes
 from .folder import cleanup_temp, list_stacks
 from .manifest import (
-    BACKGROUND_FILE,
     BACKGROUND_NAME,
     BLENDED_FILE,
     COMPOSITE_FILE,
@@ -25,7 +24,6 @@ from .manifest import (
     MANIFEST_FILE,
     ORA_FILE,
     PSD_FILE,
-    TIMING_PHASES,
     Box,
     LayerStack,
     StackLayer,
@@ -39,8 +37,8 @@ from .reader import load_layer_images, load_png, load_stack
 from .writer import StackExists, write_stack
 
 __all__ = [
-    "BACKGROUND_FILE", "BACKGROUND_NAME", "BLENDED_FILE", "COMPOSITE_FILE", "FORMAT", "FORMAT_VERSION",
-    "KINDS", "MANIFEST_FILE", "ORA_FILE", "PSD_FILE", "TIMING_PHASES", "Box", "LayerStack", "StackExists",
+    "BACKGROUND_NAME", "BLENDED_FILE", "COMPOSITE_FILE", "FORMAT", "FORMAT_VERSION",
+    "KINDS", "MANIFEST_FILE", "ORA_FILE", "PSD_FILE", "Box", "LayerStack", "StackExists",
     "StackLayer", "alpha_over", "check_image_array", "cleanup_temp", "created_timestamp", "export_ora",
     "export_psd", "layer_file_name", "layer_name", "list_stacks", "load_layer_images", "load_png",
     "load_stack", "mask_file_name", "ora_bytes", "scratch_path", "write_stack",

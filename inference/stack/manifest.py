@@ -21,13 +21,11 @@ FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "stack.json"
 BACKGROUND_NAME = "background"
-BACKGROUND_FILE = "background.png"
 COMPOSITE_FILE = "composite.png"
 BLENDED_FILE = "blended.png"
 PSD_FILE = "stack.psd"
 ORA_FILE = "stack.ora"
 KINDS = ("background", "foreground")
-TIMING_PHASES = ("load", "denoise", "decode", "save", "total")
 
 # The hidden sibling a stack (or an export) is written into before it is renamed into place.
 SCRATCH_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<token>[0-9a-f]{8})$")
