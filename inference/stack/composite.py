@@ -48,4 +48,3 @@ def check_image_array(array: Any, what: str, size_hw: tuple[int, int] | None, ch
     if size_hw is not None and tuple(array.shape[:2]) != tuple(size_hw):
         raise ValueError(f"{what}: expected height x width {size_hw[0]}x{size_hw[1]}, "
                          f"got {array.shape[0]}x{array.shape[1]}")
-

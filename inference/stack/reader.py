@@ -90,5 +90,3 @@ def load_layer_images(stack: LayerStack, folder: str | Path) -> list[np.ndarray]
                  f"layers[{i}].file")
         for i, layer in enumerate(stack.layers)
     ]
-
-
