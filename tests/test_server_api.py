@@ -14,7 +14,7 @@ from inference.errors import MissingWeights
 from inference.progress import Progress
 from inference.stack import load_stack
 from server.app import ServerInfo, create_app
-from server.fake_engine import BrokenEngine, FakeEngine
+from tools.fake_engine import BrokenEngine, FakeEngine
 from server.jobs import (DENOISE_SHARE, SAVE_START, GenerationFraction, JobManager,
                          overall_fraction)
 from server.security import allowed_hosts

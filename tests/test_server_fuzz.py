@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
 
 from inference.errors import MultiplaneError
 from server.app import ServerInfo, create_app
-from server.fake_engine import FakeEngine
+from tools.fake_engine import FakeEngine
 from server.jobs import JobManager
 from server.security import allowed_hosts
 
