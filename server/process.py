@@ -27,7 +27,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager, _cleanup_temp
+from inference.stack import cleanup_temp
+
+from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager
 
 log = logging.getLogger("multiplane.server")
 
@@ -150,8 +152,10 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     """
     from inference.errors import InvalidRequest
 
-    from .app import SSE_KEEPALIVE_SECONDS, ServerInfo, create_app
+    from .app import create_app
+    from .events import SSE_KEEPALIVE_SECONDS
     from .security import allowed_hosts, remove_token_file, resolve_token
+    from .state import ServerInfo
 
     announce = sys.stdout
     # The worker thread runs Python-heavy pipeline code; a short GIL switch interval keeps
@@ -172,7 +176,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
 
     output_root = Path(output_root).expanduser() if output_root else default_output_root()
     output_root.mkdir(parents=True, exist_ok=True)
-    _cleanup_temp(output_root)
+    cleanup_temp(output_root)
 
     info = ServerInfo(version=server_version())
     if engine is None:
@@ -252,7 +256,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
         asyncio.run(serve())
     finally:
         stopped = manager.close(timeout=WORKER_JOIN_SECONDS)
-        _cleanup_temp(output_root)
+        cleanup_temp(output_root)
         remove_token_file(token_file)
         with contextlib.suppress(OSError):
             sock.close()
