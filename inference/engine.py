@@ -15,8 +15,6 @@ from typing import Optional
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .request import StackRequest
 
-FORMAT_VERSION = 1
-
 
 @dataclass
 class EngineSettings:

@@ -35,8 +35,6 @@ AUTH_ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong bearer 
 # The HTTP status of each refusal of the job service.
 SERVICE_STATUS = {NotFound: 404, Conflict: 409, QueueFull: 429, ShuttingDown: 503}
 
-__all__ = ["API_PREFIX", "ServerInfo", "create_app"]
-
 
 def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
                keepalive_seconds: float = SSE_KEEPALIVE_SECONDS) -> FastAPI:
