@@ -48,7 +48,7 @@ test: $(STAMP) $(BPY42_STAMP)
 	MULTIPLANE_BLENDER_PYTHON=$(abspath $(BPY42_VENV))/bin/python $(PY) -m pytest tests/test_addon_*.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m server demo --out demo
+	$(PY) -m tools.demo --out demo
 
 bpy42: $(BPY42_STAMP)
 
@@ -68,10 +68,10 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 validate: $(STAMP)
-	$(PY) -m addon_tools validate
+	$(PY) -m tools.addon_tools validate
 
 package: $(STAMP)
-	$(PY) -m addon_tools build --output-dir dist
+	$(PY) -m tools.addon_tools build --output-dir dist
 
 clean:
 	rm -rf $(VENV) $(BPY42_VENV) .pytest_cache dist demo

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from server.testing import ServerProcess, sse_events
+from tools.testing import ServerProcess, sse_events
 
 LATENCY_TARGET_MS = 50.0
 OVERHEAD_TARGET_PERCENT = 5.0

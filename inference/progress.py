@@ -33,6 +33,27 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class WorkPlan:
+    """The work a job will report, declared from the request before it starts, so that a
+    front end turns reports into a share of the whole job without guessing the method's shape.
+
+    `joint`: every layer is denoised together, `runs` runs of `steps` steps (reported with
+    layer None and one step counter over all runs), then the `decoded` layers are decoded in
+    order. Otherwise each layer, background first, is denoised (`steps`) and decoded in turn.
+    """
+
+    layers: int  # in the stack, background included
+    steps: int  # denoising steps per run
+    joint: bool = False
+    runs: int = 1
+    decoded: Optional[tuple[int, ...]] = None  # layers decoded, in order; None = all of them
+
+    @property
+    def decoded_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.layers)) if self.decoded is None else self.decoded
+
+
 def ignore_progress(_: Progress) -> None:
     pass
 

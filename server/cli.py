@@ -1,4 +1,4 @@
-"""Command line: `python -m server generate|serve|demo`.
+"""Command line: `python -m server generate|regenerate|restyle|serve`.
 
 Bad input prints one clear line on stderr and exits with code 2, before anything is
 written or loaded. Engine errors (missing weights...) exit with 1 and their message.
@@ -51,11 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     restyle.add_argument("--stack", required=True, type=Path)
     restyle.add_argument("--style", required=True, help="added to the global prompt")
     add_edit_arguments(restyle)
-
-    demo = sub.add_parser("demo", help="the main job, headless: generate a stack (and a .blend when available)")
-    demo.add_argument("--out", type=Path, default=Path("demo"))
-    demo.add_argument("--model", default=None, help="default: sdxl when its weights are present, else tiny")
-    demo.add_argument("--device", default="auto")
 
     serve = sub.add_parser("serve", help="run the HTTP API (the Blender add-on starts this)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -226,19 +221,13 @@ def cmd_serve(args) -> int:
                       retention=args.retention) or EXIT_OK
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(out=args.out, model=args.model, device=args.device)
-
-
 def main(argv: list[str] | None = None) -> int:
     from inference.errors import Cancelled, InvalidRequest, MultiplaneError
 
     try:
         args = build_parser().parse_args(argv)
         handler = {"generate": cmd_generate, "regenerate": cmd_regenerate, "restyle": cmd_restyle,
-                   "serve": cmd_serve, "demo": cmd_demo}[args.command]
+                   "serve": cmd_serve}[args.command]
         return handler(args)
     except (UsageError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,7 +27,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager, _cleanup_temp
+from inference.stack import cleanup_temp
+
+from .jobs import DEFAULT_MAX_QUEUE, DEFAULT_RETENTION, JobManager
 
 log = logging.getLogger("multiplane.server")
 
@@ -108,31 +110,31 @@ class ParentWatch:
             return False
 
 
-class _Uvicorn:
-    """uvicorn.Server without its habit of re-raising the caught signal after shutdown
-    (we clean up and return an exit code instead)."""
+def uvicorn_server(app):
+    """uvicorn.Server for `app` without its habit of re-raising the caught signal after
+    shutdown (we clean up and return an exit code instead)."""
+    import uvicorn
 
-    @staticmethod
-    def make(config):
-        import uvicorn
+    config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=0.3, lifespan="off")
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                import signal
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            import signal
 
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                handled = [signal.SIGINT, signal.SIGTERM]
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = [signal.SIGINT, signal.SIGTERM]
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
-        return Server(config)
+    return Server(config)
 
 
 def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int] = None,
@@ -148,54 +150,22 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
     Raises InvalidRequest for a bad device, port or option before anything is announced.
     """
-    from inference.errors import InvalidRequest
+    from .app import create_app
+    from .events import SSE_KEEPALIVE_SECONDS
+    from .security import allowed_hosts, remove_token_file
 
-    from .app import SSE_KEEPALIVE_SECONDS, ServerInfo, create_app
-    from .security import allowed_hosts, remove_token_file, resolve_token
-
-    announce = sys.stdout
-    # The worker thread runs Python-heavy pipeline code; a short GIL switch interval keeps
-    # the HTTP thread answering within milliseconds while a job runs (default: 5 ms slices).
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the one ready line
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    if max_queue < 1:
-        raise InvalidRequest("max_queue", f"must be at least 1, got {max_queue}")
-    if retention < 1:
-        raise InvalidRequest("retention", f"must be at least 1, got {retention}")
-    if not 0 <= port <= 65535:
-        raise InvalidRequest("port", f"must be in 0..65535, got {port}")
-    if host not in LOOPBACK_HOSTS:
-        log.warning("listening on %s, not loopback: anyone who can reach it and has the token "
-                    "can use this machine's GPU", host)
-
+    # 1. stdout is for the ready line only; options are checked before anything starts.
+    announce = keep_stdout_for_ready_line()
+    check_options(host, port, max_queue, retention)
     output_root = Path(output_root).expanduser() if output_root else default_output_root()
     output_root.mkdir(parents=True, exist_ok=True)
-    _cleanup_temp(output_root)
+    cleanup_temp(output_root)
 
-    info = ServerInfo(version=server_version())
-    if engine is None:
-        from inference.devices import describe_device, select_device
-        from inference.engine import Engine, EngineSettings
+    # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
+    engine, info = engine_and_info(engine, device, models_dir)
+    token_value, token_file, parent = token_and_parent(token, parent_pid)
 
-        selected = select_device(device)  # a bad or missing device fails here, before "ready"
-        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
-        info.device = describe_device(selected)
-    else:
-        info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
-    info.torch = _package_version("torch")
-    info.diffusers = _package_version("diffusers")
-
-    try:
-        token_value, token_file = resolve_token(token)
-    except ValueError as exc:
-        raise InvalidRequest("token", str(exc)) from None
-    parent = ParentWatch(parent_pid) if parent_pid else None
-    if parent is not None and not parent.alive():
-        remove_token_file(token_file)
-        raise InvalidRequest("parent_pid", f"process {parent_pid} does not exist")
-
+    # 3. The socket (bound here, so the port is known before serving), the job service, the app.
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     manager = JobManager(engine, output_root, models_dir=models_dir, max_queue=max_queue,
@@ -203,56 +173,19 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     manager.start()
     app = create_app(manager, token=token_value, hosts=allowed_hosts(host, bound_port), info=info,
                      keepalive_seconds=keepalive_seconds or SSE_KEEPALIVE_SECONDS)
+    server = uvicorn_server(app)
 
-    import uvicorn
-
-    config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=0.3, lifespan="off")
-    server = _Uvicorn.make(config)
-
-    stdin_closed = threading.Event()
-    if watch_stdin is None:
-        watch_stdin = stdin_is_pipe()
-    if watch_stdin:
-        threading.Thread(target=_read_until_eof, args=(stdin_closed,), name="multiplane-stdin",
-                         daemon=True).start()
-
-    def supervise() -> None:
-        """Turn every reason to stop into: cancel jobs, then let uvicorn exit."""
-        reason = None
-        while reason is None:
-            time.sleep(POLL_SECONDS)
-            if server.should_exit:
-                reason = "signal"
-            elif stdin_closed.is_set():
-                reason = "stdin closed"
-            elif parent is not None and not parent.alive():
-                reason = f"parent process {parent_pid} exited"
-        log.warning("stopping: %s", reason)
-        manager.begin_shutdown()
-        server.should_exit = True
-
+    # 4. Serve: announce once listening, then watch every reason to stop.
+    stop = StopWatch(server, manager, parent, stdin_is_pipe() if watch_stdin is None else watch_stdin)
     url_host = f"[{host}]" if ":" in host else host
-
-    async def serve() -> None:
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        while not server.started and not task.done():
-            await asyncio.sleep(0.005)
-        if server.started:
-            announce.write(json.dumps({
-                "event": "ready", "url": f"http://{url_host}:{bound_port}", "pid": os.getpid(),
-                "version": info.version, "token_file": str(token_file) if token_file else None,
-            }) + "\n")
-            announce.flush()
-            _detach_stdout()
-            threading.Thread(target=supervise, name="multiplane-supervisor", daemon=True).start()
-        await task
-
+    ready = {"event": "ready", "url": f"http://{url_host}:{bound_port}", "pid": os.getpid(),
+             "version": info.version, "token_file": str(token_file) if token_file else None}
     try:
-        asyncio.run(serve())
+        asyncio.run(serve(server, sock, lambda: announce_ready(announce, ready, stop)))
     finally:
+        # 5. Stop the workers, leave no temp folders or token file behind.
         stopped = manager.close(timeout=WORKER_JOIN_SECONDS)
-        _cleanup_temp(output_root)
+        cleanup_temp(output_root)
         remove_token_file(token_file)
         with contextlib.suppress(OSError):
             sock.close()
@@ -263,6 +196,117 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def keep_stdout_for_ready_line():
+    """The real stdout, for the ready line; everything else printed goes to stderr."""
+    announce = sys.stdout
+    # The worker thread runs Python-heavy pipeline code; a short GIL switch interval keeps
+    # the HTTP thread answering within milliseconds while a job runs (default: 5 ms slices).
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the one ready line
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return announce
+
+
+def check_options(host: str, port: int, max_queue: int, retention: int) -> None:
+    from inference.errors import InvalidRequest
+
+    if max_queue < 1:
+        raise InvalidRequest("max_queue", f"must be at least 1, got {max_queue}")
+    if retention < 1:
+        raise InvalidRequest("retention", f"must be at least 1, got {retention}")
+    if not 0 <= port <= 65535:
+        raise InvalidRequest("port", f"must be in 0..65535, got {port}")
+    if host not in LOOPBACK_HOSTS:
+        log.warning("listening on %s, not loopback: anyone who can reach it and has the token "
+                    "can use this machine's GPU", host)
+
+
+def engine_and_info(engine, device: str, models_dir: Optional[Path]):
+    """(engine, ServerInfo): the given engine (tests), else a real one on `device`."""
+    from .state import ServerInfo
+
+    info = ServerInfo(version=server_version())
+    if engine is None:
+        from inference.devices import describe_device, select_device
+        from inference.engine import Engine, EngineSettings
+
+        selected = select_device(device)
+        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
+        info.device = describe_device(selected)
+    else:
+        info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
+    info.torch = _package_version("torch")
+    info.diffusers = _package_version("diffusers")
+    return engine, info
+
+
+def token_and_parent(token: Optional[str], parent_pid: Optional[int]):
+    """(token, its file or None, ParentWatch or None); InvalidRequest for a bad one."""
+    from inference.errors import InvalidRequest
+
+    from .security import remove_token_file, resolve_token
+
+    try:
+        token_value, token_file = resolve_token(token)
+    except ValueError as exc:
+        raise InvalidRequest("token", str(exc)) from None
+    parent = ParentWatch(parent_pid) if parent_pid else None
+    if parent is not None and not parent.alive():
+        remove_token_file(token_file)
+        raise InvalidRequest("parent_pid", f"process {parent_pid} does not exist")
+    return token_value, token_file, parent
+
+
+class StopWatch:
+    """Turns every reason to stop (a signal, stdin closing, the parent gone) into: cancel
+    the jobs, then let uvicorn exit."""
+
+    def __init__(self, server, manager: JobManager, parent: Optional[ParentWatch], watch_stdin: bool):
+        self.server = server
+        self.manager = manager
+        self.parent = parent
+        self.stdin_closed = threading.Event()
+        if watch_stdin:
+            threading.Thread(target=_read_until_eof, args=(self.stdin_closed,), name="multiplane-stdin",
+                             daemon=True).start()
+
+    def start(self) -> None:
+        threading.Thread(target=self.watch, name="multiplane-supervisor", daemon=True).start()
+
+    def watch(self) -> None:
+        reason = None
+        while reason is None:
+            time.sleep(POLL_SECONDS)
+            if self.server.should_exit:
+                reason = "signal"
+            elif self.stdin_closed.is_set():
+                reason = "stdin closed"
+            elif self.parent is not None and not self.parent.alive():
+                reason = f"parent process {self.parent.pid} exited"
+        log.warning("stopping: %s", reason)
+        self.manager.begin_shutdown()
+        self.server.should_exit = True
+
+
+def announce_ready(announce, ready: dict, stop: StopWatch) -> None:
+    """The one stdout line, then stdout detached, then the stop watch running."""
+    announce.write(json.dumps(ready) + "\n")
+    announce.flush()
+    _detach_stdout()
+    stop.start()
+
+
+async def serve(server, sock: socket.socket, on_started) -> None:
+    """uvicorn on our socket; `on_started` runs once it accepts connections."""
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.005)
+    if server.started:
+        on_started()
+    await task
 
 
 def _detach_stdout() -> None:

@@ -229,7 +229,7 @@ class RegenerateIn(_Closed):
 
 
 class ProgressOut(BaseModel):
-    """Where a job is. `fraction` is the whole job's share done (see jobs.overall_fraction)."""
+    """Where a job is. `fraction` is the whole job's share done (see progress.overall_fraction)."""
 
     phase: Optional[str] = Field(default=None, description="download, load, denoise, decode, save")
     step: int = 0

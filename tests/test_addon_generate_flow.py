@@ -270,7 +270,7 @@ def test_make_demo_runs_the_product_path(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in __import__("os").environ.items()}
     env["HOME"] = str(tmp_path / "home")
-    done = subprocess.run([sys.executable, "-m", "server", "demo", "--out", str(out), "--device", "cpu"],
+    done = subprocess.run([sys.executable, "-m", "tools.demo", "--out", str(out), "--device", "cpu"],
                           cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DEMO USES THE TINY RANDOM-WEIGHT MODEL" in done.stderr  # no SDXL weights here

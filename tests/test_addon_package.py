@@ -17,7 +17,7 @@ from blender_helpers import REPO_ROOT, make_stack, run_in_blender  # noqa: E402
 
 
 def _addon_tools(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "addon_tools", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.addon_tools", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -61,11 +61,31 @@ def test_package_holds_addon_engine_and_server_but_no_development_files(package)
                      "addon/geometry.py", "inference/__init__.py", "server/__init__.py", "requirements.txt"):
         assert required in names, required
     assert {"addon", "inference", "server"} <= top
-    for excluded in ("tests", "bench", "addon_tools", ".venv", ".git", ".ci", "Makefile", "pyproject.toml",
+    for excluded in ("tests", "bench", "tools", ".venv", ".git", ".ci", "Makefile", "pyproject.toml",
                      "requirements-dev.txt", "demo", "dist"):
         assert excluded not in top, excluded
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
     assert _addon_tools("validate", str(package)).returncode == 0
+
+
+def test_engine_and_server_in_the_package_import_no_development_module(package):
+    """The inference environment installs requirements.txt only: shipped engine and server
+    code may not need the test helpers (tools/), their httpx, or Blender."""
+    import ast
+
+    forbidden = {"tools", "httpx", "bpy", "pytest"}
+    found = []
+    with zipfile.ZipFile(package) as archive:
+        for name in archive.namelist():
+            if not (name.startswith(("inference/", "server/")) and name.endswith(".py")):
+                continue
+            for node in ast.walk(ast.parse(archive.read(name), name)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                found += [(name, m) for m in modules if m.split(".")[0] in forbidden]
+    assert found == []
+    requirements = zipfile.ZipFile(package).read("requirements.txt").decode()
+    assert "httpx" not in requirements
 
 
 def blender_install(package: str, stack_dir: str) -> dict:

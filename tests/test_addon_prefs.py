@@ -183,7 +183,7 @@ def scenario_installed_extension(package: str) -> dict:
 def test_installed_extension_has_preferences_and_asks_for_an_environment(tmp_path):
     import subprocess
 
-    built = subprocess.run([sys.executable, "-m", "addon_tools", "build", "--output-dir", str(tmp_path)],
+    built = subprocess.run([sys.executable, "-m", "tools.addon_tools", "build", "--output-dir", str(tmp_path)],
                            cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     package = built.stdout.strip().splitlines()[-1]

@@ -11,13 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inference.errors import MissingWeights
-from inference.progress import Progress
+from inference.methods import edit_plan, work_plan
+from inference.progress import Progress, WorkPlan
+from inference.request import LayerSpec, StackRequest
 from inference.stack import load_stack
 from server.app import ServerInfo, create_app
-from server.fake_engine import BrokenEngine, FakeEngine
-from server.jobs import (DENOISE_SHARE, SAVE_START, GenerationFraction, JobManager,
-                         overall_fraction)
+from server.events import status_stream
+from server.jobs import JobManager
+from server.progress import DENOISE_SHARE, SAVE_START, overall_fraction
 from server.security import allowed_hosts
+from tools.fake_engine import BrokenEngine, FakeEngine
 
 PORT = 45123
 TOKEN = "test-token-0123456789abcdef"
@@ -382,8 +385,10 @@ def test_progress_is_monotone_and_reaches_one(slow_api):
 
 
 def test_overall_fraction_weights_layers_equally():
+    plan = WorkPlan(layers=3, steps=10)  # layer after layer (`independent`)
+
     def f(phase, step=0, total=0, layer=None, layers=3):
-        return overall_fraction(Progress(phase=phase, step=step, total=total, layer=layer, layers=layers))
+        return overall_fraction(plan, Progress(phase=phase, step=step, total=total, layer=layer, layers=layers))
 
     assert f("load") == 0.0
     assert f("denoise", 0, 10, 0) == 0.0
@@ -401,17 +406,39 @@ def test_overall_fraction_weights_layers_equally():
 
 
 def test_fraction_of_joint_methods_covers_all_layers_while_denoising():
-    tracker = GenerationFraction()
+    request = StackRequest(prompt="p", method="joint", steps=6, layers=(LayerSpec("a"), LayerSpec("b")))
+    plan = work_plan(request)  # declared by the method before anything runs
+    assert plan.joint and plan.layers == 3
     events = [Progress("load")]
     events += [Progress("denoise", s, 6, None, 3) for s in range(7)]  # all layers at once
     for layer in range(3):
         events += [Progress("decode", s, 2, layer, 3) for s in range(3)]
     events.append(Progress("save", layers=3))
-    values = [tracker(p) for p in events]
-    assert tracker.joint
+    values = [overall_fraction(plan, p) for p in events]
     assert values == sorted(values)
     assert values[7] == pytest.approx(SAVE_START * DENOISE_SHARE)  # denoise done for all layers
     assert values[-2] == pytest.approx(SAVE_START)
+    # The very first report already counts against all three layers, not against the first.
+    assert values[1] == 0.0 and values[2] == pytest.approx(SAVE_START * DENOISE_SHARE / 6)
+
+
+def test_fraction_of_a_regenerated_layer_gives_its_decode_the_whole_decode_share():
+    plan = edit_plan(layers=3, steps=4, regenerated=2)  # only layer 2 is decoded again
+    denoised = overall_fraction(plan, Progress("denoise", 4, 4, None, 3))
+    halfway = overall_fraction(plan, Progress("decode", 1, 2, 2, 3))
+    decoded = overall_fraction(plan, Progress("decode", 2, 2, 2, 3))
+    assert denoised == pytest.approx(SAVE_START * DENOISE_SHARE)
+    assert halfway == pytest.approx(SAVE_START * (DENOISE_SHARE + (1 - DENOISE_SHARE) / 2))
+    assert decoded == pytest.approx(SAVE_START)
+
+
+def test_harmonized_plan_counts_both_passes():
+    request = StackRequest(prompt="p", method="harmonized", steps=5, layers=(LayerSpec("a"),))
+    plan = work_plan(request)
+    assert (plan.joint, plan.runs, plan.layers) == (True, 2, 2)
+    # the engine reports one step counter over both passes (total 2 × steps)
+    assert overall_fraction(plan, Progress("denoise", 5, 10, None, 2)) == pytest.approx(
+        SAVE_START * DENOISE_SHARE / 2)
 
 
 def test_eta_is_estimated_while_denoising(tmp_path):
@@ -520,8 +547,6 @@ def test_download_without_network_fails_listing_the_files(api, monkeypatch, tmp_
 
 def test_event_stream_sends_keepalives_and_ends_after_terminal_status():
     import asyncio
-
-    from server.app import status_stream
 
     async def collect():
         updates: asyncio.Queue = asyncio.Queue()

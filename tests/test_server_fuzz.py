@@ -15,9 +15,9 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
 
 from inference.errors import MultiplaneError
 from server.app import ServerInfo, create_app
-from server.fake_engine import FakeEngine
 from server.jobs import JobManager
 from server.security import allowed_hosts
+from tools.fake_engine import FakeEngine
 
 PORT = 45124
 TOKEN = "fuzz-token-0123456789abcdef"

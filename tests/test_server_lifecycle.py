@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import ServerProcess
+from tools.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from inference.stack import load_stack
-from server.testing import FAST, ServerProcess, sse_events
+from tools.testing import FAST, ServerProcess, sse_events
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""Run the real server process (`python -m server serve`) and talk to it: for tests,
-benchmarks and anyone scripting the API. Not used by the server itself."""
+"""Run the real server process (`python -m server serve`) and talk to it: for tests and
+benchmarks. Needs httpx (requirements-dev.txt); the server itself never imports this."""
 from __future__ import annotations
 
 import json

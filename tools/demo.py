@@ -12,6 +12,7 @@ random-weight model, and says so loudly (its pictures are noise-like by design).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import time
@@ -183,3 +184,19 @@ def run_demo(out: Path, model: str | None = None, device: str = "auto") -> int:
     print(f"demo: model {model!r}: {planes} planes in {state.imported!r}; wrote {blend}, "
           f"{out / 'preview.png'} and the stack {state.stack_dir} in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo",
+                                     description="the main job, headless: generate a stack in "
+                                                 "Blender, import it as planes, save a .blend")
+    parser.add_argument("--out", type=Path, default=Path("demo"))
+    parser.add_argument("--model", default=None,
+                        help="default: sdxl when its weights are present, else tiny")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    return run_demo(out=args.out, model=args.model, device=args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

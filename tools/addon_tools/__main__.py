@@ -1,4 +1,4 @@
-"""`python -m addon_tools validate` / `python -m addon_tools build --output-dir DIR`."""
+"""`python -m tools.addon_tools validate` / `python -m tools.addon_tools build --output-dir DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from . import REPO_ROOT, ToolError, build, validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m addon_tools",
+    parser = argparse.ArgumentParser(prog="python -m tools.addon_tools",
                                      description="Validate or build the Multiplane Blender extension "
                                                  "with Blender's own blender_ext.py")
     commands = parser.add_subparsers(dest="command", required=True)

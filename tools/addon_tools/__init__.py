@@ -2,7 +2,7 @@
 
 Blender ships its packager as a stand-alone script (`blender_ext.py`, standard library
 only) inside the bpy wheel; running that exact script is the surest way to know that
-Blender will accept the package. `python -m addon_tools validate|build` wraps it.
+Blender will accept the package. `python -m tools.addon_tools validate|build` wraps it.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _RELATIVE_TOOL = Path("scripts", "addons_core", "bl_pkg", "cli", "blender_ext.py")
 
 

@@ -1,8 +1,9 @@
 """A stand-in for `inference.engine.Engine` with the same interface and no torch.
 
 For fast tests of the queue and the HTTP layer (and API fuzzing), where a real model would
-only add minutes. It reports progress like the engine (denoise steps per layer, decode,
-save), honours the CancelToken at every step, and writes a small but valid stack folder
+only add minutes. It reports progress like the engine, in the shape the request's method
+declares (`inference.methods.work_plan`: denoise steps per layer or all layers at once,
+decodes, save), honours the CancelToken at every step, and writes a small but valid stack folder
 atomically (temp folder, then rename). Tests that need real pixels use the real engine
 with the `tiny` model.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from inference.errors import Cancelled, InvalidRequest
+from inference.methods import work_plan
 from inference.progress import CancelToken, Progress, ignore_progress
 from inference.request import StackRequest
 
@@ -46,22 +48,28 @@ class FakeEngine:
             if self.loaded_model != model:
                 progress(Progress(phase="load", message=f"loading {model}"))
                 self.loaded_model = model
-            n_layers = 1 + len(request.layers)
-            for layer in range(n_layers):
-                progress(Progress(phase="denoise", step=0, total=request.steps, layer=layer, layers=n_layers))
-                for step in range(request.steps):
-                    if self.step_seconds:
-                        time.sleep(self.step_seconds)
-                    if cancel.cancelled:
-                        raise Cancelled(cancel.reason)
-                    progress(Progress(phase="denoise", step=step + 1, total=request.steps,
-                                      layer=layer, layers=n_layers))
-                if self.fail_with is not None:
-                    raise self.fail_with
-                progress(Progress(phase="decode", step=1, total=1, layer=layer, layers=n_layers))
+            plan = work_plan(request)
+            if plan.joint:
+                self._denoise(plan.runs * plan.steps, None, plan.layers, progress, cancel)
+            for layer in range(plan.layers):
+                if not plan.joint:
+                    self._denoise(plan.steps, layer, plan.layers, progress, cancel)
+                progress(Progress(phase="decode", step=1, total=1, layer=layer, layers=plan.layers))
             cancel.raise_if_cancelled()
-            progress(Progress(phase="save", layers=n_layers))
+            progress(Progress(phase="save", layers=plan.layers))
             return self._write(request, model, out_dir, export_psd, export_ora, cancel)
+
+    def _denoise(self, steps: int, layer: Optional[int], layers: int, progress, cancel) -> None:
+        """One denoising run, as the methods report it (layer None: all layers at once)."""
+        progress(Progress(phase="denoise", step=0, total=steps, layer=layer, layers=layers))
+        for step in range(steps):
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
+            if cancel.cancelled:
+                raise Cancelled(cancel.reason)
+            progress(Progress(phase="denoise", step=step + 1, total=steps, layer=layer, layers=layers))
+        if self.fail_with is not None:
+            raise self.fail_with
 
     def _write(self, request: StackRequest, model: str, out_dir: Path, export_psd: bool,
                export_ora: bool, cancel: CancelToken):
