@@ -23,16 +23,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from inference.errors import InvalidRequest
 from inference.models import preset_names
 from inference.progress import CancelToken, Progress, WorkPlan
-from inference.request import StackRequest
+from inference.request import StackRequest, validate_layer_edit, validate_layer_index
 from inference.stack import cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
 from .schemas import TERMINAL_STATES, JobCreate, RegenerateIn
-from .stacks import delete_stack, foreground_count, stack_created, stack_manifest
+from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
 log = logging.getLogger("multiplane.server")
@@ -159,14 +158,13 @@ class JobManager:
             if not JOB_ID_PATTERN.match(entry.name) or entry.name in self._jobs:
                 continue
             try:
-                name, files = stack_manifest(entry)
-                created = stack_created(entry)
-            except (OSError, ValueError) as exc:
+                created = stack_created(stack, entry)
+            except OSError as exc:
                 log.warning("not listing %s: %s", entry, exc)
                 continue
             job = Job(id=entry.name, kind="generate", created=created, status="succeeded",
                       started=created, finished=created, fraction=1.0, stack_dir=entry,
-                      stack_name=name or stack.name, files=files)
+                      stack_name=stack.name or entry.name, files=stack_files(stack))
             self._jobs[job.id] = job
             restored += 1
         return restored
@@ -215,17 +213,14 @@ class JobManager:
 
     def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> dict:
         """Queue regenerating one layer of a finished stack (a new job, a new stack folder)."""
-        if edit.prompt is None and edit.seed is None:
-            raise InvalidRequest("prompt", "give a new prompt and/or a new seed for the layer")
+        validate_layer_edit(edit.prompt, edit.seed, prompt_field="prompt", seed_field="seed",
+                            prompt_required=edit.layer_index > 0)
         with self._lock:
             self._check_open()
             source = self._job(source_id)
             if source.status != "succeeded" or source.stack_dir is None:
                 raise Conflict(f"job {source_id} has no finished stack to edit (status {source.status})")
-            foregrounds = foreground_count(source.files)
-            if edit.layer_index > foregrounds:
-                raise InvalidRequest("layer_index", f"must be 0 (background) .. {foregrounds} for this "
-                                                    f"stack, got {edit.layer_index}")
+            validate_layer_index("layer_index", edit.layer_index, foreground_count(read_stack(source.stack_dir)))
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
                       source=source_id, model=source.model)
@@ -388,7 +383,8 @@ class JobManager:
             plan: WorkPlan = generation_plan(job, self.output_root)
             progress = self._progress_callback(job, functools.partial(overall_fraction, plan))
             out_dir = generate_stack(self.engine, job, self.output_root, progress)
-            name, files = stack_manifest(out_dir)
+            written = read_stack(out_dir)
+            name, files = written.name or out_dir.name, stack_files(written)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a job state
             self._fail(job, exc)
             if not isinstance(exc, Exception):

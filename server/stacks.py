@@ -1,64 +1,48 @@
-"""What the job service reads from (and removes under) its output folder of stacks.
-
-Moved as it was out of jobs.py; it is to be replaced by the stack package's own reader
-(issue 8, part 3), so the server stops re-reading stack.json by hand.
-"""
+"""What the job service reads from (and removes under) its output folder, through the stack
+package (`inference.stack`): the server never parses stack.json itself."""
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 import shutil
-from datetime import datetime
 from pathlib import Path
+
+from inference.stack import MANIFEST_FILE, LayerStack, created_timestamp, load_stack, scratch_path
 
 log = logging.getLogger("multiplane.server")
 
 
-def stack_manifest(stack_dir: Path) -> tuple[str, list[str]]:
-    """(display name, file names) of a stack folder, from its stack.json.
-
-    Only plain file names are returned; anything with a path separator or a leading dot is
-    left out, so the file endpoint can never be steered outside the folder by a manifest.
-    """
-    data = json.loads((stack_dir / "stack.json").read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or data.get("format") != "multiplane.stack":
-        raise ValueError(f"{stack_dir / 'stack.json'} is not a multiplane stack manifest")
-    names = ["stack.json"]
-    for layer in data.get("layers") or []:
-        if isinstance(layer, dict):
-            names += [layer.get("file"), layer.get("mask")]
-    names += [data.get("composite"), data.get("blended")]
-    names += list(data.get("exports") or [])
-    files: list[str] = []
-    for name in names:
-        if isinstance(name, str) and is_plain_file_name(name) and name not in files:
-            files.append(name)
-    return str(data.get("name") or stack_dir.name), files
+def read_stack(stack_dir: Path) -> LayerStack:
+    """The validated manifest of a stack folder (images not opened); StackFormatError names
+    the file and field of a bad one."""
+    return load_stack(stack_dir, check_images=False)
 
 
-def is_plain_file_name(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name \
-        and "\x00" not in name and name not in (".", "..")
+def stack_files(stack: LayerStack) -> list[str]:
+    """The files a client may fetch from a stack: the manifest and every file it names (the
+    stack package only accepts plain file names there, so none can leave the folder)."""
+    names = [MANIFEST_FILE]
+    for layer in stack.layers:
+        names += [layer.file] + ([layer.mask] if layer.mask else [])
+    names += [stack.composite] + ([stack.blended] if stack.blended else []) + list(stack.exports)
+    return list(dict.fromkeys(n for n in names if n))
 
 
-def foreground_count(files: list[str]) -> int:
-    """Foreground layers of a stack, from its file list."""
-    return sum(1 for f in files if f.startswith("layer_") and f.endswith(".png"))
+def foreground_count(stack: LayerStack) -> int:
+    return sum(1 for layer in stack.layers if layer.kind == "foreground")
 
 
-def stack_created(stack_dir: Path) -> float:
+def stack_created(stack: LayerStack, stack_dir: Path) -> float:
+    """When the stack was made (POSIX seconds); the manifest's time, else the folder's."""
     try:
-        created = json.loads((stack_dir / "stack.json").read_text(encoding="utf-8")).get("created")
-        return datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
-    except Exception:  # an old or hand-made manifest: the folder's time is good enough
-        return (stack_dir / "stack.json").stat().st_mtime
+        return created_timestamp(stack.created)
+    except (TypeError, ValueError):
+        return (stack_dir / MANIFEST_FILE).stat().st_mtime
 
 
 def delete_stack(stack_dir: Path) -> None:
-    # Renamed to a hidden temp name first: it leaves the listing at once, and a crash
-    # half-way through the delete is cleaned up like any temp folder at the next start.
-    doomed = stack_dir.with_name(f".{stack_dir.name}.tmp-{secrets.token_hex(4)}")
+    # Renamed to a hidden scratch name first: it leaves the listing at once, and a crash
+    # half-way through the delete is cleaned up like any left-over scratch folder at the next start.
+    doomed = scratch_path(stack_dir)
     try:
         stack_dir.rename(doomed)
     except OSError as exc:
