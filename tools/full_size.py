@@ -40,7 +40,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -57,6 +56,10 @@ REFERENCE_CONFIGS = {
     ("sdxl", "unet/config.json"): ("sdxl_unet_config.json",
                                    {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0"}),
 }
+# Tensor-name prefixes of the Hub files that today's library drops from the module tree:
+# the published text encoders were saved by transformers 4.x, whose CLIPTextModel wrapped a
+# `text_model`; transformers 5 strips that prefix on load (its conversion mapping).
+PUBLISHED_NAME_PREFIX = {"CLIPTextModel": "text_model."}
 # LayerDiffuse files whose stem is not a manifest entry share the layout of another file.
 MANIFEST_ENTRY_BY_ROLE = {"encoder": "vae_transparent_encoder", "decoder": "vae_transparent_decoder"}
 
@@ -146,7 +149,8 @@ def clip_vocabulary_files() -> dict[str, bytes]:
 
 
 def component_shapes(library_class: Sequence[str], config: dict) -> dict[str, tuple[int, ...]]:
-    """State-dict names and shapes of a pipeline component built on the meta device."""
+    """Tensor names (as the Hub files spell them) and shapes of a pipeline component, from
+    the component built on the meta device."""
     import importlib
 
     import torch
@@ -158,7 +162,9 @@ def component_shapes(library_class: Sequence[str], config: dict) -> dict[str, tu
             model = cls.from_config(config)
         else:  # transformers
             model = cls(cls.config_class.from_dict(config))
-    return {name: tuple(t.shape) for name, t in sorted(model.state_dict().items())}
+    prefix = PUBLISHED_NAME_PREFIX.get(class_name, "")
+    published = {(n if n.startswith(prefix) else prefix + n): tuple(t.shape) for n, t in model.state_dict().items()}
+    return dict(sorted(published.items()))
 
 
 def plan_preset(name: str) -> list[PlannedFile]:
@@ -299,47 +305,6 @@ def build_preset_cache(name: str, hf_home: Path, log: Callable[[str], None] = pr
 
 
 # -- running the real CLI against it ----------------------------------------------------------
-class TreePeakRss:
-    """Peak of the summed RSS of a process and all its descendants, sampled on a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        import psutil
-
-        self._psutil = psutil
-        self._root = psutil.Process(pid)
-        self.peak = 0
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def sample(self) -> int:
-        psutil = self._psutil
-        try:
-            procs = [self._root, *self._root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        total = 0
-        for proc in procs:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass  # exited between listing and reading
-        return total
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def cli_command(name: str, out: Path, *, device: str = "auto", size: int = 256, steps: int = 2) -> list[str]:
     """The user's command: joint, background + 2 foregrounds, one decoder pass, offline."""
     command = [sys.executable, "-m", "server", "generate", "--model", name, "--method", "joint",
@@ -404,12 +369,15 @@ def check_stack(out: Path, expected_layers: int) -> list[dict]:
 
 
 def run_cli(command: list[str], env: dict, log_path: Path) -> tuple[int, float, int]:
-    """(exit code, wall seconds, peak tree RSS) of one CLI run; output goes to `log_path`."""
+    """(exit code, wall seconds, peak RSS of it and its children) of one CLI run; output
+    goes to `log_path`."""
+    from bench.common import PeakSampler
+
     t = time.perf_counter()
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            with TreePeakRss(proc.pid) as rss:
+            with PeakSampler(proc.pid, tree=True, interval=0.1) as rss:
                 rc = proc.wait()
         finally:
             if proc.poll() is None:  # interrupted: do not leave a 20 GB process behind
