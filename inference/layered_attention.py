@@ -322,10 +322,13 @@ class LayeredAttnProcessor:
     """Per-module processor; all job behaviour comes from the shared `LayeredAttentionState`."""
 
     def __init__(self, name: str, state: LayeredAttentionState, factors: Optional[Factors] = None,
-                 dense: Optional[dict[str, torch.Tensor]] = None):
+                 dense: Optional[dict[str, torch.Tensor]] = None,
+                 bias_deltas: Optional[dict[str, torch.Tensor]] = None):
         self.name = name
         self.state = state
         self.factors = factors or {}
+        # Transparency deltas of 1-D parameters (to_out.0 biases), added on the patched rows.
+        self.bias_deltas = bias_deltas or {}
         # Merged W + up·down where that is cheaper than the side path (rank ≥ in·out/(in+out),
         # e.g. full-rank test patches); used for rows whose scale is exactly 1.
         self.dense = dense or {}
@@ -379,28 +382,41 @@ class LayeredAttnProcessor:
 
     # -- parts ---------------------------------------------------------------------------
     def project(self, linear: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
-        """linear(x), plus scale_b · up(down(x_b)) on the rows with a nonzero transparency scale."""
+        """linear(x), plus scale_b · (up(down(x_b)) + Δbias) on the rows with a nonzero
+        transparency scale."""
         st = self.state
         factors = self.factors.get(which)
-        if factors is None or st.patched_rows is None:
+        bias_delta = self.bias_deltas.get(which)
+        if (factors is None and bias_delta is None) or st.patched_rows is None:
             return linear(x)
+        if bias_delta is not None and (bias_delta.device != x.device or bias_delta.dtype != x.dtype):
+            bias_delta = self.bias_deltas[which] = bias_delta.to(device=x.device, dtype=x.dtype)  # offload
+        rows = st.patched_rows.to(x.device)
         dense = self.dense.get(which)
-        if dense is not None and st.unit_scale and dense.device == x.device and x.dtype == dense.dtype:
+        if factors is not None and dense is not None and st.unit_scale and dense.device == x.device \
+                and x.dtype == dense.dtype:
             # Each row through exactly one weight — W for unpatched rows, W + ΔW for patched
             # ones — in one batched product with a per-row weight (no row projected twice, no
             # gathering and scattering of rows).
             weights = self.row_weights(which, linear.weight, dense)
             if linear.bias is None:
-                return torch.bmm(x, weights)
-            return torch.baddbmm(linear.bias.view(1, 1, -1), x, weights)
-        rows = st.patched_rows.to(x.device)
+                out = torch.bmm(x, weights)
+            else:
+                out = torch.baddbmm(linear.bias.view(1, 1, -1), x, weights)
+            if bias_delta is None:
+                return out
+            return out.index_add_(0, rows, bias_delta.view(1, 1, -1).expand(len(rows), out.shape[1], -1))
         out = linear(x)
-        up, down = factors
-        if up.device != x.device or up.dtype != x.dtype:
-            # Model CPU offload moves the UNet per call; follow it once and keep the copy.
-            up, down = up.to(device=x.device, dtype=x.dtype), down.to(device=x.device, dtype=x.dtype)
-            self.factors[which] = (up, down)
-        side = F.linear(F.linear(x.index_select(0, rows), down), up)
+        picked = x.index_select(0, rows)
+        if factors is None:
+            side = bias_delta.view(1, 1, -1).expand(len(rows), out.shape[1], -1)
+        else:
+            up, down = factors
+            if up.device != x.device or up.dtype != x.dtype:
+                # Model CPU offload moves the UNet per call; follow it once and keep the copy.
+                up, down = up.to(device=x.device, dtype=x.dtype), down.to(device=x.device, dtype=x.dtype)
+                self.factors[which] = (up, down)
+            side = F.linear(F.linear(picked, down), up, bias_delta)
         side = side * st.patched_scale.to(device=x.device, dtype=side.dtype).view(-1, 1, 1)
         return out.index_add_(0, rows, side.to(out.dtype))
 
@@ -489,20 +505,24 @@ class LayeredAttnProcessor:
 
 
 # ------------------------------------------------------------------ installing
-def module_factors(factors: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], module: str
-                   ) -> Optional[Factors]:
-    """The q/k/v/out factors of one attention module from `TransparencyPatch.low_rank()` names."""
+def module_factors(factors: Optional[Mapping[str, object]], module: str, kind: str = "weight") -> Optional[dict]:
+    """One attention module's entries, by projection, from parameter-named patch data:
+    `TransparencyPatch.low_rank()` factors (`kind` "weight") or `bias_deltas()` ("bias")."""
     if not factors:
         return None
-    found = {p: factors[f"{module}.{p}.weight"] for p in PROJECTIONS if f"{module}.{p}.weight" in factors}
+    found = {p: factors[f"{module}.{p}.{kind}"] for p in PROJECTIONS if f"{module}.{p}.{kind}" in factors}
     return found or None
 
 
 @contextlib.contextmanager
 def layered_attention(unet: nn.Module, state: LayeredAttentionState,
-                      factors: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None
+                      factors: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+                      bias_deltas: Optional[Mapping[str, torch.Tensor]] = None,
                       ) -> Iterator[dict[str, LayeredAttnProcessor]]:
     """Install a `LayeredAttnProcessor` on every attention module for the `with` body.
+
+    `factors` and `bias_deltas` are the transparency patch's per-sample form
+    (`transparency_factors(patch)`, `patch.bias_deltas()`), keyed by UNet parameter name.
 
     The UNet's previous processors (whatever they were) are put back afterwards, also when
     the body raises or is cancelled. Install after anything that resets processors.
@@ -515,7 +535,8 @@ def layered_attention(unet: nn.Module, state: LayeredAttentionState,
         attn = modules[module]
         check_plain_attention(attn, module)
         found = module_factors(factors, module)
-        processors[key] = LayeredAttnProcessor(module, state, found, dense_weights(attn, found))
+        processors[key] = LayeredAttnProcessor(module, state, found, dense_weights(attn, found),
+                                               module_factors(bias_deltas, module, "bias"))
     unet.set_attn_processor(dict(processors))
     try:
         yield processors

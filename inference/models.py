@@ -54,6 +54,12 @@ class LayerDiffuseFile:
     role: str  # one of ROLES
     approx_size: int  # bytes (fp16 file), for the UI
     optional: bool = False  # only fetched on demand (e.g. the SD1.5 joint model)
+    # Used in place of its role's default file when found on disk (models folder, HF cache or
+    # a base folder's layerdiffuse/); never downloaded on its own.
+    alternative: bool = False
+    # Offset encoders only: the factor their raw output is multiplied by, as the file's own
+    # reference implementation runs it (../shared/reference/README.md, "Offset encoders").
+    offset_scale: Optional[float] = None
 
     def hub_file(self) -> HubFile:
         return HubFile(self.repo_id, self.filename, self.approx_size, self.role)
@@ -78,7 +84,10 @@ class ModelPreset:
         return tuple(f for f in self.base_files if not f.filename.endswith(".safetensors"))
 
     def required_layerdiffuse(self) -> tuple[LayerDiffuseFile, ...]:
-        return tuple(f for f in self.layerdiffuse if not f.optional)
+        return tuple(f for f in self.layerdiffuse if not (f.optional or f.alternative))
+
+    def alternatives(self, role: str) -> tuple[LayerDiffuseFile, ...]:
+        return tuple(f for f in self.layerdiffuse if f.alternative and f.role == role)
 
     @property
     def approx_download_size(self) -> int:
@@ -118,15 +127,24 @@ _SD15_FILES = tuple(
 )
 
 # Sizes: the fp16 tensors of each file's published layout (shared/reference manifest).
+# Offset-encoder scales: the v1 files are run on their raw output (the author's Forge extension,
+# the rootonchair diffusers port); only the LayerDiffuse_Diffusers SDXL encoder is run x300
+# (LayerDiffuse_DiffusersCLI). The three files share one layout, so the scale cannot be read off
+# a file: it belongs to the file's name here, and nowhere else.
 _SDXL_LAYERDIFFUSE = (
     LayerDiffuseFile(LAYERDIFFUSE_DIFFUSERS_REPO, "ld_diffusers_sdxl_attn.safetensors", "unet_patch", 1_910 * MB),
     LayerDiffuseFile(LAYERDIFFUSE_REPO, "vae_transparent_decoder.safetensors", "decoder", 208 * MB),
-    LayerDiffuseFile(LAYERDIFFUSE_REPO, "vae_transparent_encoder.safetensors", "encoder", 2_400_000),
+    LayerDiffuseFile(LAYERDIFFUSE_REPO, "vae_transparent_encoder.safetensors", "encoder", 2_400_000,
+                     offset_scale=1.0),
+    LayerDiffuseFile(LAYERDIFFUSE_DIFFUSERS_REPO, "ld_diffusers_sdxl_vae_transparent_encoder.safetensors",
+                     "encoder", 2_400_000, alternative=True, offset_scale=300.0),
 )
 _SD15_LAYERDIFFUSE = (
     LayerDiffuseFile(LAYERDIFFUSE_REPO, "layer_sd15_transparent_attn.safetensors", "attention_sharing", 359 * MB),
     LayerDiffuseFile(LAYERDIFFUSE_REPO, "layer_sd15_joint.safetensors", "joint", 579 * MB, optional=True),
     LayerDiffuseFile(LAYERDIFFUSE_REPO, "layer_sd15_vae_transparent_decoder.safetensors", "decoder", 208 * MB),
+    LayerDiffuseFile(LAYERDIFFUSE_REPO, "layer_sd15_vae_transparent_encoder.safetensors", "encoder", 2_400_000,
+                     offset_scale=1.0),
 )
 
 PRESETS: dict[str, ModelPreset] = {
@@ -154,6 +172,15 @@ def preset_names() -> list[str]:
 def family_preset(family: str) -> ModelPreset:
     """The preset whose LayerDiffuse files serve a base of `family`."""
     return PRESETS[family]
+
+
+def layerdiffuse_file(family: str, filename: str) -> LayerDiffuseFile:
+    """The published LayerDiffuse file of `family` called `filename` (what it is, how it is run)."""
+    for f in family_preset(family).layerdiffuse:
+        if f.filename == filename:
+            return f
+    raise InvalidRequest("model", f"{filename} is not a LayerDiffuse file of the {family} family "
+                                  f"(known: {', '.join(f.filename for f in family_preset(family).layerdiffuse)})")
 
 
 # -- where generated / cached things live ---------------------------------------------------
@@ -200,6 +227,12 @@ class ResolvedModel:
         """
         cache = HashCache(cache_file or default_cache_dir() / "file_hashes.json")
         return {path.name: cache.sha256(path) for _, path in sorted(self.files.items())}
+
+    @property
+    def encoder_offset_scale(self) -> Optional[float]:
+        """How the resolved offset encoder's output is scaled (None: no encoder)."""
+        path = self.files.get("encoder")
+        return None if path is None else layerdiffuse_file(self.family, Path(path).name).offset_scale
 
 
 class HashCache:
@@ -325,9 +358,14 @@ def inspect_checkpoint(path: Path) -> str:
 
 
 def bundled_layerdiffuse(folder: Path, preset: ModelPreset) -> dict[str, Path]:
-    """LayerDiffuse files a base folder carries in `layerdiffuse/` (published names)."""
+    """LayerDiffuse files a base folder carries in `layerdiffuse/` (published names; a role's
+    default file before its alternatives)."""
     sub = folder / "layerdiffuse"
-    return {f.role: sub / f.filename for f in preset.layerdiffuse if (sub / f.filename).is_file()}
+    found: dict[str, Path] = {}
+    for f in sorted(preset.layerdiffuse, key=lambda f: f.alternative):
+        if f.role not in found and (sub / f.filename).is_file():
+            found[f.role] = sub / f.filename
+    return found
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -389,9 +427,21 @@ def resolve_model(spec: str, *, models_dir: Optional[Path] = None, allow_downloa
 
 def _layerdiffuse_needed(preset: ModelPreset, have: dict[str, Path], models_dir: Optional[Path]
                          ) -> tuple[list[LayerDiffuseFile], dict[str, Path]]:
-    """(required files still to fetch, optional files already on disk)."""
-    needed = [f for f in preset.required_layerdiffuse() if f.role not in have]
-    extras = {}
+    """(required files still to fetch, optional or alternative files already on disk).
+
+    A required file missing from disk whose role has an alternative on disk is not fetched:
+    the alternative serves (e.g. LayerDiffuse_Diffusers' SDXL encoder instead of v1's).
+    """
+    needed, extras = [], {}
+    for f in preset.required_layerdiffuse():
+        if f.role in have:
+            continue
+        alternative = next((p for p in (locate_file(a.repo_id, a.filename, models_dir=models_dir)
+                                        for a in preset.alternatives(f.role)) if p is not None), None)
+        if alternative is not None and locate_file(f.repo_id, f.filename, models_dir=models_dir) is None:
+            extras[f.role] = alternative
+        else:
+            needed.append(f)
     for f in preset.layerdiffuse:
         if f.optional and f.role not in have:
             path = locate_file(f.repo_id, f.filename, models_dir=models_dir)
@@ -474,8 +524,10 @@ def preset_availability(models_dir: Optional[Path] = None) -> list[dict]:
         for ld in preset.layerdiffuse:
             entries.append(_file_entry(ld.hub_file(), ld.role,
                                        locate_file(ld.repo_id, ld.filename, models_dir=models_dir),
-                                       optional=ld.optional))
-        missing = [e for e in entries if not e["present"] and not e["optional"]]
+                                       optional=ld.optional or ld.alternative))
+        served = {e["role"] for e in entries if e["present"] and e["role"] != "base"}
+        missing = [e for e in entries if not e["present"] and not e["optional"]
+                   and (e["role"] == "base" or e["role"] not in served)]
         out.append(dict(name=preset.name, family=preset.family, base=preset.base,
                         description=preset.description, default_size=preset.default_size,
                         available=not missing, files=entries,
@@ -610,6 +662,7 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     encoder = None
     if "encoder" in resolved.files:
         encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,
+                                                      offset_scale=resolved.encoder_offset_scale,
                                                       **resolved.encoder_config)
     return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,
                        family=resolved.family, resolved=resolved, device=device, dtype=dtype,

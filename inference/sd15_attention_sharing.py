@@ -66,10 +66,6 @@ class FrameLoRA(nn.Module):
         """The update's contribution x·(up·down)ᵀ, to add to the base layer's output."""
         return self.up(self.down(x))
 
-    def weight_update(self) -> torch.Tensor:
-        """up·down, the dense [out, in] change of the base weight."""
-        return self.up.weight @ self.down.weight
-
 
 def _multihead_attention(
     query: torch.Tensor,

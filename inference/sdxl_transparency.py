@@ -200,7 +200,7 @@ class TransparencyPatch:
 
         The delta is the one actually applied to this UNet (patched − original, in float32),
         so per-sample application reproduces `applied()`; it is exact up to float error
-        when the delta's rank is ≤ `rank`. Biases (1-D) are not factorized and are skipped.
+        when the delta's rank is ≤ `rank`. Biases (1-D) need no factors: see `bias_deltas`.
         `dtype` defaults to the parameters' dtype.
         """
         self._check_usable()
@@ -215,6 +215,14 @@ class TransparencyPatch:
             out_dtype = dtype or patched.dtype
             factors[name] = (up.to(out_dtype), down.to(out_dtype))
         return factors
+
+    def bias_deltas(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Per 1-D parameter (to_out.0 biases, when the file carries them) the applied delta
+        (patched − original, in float32, then `dtype`, default the parameter's), for
+        per-sample application beside `low_rank`'s factors."""
+        self._check_usable()
+        return {name: (patched.float() - self._originals[name].float()).to(dtype or patched.dtype)
+                for name, patched in self._patched.items() if patched.ndim == 1}
 
     # ----------------------------------------------------------------- internals
     def _check_usable(self) -> None:

@@ -52,7 +52,6 @@ __all__ = [
     "decode_transparent",
     "encode_transparent",
     "pad_transparent_rgb",
-    "DEFAULT_OFFSET_SCALE",
 ]
 
 _DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
@@ -260,9 +259,23 @@ class TransparentEncoder(StrictSingleFile, ModelMixin, ConfigMixin):
     conv(in→c0), SiLU, conv(c0→c0), SiLU, then for every further width c a stride-2
     conv(prev→c), SiLU, conv(c→c), SiLU, and a final conv(c_last→out). The output is raw;
     see `encode_transparent` for how it is scaled and used.
+
+    `offset_scale` is the factor the raw output is used with. It belongs to the weight file
+    (the published files share one layout but are run x1 or x300 by their references), so
+    whoever loads a file sets it — `load_model` from the preset; None means "unknown" and
+    `encode_transparent` refuses to guess.
     """
 
     weight_kind = "transparent encoder"
+    offset_scale: Optional[float] = None
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, *, offset_scale: Optional[float] = None,
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **config):
+        """`StrictSingleFile.from_single_file`, recording the file's `offset_scale`."""
+        encoder = super().from_single_file(path, dtype=dtype, device=device, **config)
+        encoder.offset_scale = None if offset_scale is None else float(offset_scale)
+        return encoder
 
     @register_to_config
     def __init__(
@@ -428,12 +441,6 @@ def decode_transparent(
 # Encoding an RGBA image into a transparency-carrying latent
 # --------------------------------------------------------------------------------------
 
-# The offset encoder is trained with its last conv zero-initialised and its output
-# multiplied by a fixed factor (like a LoRA alpha); the only public port that runs it at
-# inference (LayerDiffuse_DiffusersCLI) uses 300. The module itself returns the raw output.
-DEFAULT_OFFSET_SCALE = 300.0
-
-
 def pad_transparent_rgb(rgb: torch.Tensor, alpha: torch.Tensor, shrink: float = 1.2) -> torch.Tensor:
     """Fill the colour of (semi-)transparent pixels by extrapolating from the opaque ones.
 
@@ -469,14 +476,15 @@ def encode_transparent(
     encoder: TransparentEncoder,
     rgba: torch.Tensor,
     *,
-    offset_scale: float = DEFAULT_OFFSET_SCALE,
+    offset_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Encode straight RGBA [B,4,H,W] in [0,1] (R,G,B,A) into an *unscaled* latent.
 
     What is computed:
     1. `posterior = vae.encode((rgb * 2 - 1) * alpha)` — the colour premultiplied in the
        VAE's [-1, 1] range, i.e. transparent areas become 0 (neutral grey);
-    2. `offset = encoder(cat(alpha, pad_transparent_rgb(rgb, alpha))) * offset_scale`;
+    2. `offset = encoder(cat(alpha, pad_transparent_rgb(rgb, alpha))) * offset_scale`, the
+       scale the encoder's weight file goes with (`encoder.offset_scale`) unless given;
     3. `z = posterior.mean + posterior.std * offset` (a deterministic point of the
        posterior, chosen by the offset encoder).
     Returns z as `vae.decode` takes it (multiply by `vae.config.scaling_factor` for the
@@ -491,12 +499,18 @@ def encode_transparent(
         raise InvalidRequest(
             "size", f"width and height must be multiples of {factor} to encode; got {width}x{height}"
         )
+    scale = encoder.offset_scale if offset_scale is None else offset_scale
+    if scale is None:
+        raise InvalidRequest("encoder", "the offset encoder's scale is unknown: it goes with the weight "
+                                        "file (x1 for LayerDiffusion/layerdiffusion-v1's encoders, x300 for "
+                                        "LayerDiffuse_Diffusers'); load it with from_single_file(..., "
+                                        "offset_scale=...) or pass offset_scale")
     rgba = rgba.float().clamp(0.0, 1.0)
     rgb, alpha = rgba[:, :3], rgba[:, 3:4]
 
     posterior = vae.encode(((rgb * 2.0 - 1.0) * alpha).to(device=vae.device, dtype=vae.dtype)).latent_dist
     encoder_input = torch.cat([alpha, pad_transparent_rgb(rgb, alpha)], dim=1)
-    offset = encoder(encoder_input.to(device=encoder.device, dtype=encoder.dtype)) * offset_scale
+    offset = encoder(encoder_input.to(device=encoder.device, dtype=encoder.dtype)) * scale
     if offset.shape != posterior.mean.shape:
         raise InvalidRequest(
             "vae", f"VAE latent shape {tuple(posterior.mean.shape)} does not match the offset "

@@ -131,6 +131,26 @@ def test_cancel_mid_run_leaves_nothing(engine, tmp_path):
     assert all(unet.attn_processors[k] is v for k, v in before.items())  # processors restored
 
 
+def test_empty_latent_is_mean_plus_std_times_offset_at_the_files_scale(engine):
+    """What "transparent" means to confinement, masks and blending: the offset encoder's point
+    of the VAE posterior of a fully transparent image, with the scale its weight file goes with."""
+    from inference.methods.joint import empty_latent
+    from inference.sampling import job_pipeline, scale_latents
+
+    loaded = engine.load("tiny")
+    vae = job_pipeline(loaded.pipeline).vae
+    assert loaded.resolved.files["encoder"].name == "vae_transparent_encoder.safetensors"
+    assert loaded.encoder.offset_scale == loaded.resolved.encoder_offset_scale == 1.0  # v1 file: raw output
+    clear = torch.zeros(1, 4, 64, 64)
+    with torch.no_grad():
+        posterior = vae.encode(clear[:, :3]).latent_dist  # premultiplied: colour x alpha = 0
+        offset = loaded.encoder(clear) * 1.0
+    z = posterior.mean + posterior.std * offset
+    expected = scale_latents(vae, z[:, :, 3:5, 3:5].float().mean(dim=(2, 3), keepdim=True))
+    assert offset.abs().max() > 1e-3  # the offset matters, so a wrong scale would show
+    assert torch.allclose(empty_latent(loaded, vae), expected, atol=1e-5)
+
+
 def test_box_confines_foreground_latent(engine):
     from inference.methods.joint import empty_latent, joint_items, sample_layers
     from inference.methods.independent import layer_seeds
@@ -227,7 +247,7 @@ def sd15_loaded(engine):
 
     from inference.models import resolve_model
     from inference.sd15_attention_sharing import AttentionSharingAdapter
-    from inference.transparent_vae import TransparentDecoder
+    from inference.transparent_vae import TransparentDecoder, TransparentEncoder
 
     resolved = resolve_model("tiny", allow_download=False)
     xl = engine.load("tiny").pipeline
@@ -241,9 +261,13 @@ def sd15_loaded(engine):
     adapter = AttentionSharingAdapter.for_unet(unet, 3, rank=4).eval()
     decoder = TransparentDecoder.from_single_file(resolved.files["decoder"], dtype=torch.float32,
                                                   device=torch.device("cpu"), **resolved.decoder_config)
-    return SimpleNamespace(pipeline=pipe, decoder=decoder, encoder=None, unet_patch=None, family="sd15",
+    # The SD 1.5 offset encoder has the SDXL one's layout and is run x1 (layerdiffusion-v1).
+    encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], offset_scale=1.0, dtype=torch.float32,
+                                                  device=torch.device("cpu"), **resolved.encoder_config)
+    return SimpleNamespace(pipeline=pipe, decoder=decoder, encoder=encoder, unet_patch=None, family="sd15",
                            device=torch.device("cpu"), dtype=torch.float32,
-                           attention_sharing=lambda role: adapter if role == "joint" else None)
+                           attention_sharing=lambda role: adapter if role == "joint" else None,
+                           describe=lambda: {"preset": "sd15", "base": "tiny-sd15", "files": {}})
 
 
 def test_sd15_joint_frames_arrangement(sd15_loaded):
@@ -275,6 +299,70 @@ def test_sd15_joint_frames_arrangement(sd15_loaded):
     assert result.blended.shape == (256, 256, 3) and len(result.masks) == 2
     # The box confines the fox's mask as on SDXL.
     assert result.masks[0][160:, :96].max() == 0
+
+
+def test_sd15_editing_re_encodes_kept_foregrounds_with_its_encoder(engine, sd15_loaded, tmp_path):
+    """With its offset encoder SD 1.5 can regenerate one layer: the kept foreground is encoded
+    back (no "needs the transparent encoder" refusal) and stays byte-identical."""
+    import threading
+
+    from inference.methods.editing import regenerate_layer, restyle_stack
+    from inference.stack import load_stack
+
+    source = tmp_path / "src"
+    engine.generate(request(steps=2), "tiny", source)
+
+    class SD15Engine:  # the engine's load/lock surface, serving the tiny SD 1.5 model
+        lock = threading.Lock()
+
+        def load(self, spec, progress=None, cancel=None):
+            return sd15_loaded
+
+    out = tmp_path / "edited"
+    regenerate_layer(SD15Engine(), source, 1, out, new_seed=11, tta_passes=1)
+    assert (out / "layer_02.png").read_bytes() == (source / "layer_02.png").read_bytes()
+    assert (out / "background.png").read_bytes() == (source / "background.png").read_bytes()
+    assert (out / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
+    restyled = restyle_stack(SD15Engine(), source, "ukiyo-e print", tmp_path / "restyled", tta_passes=1)
+    assert [layer.seed for layer in restyled.layers] == [layer.seed for layer in load_stack(source).layers]
+    assert (tmp_path / "restyled" / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
+
+
+def test_joint_without_interactions_is_independent(engine):
+    """inter_layer_strength 0, mask_guidance 0, no boxes: every layer of the joint run — the
+    background and each foreground latent, same seeds — is the independent method's (plain
+    pipeline for the background, patched one for each foreground). Joint is independent plus
+    only the documented interactions."""
+    from inference.methods.independent import combine_prompts, layer_seeds
+    from inference.methods.joint import joint_items, sample_layers
+    from inference.sampling import denoise, initial_noise, job_pipeline
+
+    loaded = engine.load("tiny")
+    pipe = job_pipeline(loaded.pipeline)
+    req = request(layers=(LayerSpec("a red fox"), LayerSpec("a rock")), inter_layer_strength=0.0,
+                  mask_guidance=0.0).validated()
+    seeds = layer_seeds(req)
+    items = joint_items(pipe, req, seeds, pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
+    joint = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0, negative_prompt="",
+                          inter_layer_strength=0.0, mask_guidance=0.0, progress=ignore_progress,
+                          cancel=CancelToken(), layers=3).latents
+
+    def independent(layer: int, prompt: str) -> torch.Tensor:
+        noise = initial_noise(seeds[layer], pipe.vae, pipe.unet, 256, 256, loaded.device, pipe.unet.dtype)
+        return denoise(pipe, prompt=combine_prompts(prompt, req.prompt), negative_prompt="", width=256, height=256,
+                       steps=2, guidance=4.0, noise=noise, progress=ignore_progress, cancel=CancelToken(),
+                       layer=layer, layers=3)
+
+    torch.testing.assert_close(joint[0:1], independent(0, req.background), rtol=1e-4, atol=1e-4)
+    for i, layer in enumerate(req.layers, start=1):
+        with loaded.transparency(pipe.unet):
+            alone = independent(i, layer.prompt)
+        torch.testing.assert_close(joint[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+        assert (joint[i:i + 1] - joint[0:1]).abs().max() > 1e-2  # layers differ, so the check can fail
+    interacting = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
+                                negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.0,
+                                progress=ignore_progress, cancel=CancelToken(), layers=3).latents
+    assert (interacting[1:2] - joint[1:2]).abs().max() > 1e-3  # inter-layer attention is what differs
 
 
 def test_background_at_strength_zero_matches_plain_diffusers(engine):

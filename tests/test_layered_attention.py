@@ -345,3 +345,44 @@ def test_unet_per_sample_transparency_and_restore(tiny_loaded):
         with layered_attention(unet, state, factors):
             unet(**unet_inputs(unet, 4))
     assert all(unet.attn_processors[k] is v for k, v in originals.items())
+
+
+@torch.no_grad()
+def test_per_sample_transparency_applies_bias_deltas(tiny_loaded):
+    """A delta file that also carries to_out.0 bias deltas: the patched rows equal the merged
+    patch (bias included) at full strength (merged-weight path) and at half strength (factor
+    side path); the other rows stay plain."""
+    from inference.layered_attention import transparency_factors
+    from inference.sdxl_transparency import TransparencyPatch, expected_delta_shapes
+
+    unet = tiny_loaded.pipeline.unet
+    params = dict(unet.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    deltas = {k: 0.02 * torch.randn(s, generator=g) for k, s in expected_delta_shapes(unet).items()}
+    biases = {k.replace(".weight", ".bias"): 0.1 * torch.randn(params[k.replace(".weight", ".bias")].shape,
+                                                                generator=g)
+              for k in deltas if k.endswith("to_out.0.weight")}
+    assert biases
+    with_biases = {**deltas, **biases}
+    inputs = unet_inputs(unet, 6)
+    plain = unet(**inputs).sample
+
+    def merged(scale: float, include_biases: bool = True):
+        chosen = with_biases if include_biases else deltas
+        with TransparencyPatch.from_state_dict({k: scale * v for k, v in chosen.items()}, unet).applied(unet):
+            return unet(**inputs).sample
+
+    full, half = merged(1.0), merged(0.5)
+    assert (full - merged(1.0, include_biases=False)).abs().max() > 1e-3  # the bias deltas matter here
+    patch = TransparencyPatch.from_state_dict(with_biases, unet)
+    assert set(patch.bias_deltas()) == set(biases)
+    state = LayeredAttentionState(["background", "foreground", "blended"], 2, (8, 8),
+                                  transparency_scale=[0, 1, 0])
+    with layered_attention(unet, state, transparency_factors(patch), patch.bias_deltas()):
+        ours = unet(**inputs).sample
+        state.set_transparency_scale([0, 0.5, 0])
+        ours_half = unet(**inputs).sample
+    torch.testing.assert_close(ours[[1, 4]], full[[1, 4]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_half[[1, 4]], half[[1, 4]], rtol=1e-4, atol=1e-4)
+    for row in (0, 2, 3, 5):
+        assert torch.equal(ours[row], plain[row]) and torch.equal(ours_half[row], plain[row])

@@ -101,7 +101,8 @@ def test_presets_describe_the_published_files():
     assert (sdxl.family, sd15.family, tiny.family) == ("sdxl", "sd15", "sdxl")
     assert sdxl.base == "stabilityai/stable-diffusion-xl-base-1.0"
     assert sd15.base == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    roles = {p: {(f.repo_id, f.filename): f.role for f in PRESETS[p].layerdiffuse} for p in ("sdxl", "sd15")}
+    roles = {p: {(f.repo_id, f.filename): f.role for f in PRESETS[p].required_layerdiffuse()}
+             for p in ("sdxl", "sd15")}
     assert roles["sdxl"] == {
         ("lllyasviel/LayerDiffuse_Diffusers", "ld_diffusers_sdxl_attn.safetensors"): "unet_patch",
         ("LayerDiffusion/layerdiffusion-v1", "vae_transparent_decoder.safetensors"): "decoder",
@@ -109,9 +110,13 @@ def test_presets_describe_the_published_files():
     }
     assert roles["sd15"] == {
         ("LayerDiffusion/layerdiffusion-v1", "layer_sd15_transparent_attn.safetensors"): "attention_sharing",
-        ("LayerDiffusion/layerdiffusion-v1", "layer_sd15_joint.safetensors"): "joint",
         ("LayerDiffusion/layerdiffusion-v1", "layer_sd15_vae_transparent_decoder.safetensors"): "decoder",
+        ("LayerDiffusion/layerdiffusion-v1", "layer_sd15_vae_transparent_encoder.safetensors"): "encoder",
     }
+    assert [(f.filename, f.role) for f in PRESETS["sd15"].layerdiffuse if f.optional] == [
+        ("layer_sd15_joint.safetensors", "joint")]
+    assert [(f.repo_id, f.filename) for f in PRESETS["sdxl"].alternatives("encoder")] == [
+        ("lllyasviel/LayerDiffuse_Diffusers", "ld_diffusers_sdxl_vae_transparent_encoder.safetensors")]
     for preset in (sdxl, sd15):
         names = [f.filename for f in preset.base_files]
         assert not [n for n in names if n.endswith((".bin", ".ckpt", ".pt", ".pth"))]
@@ -130,8 +135,8 @@ def test_layerdiffuse_sizes_match_the_manifest(weight_manifest):
         for f in PRESETS[preset].layerdiffuse:
             stem = f.filename.removesuffix(".safetensors")
             shapes = weight_manifest["files"].get(stem)
-            if stem == "layer_sd15_vae_transparent_decoder":
-                shapes = weight_manifest["files"]["vae_transparent_decoder"]  # same layout
+            if f.role in ("decoder", "encoder"):  # every published decoder / encoder shares one layout
+                shapes = weight_manifest["files"][f"vae_transparent_{f.role}"]
             expected = 2 * sum(math.prod(s) for s in shapes.values())
             assert abs(f.approx_size - expected) / expected < 0.05, f.filename
 
@@ -142,8 +147,9 @@ def test_missing_preset_names_every_file(tmp_path):
         resolve_model("sdxl", models_dir=tmp_path / "models", allow_download=True)
     err = info.value
     preset = PRESETS["sdxl"]
-    expected = [*preset.base_files, *(f.hub_file() for f in preset.layerdiffuse)]
+    expected = [*preset.base_files, *(f.hub_file() for f in preset.required_layerdiffuse())]
     assert len(err.missing) == len(expected) == 21
+    assert not any("ld_diffusers_sdxl_vae_transparent_encoder" in line for line in err.missing)  # alternative
     for f in expected:
         assert any(line.startswith(f"{f.repo_id}: {f.filename}") for line in err.missing), f
     text = str(err)
@@ -200,7 +206,8 @@ def test_preset_resolves_from_cache_and_models_dir_without_network(tmp_path, hf_
     assert resolved.base == snapshot and resolved.base_kind == "diffusers"
     assert (resolved.preset, resolved.family, resolved.base_label) == ("sdxl", "sdxl", PRESETS["sdxl"].base)
     assert resolved.variant == "fp16"
-    assert resolved.files == {f.role: models_dir / f.filename for f in PRESETS["sdxl"].layerdiffuse}
+    assert resolved.files == {f.role: models_dir / f.filename for f in PRESETS["sdxl"].required_layerdiffuse()}
+    assert resolved.encoder_offset_scale == 1.0  # v1's encoder wins over the alternative beside it
 
 
 def test_base_in_models_dir_repo_folder(tmp_path):
@@ -212,7 +219,49 @@ def test_base_in_models_dir_repo_folder(tmp_path):
         (base / f.filename).write_bytes(b"x")
     resolved = resolve_model("sd15", models_dir=models_dir, allow_download=False)
     assert resolved.base == base and resolved.family == "sd15"
-    assert set(resolved.files) == {"attention_sharing", "joint", "decoder"}  # joint found, so offered
+    assert set(resolved.files) == {"attention_sharing", "joint", "decoder", "encoder"}  # joint found, so offered
+    assert resolved.files["encoder"].name == "layer_sd15_vae_transparent_encoder.safetensors"
+    assert resolved.encoder_offset_scale == 1.0
+
+
+# -- the offset encoder's scale goes with its file --------------------------------------------------
+@pytest.mark.parametrize("family, filename, scale", [
+    ("sdxl", "vae_transparent_encoder.safetensors", 1.0),  # LayerDiffusion/layerdiffusion-v1: raw output
+    ("sdxl", "ld_diffusers_sdxl_vae_transparent_encoder.safetensors", 300.0),  # LayerDiffuse_Diffusers: x300
+    ("sd15", "layer_sd15_vae_transparent_encoder.safetensors", 1.0),  # layerdiffusion-v1: raw output
+])
+def test_each_encoder_file_pairs_with_its_reference_scale(family, filename, scale):
+    from inference.models import layerdiffuse_file
+
+    f = layerdiffuse_file(family, filename)
+    assert f.role == "encoder" and f.offset_scale == scale
+    expected_repo = "lllyasviel/LayerDiffuse_Diffusers" if scale == 300.0 else "LayerDiffusion/layerdiffusion-v1"
+    assert f.repo_id == expected_repo
+    encoders = [g for p in PRESETS.values() for g in p.layerdiffuse if g.role == "encoder"]
+    assert len(encoders) == 3 and all(g.offset_scale is not None for g in encoders)
+    # and only encoders carry a scale
+    assert all(g.offset_scale is None for p in PRESETS.values() for g in p.layerdiffuse if g.role != "encoder")
+
+
+def test_diffusers_repo_encoder_is_used_x300_where_the_user_puts_it(tmp_path, hf_cache):
+    """Only the LayerDiffuse_Diffusers encoder on disk: it serves (never downloaded), at x300."""
+    models_dir = tmp_path / "models"
+    layerdiffuse_into(models_dir, "sdxl")
+    (models_dir / "vae_transparent_encoder.safetensors").unlink()
+    for f in PRESETS["sdxl"].base_files:
+        put_in_hf_cache(hf_cache, f.repo_id, f.filename)
+    resolved = resolve_model("sdxl", models_dir=models_dir, allow_download=False)
+    assert resolved.files["encoder"] == models_dir / "ld_diffusers_sdxl_vae_transparent_encoder.safetensors"
+    assert resolved.encoder_offset_scale == 300.0
+    listed = {f["filename"]: f for f in preset_availability(models_dir)[0]["files"]}
+    assert preset_availability(models_dir)[0]["missing"] == []  # the alternative serves the role
+    assert listed["vae_transparent_encoder.safetensors"]["present"] is False
+    # neither encoder: the default one is what is asked for
+    (models_dir / "ld_diffusers_sdxl_vae_transparent_encoder.safetensors").unlink()
+    with pytest.raises(MissingWeights) as info:
+        resolve_model("sdxl", models_dir=models_dir, allow_download=False)
+    assert [m.split(" ")[:2] for m in info.value.missing] == [["LayerDiffusion/layerdiffusion-v1:",
+                                                                "vae_transparent_encoder.safetensors"]]
 
 
 # -- spec validation -------------------------------------------------------------------------------
@@ -288,7 +337,8 @@ def test_path_given_sd15_folder_takes_layerdiffuse_files_from_sd15_preset(tmp_pa
     with pytest.raises(MissingWeights) as info:
         resolve_model(str(folder), models_dir=tmp_path / "models", allow_download=True)
     assert sorted(m.split(" ")[1] for m in info.value.missing) == [
-        "layer_sd15_transparent_attn.safetensors", "layer_sd15_vae_transparent_decoder.safetensors"]
+        "layer_sd15_transparent_attn.safetensors", "layer_sd15_vae_transparent_decoder.safetensors",
+        "layer_sd15_vae_transparent_encoder.safetensors"]
     layerdiffuse_into(tmp_path / "models", "sd15")
     resolved = resolve_model(str(folder), models_dir=tmp_path / "models", allow_download=False)
     assert (resolved.family, resolved.preset, resolved.base) == ("sd15", "sd15", folder.resolve())

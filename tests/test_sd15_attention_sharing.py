@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from inference.errors import WeightMismatch
 from inference.sd15_attention_sharing import (
@@ -20,6 +22,9 @@ from inference.sd15_attention_sharing import (
     load_attention_sharing,
     sd15_attention_module_names,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_weights import deterministic_weights  # noqa: E402
 
 # SD 1.5 topology (diffusers defaults: 4 levels, 2 layers per block, cross attention in
 # the first three down / last three up levels and the mid block) at toy widths.
@@ -68,35 +73,20 @@ def test_module_order_reproduces_manifest(weight_manifest):
 
 @pytest.mark.parametrize("file_name", sorted(LAYER_SD15_FILES))
 def test_manifest_names_match_sd15_adapter(weight_manifest, file_name):
-    """Names agree exactly; the only shape differences allowed are the text-context widths.
-
-    The manifest lists the attn2 to_k/to_v LoRA `down` weights as [256, 1280] (diffusers'
-    default cross_attention_dim), while SD 1.5's CLIP context is 768 wide and the
-    reference builds these LoRAs from the module's own `to_k.in_features`.
-    """
+    """Names and shapes agree exactly with the real SD 1.5 UNet (768-wide text context)."""
     frames, control = LAYER_SD15_FILES[file_name]
     with torch.device("meta"):
         adapter = AttentionSharingAdapter.for_unet(sd15_meta_unet(), frames, use_control=control)
-    ours, published = adapter.expected_shapes(), manifest_shapes(weight_manifest, file_name)
-    assert ours.keys() == published.keys()
-    differing = {k for k in ours if ours[k] != published[k]}
-    for k in differing:
-        layer = int(k.split(".")[2])
-        assert layer % 2 == 1 and (".to_k_lora." in k or ".to_v_lora." in k) and k.endswith("down.weight"), k
-        assert ours[k] == (256, 768) and published[k] == (256, 1280), k
+    assert adapter.expected_shapes() == manifest_shapes(weight_manifest, file_name)
 
 
 @pytest.mark.parametrize("file_name", sorted(LAYER_SD15_FILES))
 def test_manifest_loads_strictly(weight_manifest, file_name):
-    """Every published tensor name and shape loads with strict=True (meta tensors, no memory).
-
-    The UNet is SD 1.5 with the text width the manifest implies (see the test above), so
-    this checks the unit structure, the frame count and the control path of every file.
-    """
+    """Every published tensor name and shape loads with strict=True (meta tensors, no memory)
+    on the SD 1.5 UNet as it is: the unit structure, frame count and control path of every file."""
     frames, control = LAYER_SD15_FILES[file_name]
     published = manifest_shapes(weight_manifest, file_name)
-    context_width = published["hookers.layers.1.to_k_lora.0.down.weight"][1]
-    unet = sd15_meta_unet(context_width)
+    unet = sd15_meta_unet()
     adapter = attention_sharing_from_state_dict(meta_tensors(published), unet, frames, control,
                                                 what=file_name)
     assert len(adapter.hookers.layers) == 32
@@ -120,7 +110,7 @@ def test_control_encoder_layout_matches_manifest(weight_manifest):
 @pytest.mark.parametrize("change", ["missing", "extra", "misshaped"])
 def test_bad_layout_is_refused_by_name(weight_manifest, change):
     published = manifest_shapes(weight_manifest, "layer_sd15_joint")
-    unet = sd15_meta_unet(published["hookers.layers.1.to_k_lora.0.down.weight"][1])
+    unet = sd15_meta_unet()
     name = "hookers.layers.17.to_v_lora.2.up.weight"
     if change == "missing":
         del published[name]
@@ -137,13 +127,63 @@ def test_bad_layout_is_refused_by_name(weight_manifest, change):
     assert listed == [name]
 
 
-def test_true_sd15_widths_refuse_the_manifest_widths(weight_manifest):
-    """With SD 1.5's 768-wide context, a file shaped like the manifest is refused by name."""
+def test_cross_attention_lora_sized_for_another_context_is_refused(weight_manifest):
+    """A file whose attn2 k/v LoRAs take a 1280-wide context (no SD 1.5 module has one; the
+    manifest once listed it so) is refused by name, not loaded into the wrong shapes."""
     published = manifest_shapes(weight_manifest, "layer_sd15_transparent_attn")
-    if published["hookers.layers.1.to_k_lora.0.down.weight"][1] == 768:
-        pytest.skip("manifest already lists 768-wide text projections")
+    assert published["hookers.layers.1.to_k_lora.0.down.weight"] == (256, 768)
+    wrong = dict(published, **{"hookers.layers.1.to_k_lora.0.down.weight": (256, 1280)})
     with pytest.raises(WeightMismatch, match=r"hookers\.layers\.1\.to_k_lora\.0\.down\.weight"):
-        attention_sharing_from_state_dict(meta_tensors(published), sd15_meta_unet(), 1, False)
+        attention_sharing_from_state_dict(meta_tensors(wrong), sd15_meta_unet(), 1, False)
+
+
+# ------------------------------------------------------------------ reference numerics
+GOLDEN = "sd15_attention_sharing_golden.safetensors"
+
+
+def golden_unit_shapes(weight_manifest, layer: int) -> dict[str, tuple[int, ...]]:
+    """The 41 names of a golden unit: its own tensors as `layer_sd15_joint` stores them under
+    `hookers.layers.{layer}.`, plus the wrapped SD 1.5 attention's five."""
+    prefix = f"hookers.layers.{layer}."
+    own = {k[len(prefix):]: v for k, v in manifest_shapes(weight_manifest, "layer_sd15_joint").items()
+           if k.startswith(prefix)}
+    kv_in = own["to_k_lora.0.down.weight"][1]
+    return {**own, "original.to_q.weight": (320, 320), "original.to_k.weight": (320, kv_in),
+            "original.to_v.weight": (320, kv_in), "original.to_out.0.weight": (320, 320),
+            "original.to_out.0.bias": (320,)}
+
+
+@pytest.mark.parametrize("unit, layer", [("a", 0), ("b", 1)])
+def test_processor_reproduces_the_reference_attention_sharing_unit(reference, weight_manifest, unit, layer):
+    """Both reference units (self- and cross-attention of the first SD 1.5 block, 3 frames) to
+    2e-5 in float32: per-frame LoRA attention, cross-frame attention, minus the input."""
+    golden = load_file(str(reference / GOLDEN))
+    shapes = golden_unit_shapes(weight_manifest, layer)
+    assert len(shapes) == 41
+    weights = deterministic_weights(shapes)
+    if unit == "a":  # the recipe, names, order and seeds, bit for bit
+        assert {n: tuple(w.shape) for n, w in weights.items()} == {
+            k[len("unit_a."):]: tuple(v.shape) for k, v in golden.items() if k.startswith("unit_a.")}
+        for name, w in weights.items():
+            assert torch.equal(w, golden[f"unit_a.{name}"]), name
+    cross = layer % 2 == 1
+    assert (shapes["original.to_k.weight"][1] == 768) == cross
+    attn = Attention(query_dim=320, cross_attention_dim=768 if cross else None, heads=8, dim_head=40,
+                     out_bias=True).eval()
+    attn.load_state_dict({k[len("original."):]: v for k, v in weights.items() if k.startswith("original.")},
+                         strict=True)
+    processor = AttentionSharingProcessor(320, 768 if cross else None, frames=3, rank=256).eval()
+    processor.load_state_dict({k: v for k, v in weights.items() if not k.startswith("original.")}, strict=True)
+    processor.check_compatible(attn)
+    context = golden["context"] if cross else None
+    with torch.no_grad():
+        out = processor(attn, golden["h"], encoder_hidden_states=context)
+        plain = AttnProcessor2_0()(attn, golden["h"], encoder_hidden_states=context)
+    assert out.dtype == torch.float32 and out.shape == golden[f"unit_{unit}_out"].shape
+    assert (out - golden[f"unit_{unit}_out"]).abs().max() <= 2e-5
+    # The wrapped module alone, same weights: a check that the golden's SD 1.5 attention is ours.
+    assert (plain - golden[f"unit_{unit}_original_out"]).abs().max() <= 2e-5
+    assert (out - plain).abs().max() > 1.0  # the unit really is more than the plain module
 
 
 # ------------------------------------------------------------------ files on a tiny UNet

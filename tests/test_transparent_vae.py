@@ -1,7 +1,8 @@
 """LayerDiffuse transparent decoder/encoder: layout, golden numerics, strict loading, TTA."""
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,23 +20,12 @@ from inference.transparent_vae import (
     pad_transparent_rgb,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_weights import deterministic_weights  # noqa: E402
+
 TINY_DECODER = dict(block_out_channels=(8, 8, 16, 16, 32, 32, 32), norm_num_groups=4, attention_head_dim=8)
 TINY_ENCODER = dict(block_out_channels=(8, 8, 8, 16))
 
-
-def deterministic_weights(shapes: dict) -> dict[str, torch.Tensor]:
-    """The reference README's recipe, from the manifest's names and shapes alone."""
-    weights = {}
-    for i, name in enumerate(sorted(shapes)):
-        shape = tuple(shapes[name])
-        r = torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float32)
-        if len(shape) >= 2:
-            weights[name] = r / math.sqrt(math.prod(shape[1:]))
-        elif name.endswith("weight"):
-            weights[name] = 1 + 0.1 * r
-        else:
-            weights[name] = 0.1 * r
-    return weights
 
 
 def manifest_layout(weight_manifest: dict, name: str) -> dict[str, tuple[int, ...]]:
@@ -418,8 +408,30 @@ def test_encode_transparent_formula():
     assert (encode_transparent(vae, encoder, changed, offset_scale=3.0) - base).abs().max() > 1e-4
 
 
+def test_encode_uses_the_scale_the_encoder_file_was_loaded_with(tmp_path):
+    """The scale belongs to the weight file: set at load, used by every encode, never guessed."""
+    from safetensors.torch import save_file
+
+    vae = _tiny_vae()
+    torch.manual_seed(2)
+    path = tmp_path / "encoder.safetensors"
+    save_file(TransparentEncoder(**TINY_ENCODER).state_dict(), str(path))
+    rgba = torch.rand(1, 4, 64, 64)
+    unknown = TransparentEncoder.from_single_file(path, **TINY_ENCODER)
+    assert unknown.offset_scale is None
+    with pytest.raises(InvalidRequest, match="scale is unknown"):
+        encode_transparent(vae, unknown, rgba)
+    x1 = TransparentEncoder.from_single_file(path, offset_scale=1.0, **TINY_ENCODER)
+    x300 = TransparentEncoder.from_single_file(path, offset_scale=300, **TINY_ENCODER)
+    assert (x1.offset_scale, x300.offset_scale) == (1.0, 300.0)
+    assert torch.equal(encode_transparent(vae, x1, rgba), encode_transparent(vae, unknown, rgba, offset_scale=1.0))
+    assert torch.equal(encode_transparent(vae, x300, rgba), encode_transparent(vae, x1, rgba, offset_scale=300.0))
+    assert not torch.allclose(encode_transparent(vae, x300, rgba), encode_transparent(vae, x1, rgba), atol=1e-3)
+
+
 def test_encode_transparent_rejects_bad_input():
     vae, encoder = _tiny_vae(), TransparentEncoder(**TINY_ENCODER)
+    encoder.offset_scale = 1.0
     with pytest.raises(InvalidRequest, match="multiples of 8"):
         encode_transparent(vae, encoder, torch.rand(1, 4, 60, 64))
     with pytest.raises(InvalidRequest, match="R,G,B,A"):

@@ -78,8 +78,8 @@ def _encode_layer(loaded, vae, image: np.ndarray) -> torch.Tensor:
         z = vae.encode((pixels * 2 - 1).to(device=param.device, dtype=param.dtype)).latent_dist.mean
     else:
         if loaded.encoder is None:
-            raise InvalidRequest("model", "editing needs the transparent encoder (SDXL family) to "
-                                          "re-encode the kept foreground layers")
+            raise InvalidRequest("model", "editing needs the model's transparent (offset) encoder to "
+                                          "re-encode the kept foreground layers; this model has none")
         from ..transparent_vae import encode_transparent
 
         z = encode_transparent(vae, loaded.encoder, pixels)

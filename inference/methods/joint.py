@@ -172,9 +172,11 @@ def sd15_joint_rows(items: list[LayerItem], composite=None, capture_self: Sequen
     if roles.count("background") != 1 or roles.count("blended") != 1 or not fgs:
         raise InvalidRequest("layers", "SD 1.5 joint generation needs one background, one blended item and "
                                        "at least one foreground layer")
-    if composite is not None or capture_self or any(it.pinned is not None for it in items):
-        raise InvalidRequest("method", "with SD 1.5 only plain joint generation is available "
-                                       "(no harmonized method, no layer editing)")
+    # Kept (pinned) layers need nothing special: their latents are reset before every step and
+    # their predictions unused, so through the cross-frame attention they only give context.
+    if composite is not None or capture_self:
+        raise InvalidRequest("method", "with SD 1.5 the harmonized method is not available (it needs "
+                                       "SDXL's attention-level blending); use joint")
     bg, blend = roles.index("background"), roles.index("blended")
     return [i for fg in fgs for i in (fg, bg, blend)]
 
@@ -243,7 +245,8 @@ def sample_layers(loaded, pipe, items: list[LayerItem], *, width: int, height: i
                                       transparency_scale=patch_scale, attends=attends,
                                       regions=boxes if has_box else None, composite=composite,
                                       capture=capture if (capture.cross_tokens or capture.self_items) else None)
-        processors = layered_attention(unet, state, transparency_factors(loaded.unet_patch))
+        processors = layered_attention(unet, state, transparency_factors(loaded.unet_patch),
+                                       loaded.unet_patch.bias_deltas())
     else:
         # The adapter's per-frame LoRA is the transparency, its cross-frame attention the
         # inter-layer attention; masks come from the latent alpha proxy and boxes only.
