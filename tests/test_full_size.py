@@ -39,6 +39,7 @@ def test_plan_is_exactly_the_presets_files(plans, name):
     planned = {(f.repo_id, f.filename) for f in plans[name]}
     expected = {(f.repo_id, f.filename) for f in preset.base_files}
     expected |= {(f.repo_id, f.filename) for f in preset.required_layerdiffuse()}
+    assert any(f.role == "encoder" for f in preset.required_layerdiffuse())  # both presets have one
     if name == "sd15":  # the joint method's optional model is built too
         expected.add(("LayerDiffusion/layerdiffusion-v1", "layer_sd15_joint.safetensors"))
     assert planned == expected
@@ -48,16 +49,17 @@ def test_plan_is_exactly_the_presets_files(plans, name):
     assert all(".fp16." in f.filename for f in weights if f.role == "base")
 
 
-def test_optional_alternative_of_a_required_role_is_not_built():
+def test_alternatives_of_a_required_role_are_not_built():
     preset = PRESETS["sdxl"]
-    alternative = LayerDiffuseFile("lllyasviel/LayerDiffuse_Diffusers",
-                                   "ld_diffusers_sdxl_vae_transparent_encoder.safetensors", "encoder", 2_400_000,
-                                   optional=True)
+    alternatives = [f for f in preset.layerdiffuse if f.alternative]
+    assert alternatives  # the x300 LayerDiffuse_Diffusers encoder
+    optional_same_role = LayerDiffuseFile("r/x", "another_encoder.safetensors", "encoder", 1, optional=True)
     extra_role = LayerDiffuseFile("LayerDiffusion/layerdiffusion-v1", "layer_xl_extra.safetensors", "joint", 1,
                                   optional=True)
-    widened = dataclasses.replace(preset, layerdiffuse=preset.layerdiffuse + (alternative, extra_role))
+    widened = dataclasses.replace(preset, layerdiffuse=preset.layerdiffuse + (optional_same_role, extra_role))
     built = full_size.layerdiffuse_to_build(widened)
-    assert alternative not in built and extra_role in built
+    assert extra_role in built
+    assert not set(alternatives) & set(built) and optional_same_role not in built
     assert set(preset.required_layerdiffuse()) <= set(built)
 
 

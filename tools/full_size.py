@@ -109,10 +109,11 @@ class PlannedFile:
 
 def layerdiffuse_to_build(preset) -> tuple:
     """The preset's LayerDiffuse files a full run uses: every required file, plus each
-    optional file whose role no required file covers (SD 1.5's joint model). An optional
-    *alternative* of a required file (same role) is not needed for a run."""
-    covered = {f.role for f in preset.required_layerdiffuse()}
-    return tuple(f for f in preset.layerdiffuse if not f.optional or f.role not in covered)
+    optional file whose role no required file covers (SD 1.5's joint model). Alternatives
+    of a required file (same role, e.g. the x300 SDXL encoder) are not needed for a run."""
+    required = preset.required_layerdiffuse()
+    covered = {f.role for f in required}
+    return tuple(f for f in preset.layerdiffuse if f in required or f.role not in covered)
 
 
 def manifest_entry(ld_file, manifest: dict) -> str:
@@ -202,23 +203,31 @@ def file_salt(repo_id: str, filename: str) -> int:
     return (zlib.crc32(f"{repo_id}/{filename}".encode()) & 0xFFFF) * 1_000_000
 
 
+def recipe_tensor(name: str, shape: tuple[int, ...], seed: int):
+    """One tensor of ../shared/reference/README.md's deterministic weights (float32; `seed`
+    is the tensor's position among the sorted names there). The recipe's one home: the
+    golden tests build their weights with it too (tests/reference_weights.py)."""
+    import torch
+
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    if len(shape) >= 2:
+        return r / math.sqrt(math.prod(shape[1:]))
+    if name.endswith("weight"):
+        return 1 + 0.1 * r
+    return 0.1 * r
+
+
 def tensor_values(index: int, name: str, shape: tuple[int, ...], init: str, salt: int = 0):
     """Float32 values of tensor `index` (sorted position) of a file, by its init recipe."""
     import torch
 
-    g = torch.Generator().manual_seed(salt + index)
     if init == LOW_RANK_DELTA and len(shape) == 2:
+        g = torch.Generator().manual_seed(salt + index)
         rank = min(DELTA_RANK, *shape)
         up = torch.randn(shape[0], rank, generator=g) / math.sqrt(rank)
         down = torch.randn(rank, shape[1], generator=g) / math.sqrt(shape[1])
         return DELTA_SCALE * (up @ down)
-    r = torch.randn(shape, generator=g, dtype=torch.float32)
-    if len(shape) >= 2:
-        values = r / math.sqrt(math.prod(shape[1:]))
-    elif name.endswith("weight"):
-        values = 1 + 0.1 * r
-    else:
-        values = 0.1 * r
+    values = recipe_tensor(name, shape, salt + index)
     return DELTA_SCALE * values if init == LOW_RANK_DELTA else values
 
 
