@@ -277,3 +277,12 @@ def test_failed_run_deletes_its_cache_and_names_the_cli_error(plans, tmp_path, m
     with pytest.raises(full_size.VerifyFailed, match=r"exited with 3[\s\S]*loading .*multiplane-full-size-sd15-"):
         full_size.verify_preset("sd15", work_root=tmp_path, planned=tiny_files, log=lambda _: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_killed_run_says_it_was_probably_memory(plans, tmp_path, monkeypatch):
+    monkeypatch.setattr(full_size, "cli_command", lambda name, out, **kw: [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    with pytest.raises(full_size.VerifyFailed, match="killed, probably out of memory"):
+        full_size.verify_preset("sd15", work_root=tmp_path, planned=shrunk(plans["sd15"], keep=1),
+                                log=lambda _: None)
+    assert os.listdir(tmp_path) == []

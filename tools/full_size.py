@@ -425,7 +425,9 @@ def verify_preset(name: str, *, work_root: Optional[Path] = None, keep: bool = F
         rc, wall_s, peak = run_cli(command, offline_env(work), work / "cli.log")
         cli_output = (work / "cli.log").read_text(errors="replace")
         if rc != 0:
-            raise VerifyFailed(f"{name}: the CLI exited with {rc} after {wall_s:.0f} s "
+            hint = (" — killed, probably out of memory (SDXL in float32 on a CPU peaks at about 21 GB)"
+                    if rc == -signal.SIGKILL else "")
+            raise VerifyFailed(f"{name}: the CLI exited with {rc}{hint} after {wall_s:.0f} s "
                                f"(peak RSS {peak / 1e9:.1f} GB):\n{cli_output[-4000:]}")
         stats = check_stack(out, expected_layers=1 + len(LAYERS))
         stack = json.loads((out / "stack.json").read_text())
