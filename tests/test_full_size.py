@@ -208,6 +208,27 @@ def test_written_cache_is_found_by_the_products_lookup(plans, tmp_path, name):
                 assert torch.equal(tensor, expected)
 
 
+@pytest.mark.parametrize("name", FULL_PRESETS)
+def test_product_resolves_the_written_cache_offline(plans, tmp_path, monkeypatch, name):
+    """With HF_HOME at the fake cache and no network, the preset is available and resolves
+    to the written files, one per role (what the CLI run starts from)."""
+    from inference.models import preset_availability, resolve_model
+
+    full_size.write_cache(tmp_path / "hf" / "hub", shrunk(plans[name], keep=1), log=lambda _: None)
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entry = next(e for e in preset_availability() if e["name"] == name)
+    assert entry["available"] and entry["missing"] == []
+    assert all(e["present"] for e in entry["files"] if not e["optional"])
+    resolved = resolve_model(name, allow_download=False)
+    assert resolved.base == full_size.repo_cache_dir(tmp_path / "hf" / "hub", PRESETS[name].base) / "snapshots" / (
+        full_size.fake_commit(PRESETS[name].base))
+    built = full_size.layerdiffuse_to_build(PRESETS[name])
+    assert {role: path.name for role, path in resolved.files.items()} == {f.role: f.filename for f in built}
+
+
 def test_written_tokenizers_load_with_the_hub_settings(plans, tmp_path):
     from transformers import CLIPTokenizer
 
