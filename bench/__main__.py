@@ -15,6 +15,7 @@ BENCHMARKS = (
     "bench.independent",
     "bench.transparent_decode",
     "bench.joint",
+    "bench.real_size_flops",
     "bench.server_latency",
     "bench.import_stack",
     "bench.watcher_tick",

@@ -104,3 +104,12 @@ def compare_peak_rss(module: str, ours: str, plain: str) -> dict:
     return {"peak_rss_kib": {ours: ours_rss, plain: plain_rss},
             "rss_ratio": round(ours_rss["peak"] / plain_rss["peak"], 3)}
 
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of `fn()` as torch's flop counter sees them (works on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()

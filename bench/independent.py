@@ -56,7 +56,7 @@ def plain_pipelines():
 def run_plain(base, fg, req) -> None:
     import torch
 
-    from inference.methods.independent import combine_prompts, layer_seeds
+    from inference.prompts import combine_prompts, layer_seeds
 
     seeds = layer_seeds(req)
     prompts = [combine_prompts(req.background, req.prompt)] + [combine_prompts(l.prompt, req.prompt)

@@ -52,8 +52,7 @@ def plain_pipeline():
 
 
 def plain_prompts(req) -> list[str]:
-    from inference.methods.independent import combine_prompts
-    from inference.methods.joint import blended_prompt
+    from inference.prompts import blended_prompt, combine_prompts
 
     return ([combine_prompts(req.background, req.prompt)]
             + [combine_prompts(layer.prompt, req.prompt) for layer in req.layers] + [blended_prompt(req)])

@@ -19,8 +19,8 @@ import time
 
 import torch
 from diffusers import AutoencoderKL
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import count_flops
 from inference.transparent_vae import TransparentDecoder, decode_transparent, fast_memory_format
 
 BENCH_VAE = dict(
@@ -45,13 +45,6 @@ def _best_time(fn, repeats: int, warm_up: bool = True) -> float:
     return best
 
 
-def _flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def full_size_flops(size: int = 1024) -> dict:
     """FLOPs of one transparent-decoder pass and one SDXL-VAE decode at `size`², on meta."""
     with torch.device("meta"), torch.no_grad():
@@ -59,8 +52,8 @@ def full_size_flops(size: int = 1024) -> dict:
         vae = AutoencoderKL(**SDXL_VAE)
         pixel = torch.empty(1, 3, size, size)
         latent = torch.empty(1, 4, size // 8, size // 8)
-        decoder_flops = _flops(lambda: decoder(pixel, latent))
-        vae_flops = _flops(lambda: vae.decode(latent))
+        decoder_flops = count_flops(lambda: decoder(pixel, latent))
+        vae_flops = count_flops(lambda: vae.decode(latent))
     return {
         "size": size,
         "transparent_decoder_tflop_per_pass": round(decoder_flops / 1e12, 3),
@@ -88,8 +81,8 @@ def run(size: int = 256, repeats: int = 2) -> dict:
     # The decoder is warm from the TTA 1 runs; 8 passes are long enough to time once.
     tta8_s = _best_time(lambda: decode_transparent(decoder, pixel, latent, passes=8), 1, warm_up=False)
     with torch.no_grad():
-        decoder_flops = _flops(lambda: decoder(pixel, latent))
-        vae_flops = _flops(lambda: vae.decode(latent))
+        decoder_flops = count_flops(lambda: decoder(pixel, latent))
+        vae_flops = count_flops(lambda: vae.decode(latent))
     return {
         "size": size,
         "threads": torch.get_num_threads(),

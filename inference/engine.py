@@ -1,21 +1,20 @@
 """The engine: keeps one model warm and turns a StackRequest into a layer stack on disk.
 
-Front ends (CLI, HTTP server, benchmarks) all go through `Engine.generate`; methods in
-`inference/methods/` produce pixels, this module owns loading, timing and writing.
+Front ends (CLI, HTTP server, benchmarks) all go through `Engine.generate`, `regenerate` and
+`restyle`; methods in `inference/methods/` produce pixels, this module owns loading, timing
+and writing (one path for every job).
 """
 from __future__ import annotations
 
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .request import StackRequest
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -27,18 +26,6 @@ class EngineSettings:
     allow_download: bool = True
     offload: bool = False
     vae_tiling: bool = False
-
-
-@dataclass
-class GeneratedLayers:
-    """What a method returns: uint8 arrays, back to front, plus per-layer facts."""
-
-    background: "object"  # np.ndarray (H, W, 3) uint8
-    foregrounds: list = field(default_factory=list)  # np.ndarray (H, W, 4) uint8, straight alpha
-    seeds: list[int] = field(default_factory=list)  # background first
-    masks: Optional[list] = None
-    blended: Optional[object] = None
-    timings: dict = field(default_factory=dict)
 
 
 def quiet_libraries() -> None:
@@ -109,7 +96,7 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # -- generation ---------------------------------------------------------------------
+    # -- generation and editing ----------------------------------------------------------
     def generate(self, request: StackRequest, model: str, out_dir: Path, *,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                  export_psd: bool = False, export_ora: bool = False):
@@ -118,42 +105,98 @@ class Engine:
         Returns the written LayerStack. On cancel or error nothing is left at `out_dir`.
         """
         from .methods import run_method
-        from .stack import LayerStack, StackLayer, write_stack
 
         request = request.validated()
+        out_dir = _new_stack_dir(out_dir)
+        return self._run(request, model, out_dir, lambda loaded, progress, cancel: run_method(
+            loaded, request, progress=progress, cancel=cancel), progress, cancel,
+            exports=dict(export_psd=export_psd, export_ora=export_ora))
+
+    def regenerate(self, stack_dir, layer_index: int, out_dir, *, new_prompt: Optional[str] = None,
+                   new_seed: Optional[int] = None, model: Optional[str] = None, tta_passes: int = 8,
+                   inter_layer_strength: float = 0.3, mask_guidance: float = 0.5,
+                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+        """Regenerate layer `layer_index` (0 = background) of the stack at `stack_dir` into the
+        new stack `out_dir`; the other layers' files are byte-identical copies."""
+        from .methods.editing import SourceStack, keep_byte_identical, regenerate_layers, regenerate_request
+
+        out_dir = _new_stack_dir(out_dir)
+        source = SourceStack.load(stack_dir)
+        request = regenerate_request(source, layer_index, new_prompt, new_seed, tta_passes=tta_passes,
+                                     inter_layer_strength=inter_layer_strength, mask_guidance=mask_guidance)
+        written = self._run(request, model or source.model_spec(), out_dir,
+                            lambda loaded, progress, cancel: regenerate_layers(
+                                loaded, source, request, layer_index, progress=progress, cancel=cancel),
+                            progress, cancel, source=source.stack)
+        kept = [layer.file for i, layer in enumerate(written.layers) if i != layer_index]
+        kept += [layer.mask for i, layer in enumerate(written.layers)
+                 if i not in (0, layer_index) and layer.mask is not None]
+        keep_byte_identical(source.folder, out_dir, kept)
+        return written
+
+    def restyle(self, stack_dir, style: str, out_dir, *, model: Optional[str] = None, tta_passes: int = 8,
+                inter_layer_strength: float = 0.3, mask_guidance: float = 0.8,
+                progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+        """Every layer of the stack again with `style` added to its prompt, same layout, into
+        the new stack `out_dir`."""
+        from .methods.editing import SourceStack, restyle_layers, restyle_request
+        from .request import validate_prompt
+
+        validate_prompt("style", style, required=True)
+        out_dir = _new_stack_dir(out_dir)
+        source = SourceStack.load(stack_dir)
+        request = restyle_request(source, style, tta_passes=tta_passes,
+                                  inter_layer_strength=inter_layer_strength, mask_guidance=mask_guidance)
+        return self._run(request, model or source.model_spec(), out_dir,
+                         lambda loaded, progress, cancel: restyle_layers(
+                             loaded, source, request, progress=progress, cancel=cancel),
+                         progress, cancel, source=source.stack)
+
+    def _run(self, request: StackRequest, model: str, out_dir: Path, make_layers, progress, cancel, *,
+             exports: Optional[dict] = None, source=None):
+        """Load `model`, make the layers, write the stack: the one path every job takes.
+
+        `source` (edits): the stack edited, whose layer names and depths carry over.
+        """
         progress = progress or ignore_progress
         cancel = cancel or CancelToken()
-        out_dir = Path(out_dir)
-        if out_dir.exists():
-            from .errors import InvalidRequest
-
-            raise InvalidRequest("out", f"{out_dir} already exists; choose a new folder")
         with self.lock:
             t0 = time.perf_counter()
             loaded = self.load(model, progress, cancel)
             t_load = time.perf_counter() - t0
             cancel.raise_if_cancelled()
-            result = run_method(loaded, request, progress=progress, cancel=cancel)
+            result = make_layers(loaded, progress, cancel)
             cancel.raise_if_cancelled()
-
             progress(Progress(phase="save", layers=1 + len(request.layers)))
-            layers = [StackLayer(name="background", kind="background", prompt=request.background,
-                                 seed=result.seeds[0], file="background.png")]
-            for i, spec in enumerate(request.layers, start=1):
-                layers.append(StackLayer(
-                    name=spec.name or f"layer_{i:02d}", kind="foreground", prompt=spec.prompt,
-                    seed=result.seeds[i], file=f"layer_{i:02d}.png",
-                    box=list(spec.box) if spec.box else None,
-                    mask=f"mask_{i:02d}.png" if result.masks else None))
             timings = {"load": t_load, **result.timings, "total": time.perf_counter() - t0}
-            timings = {k: round(v, 4) for k, v in timings.items()}
-            stack = LayerStack(
-                name=request.name or out_dir.name, method=request.method,
-                width=request.width, height=request.height, prompt=request.prompt,
-                negative_prompt=request.negative_prompt, seed=request.seed, steps=request.steps,
-                guidance=float(request.guidance), model=loaded.describe(), layers=layers,
-                timings=timings)
-            stack = write_stack(out_dir, stack, result.background, result.foregrounds,
-                                masks=result.masks, blended=result.blended,
-                                export_psd=export_psd, export_ora=export_ora, cancel=cancel)
-            return stack
+            stack = _stack_manifest(request, out_dir, loaded.describe(), result, timings, source)
+            from .stack import write_stack
+
+            return write_stack(out_dir, stack, result.background, result.foregrounds, masks=result.masks,
+                               blended=result.blended, cancel=cancel, **(exports or {}))
+
+
+def _new_stack_dir(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        from .errors import InvalidRequest
+
+        raise InvalidRequest("out", f"{out_dir} already exists; choose a new folder")
+    return out_dir
+
+
+def _stack_manifest(request: StackRequest, out_dir: Path, model: dict, result, timings: dict, source=None):
+    """The LayerStack to write for `request` (file names are the stack writer's to fill in)."""
+    from .stack import LayerStack, StackLayer, layer_name
+
+    kept = source.layers if source is not None else None
+    layers = [StackLayer(name=kept[0].name if kept else layer_name(0), kind="background",
+                         prompt=request.background, seed=result.seeds[0])]
+    for i, spec in enumerate(request.layers, start=1):
+        layers.append(StackLayer(name=spec.name or layer_name(i), kind="foreground", prompt=spec.prompt,
+                                 seed=result.seeds[i], box=list(spec.box) if spec.box else None,
+                                 depth=kept[i].depth if kept else None))
+    return LayerStack(name=request.name or out_dir.name, method=request.method, width=request.width,
+                      height=request.height, prompt=request.prompt, negative_prompt=request.negative_prompt,
+                      seed=request.seed, steps=request.steps, guidance=float(request.guidance), model=model,
+                      layers=layers, timings={k: round(v, 4) for k, v in timings.items()})

@@ -347,6 +347,7 @@ def acquire(plans: Iterable[SnapshotPlan], extra: Sequence[HubFile] = (), *,
     """
     plans = list(plans)
     cache_dir = Path(cache_dir) if cache_dir else hf_cache_dir()
+    # 1. What is on disk already.
     found: dict[HubFile, Path] = {}
     extra_missing: list[HubFile] = []
     for f in extra:
@@ -360,51 +361,69 @@ def acquire(plans: Iterable[SnapshotPlan], extra: Sequence[HubFile] = (), *,
     all_missing = [f for p in plans for f in p.missing] + extra_missing
     if not all_missing:
         return found
+    # 2. Whether downloading is allowed at all.
     if not allow_download:
         raise missing_weights_error(all_missing, reason="Downloading is turned off (allow_download is false).",
                                     models_dir=models_dir)
     if offline_mode():
         raise missing_weights_error(all_missing, reason="Offline mode is on (HF_HUB_OFFLINE=1), so nothing "
                                                         "can be downloaded.", models_dir=models_dir)
-    notes: dict[HubFile, str] = {}
-    failed: list[HubFile] = []
-    unreachable: Optional[str] = None
+    # 3. Download, and report every file still missing in one error.
+    run = _DownloadRun(cache_dir, local_dir, progress, cancel)
     for plan in plans:
-        if not plan.missing:
-            continue
-        if unreachable is not None:
-            failed.extend(plan.missing)
-            continue
-        try:
-            plan.folder = complete_snapshot(plan, progress=progress, cancel=cancel)
-            plan.missing = ()
-        except _Unreachable as exc:
-            unreachable = str(exc)
-            failed.extend(f for f in plan.missing if not _in_any_snapshot(plan, f))
-        except LookupError as exc:
-            for f in plan.missing:
-                notes[f] = str(exc)
-            failed.extend(plan.missing)
+        if plan.missing:
+            run.complete(plan)
     for f in extra_missing:
         if cancel is not None:
             cancel.raise_if_cancelled()
-        if unreachable is not None:
-            failed.append(f)
-            continue
-        try:
-            found[f] = _download(f, cache_dir=cache_dir, local_dir=local_dir, revision=None,
-                                 progress=progress, cancel=cancel)
-        except _Unreachable as exc:
-            unreachable = str(exc)
-            failed.append(f)
-        except LookupError as exc:
-            notes[f] = str(exc)
-            failed.append(f)
-    if failed:
-        reason = (f"The Hugging Face Hub could not be reached ({unreachable})." if unreachable
+        path = run.fetch(f)
+        if path is not None:
+            found[f] = path
+    if run.failed:
+        reason = (f"The Hugging Face Hub could not be reached ({run.unreachable})." if run.unreachable
                   else "Some files could not be downloaded.")
-        raise missing_weights_error(failed, reason=reason, models_dir=models_dir, notes=notes)
+        raise missing_weights_error(run.failed, reason=reason, models_dir=models_dir, notes=run.notes)
     return found
+
+
+class _DownloadRun:
+    """The downloads of one `acquire`: what failed and why; after the first connection
+    failure nothing else is tried (it would fail the same way)."""
+
+    def __init__(self, cache_dir: Path, local_dir: Optional[Path], progress, cancel):
+        self.cache_dir, self.local_dir, self.progress, self.cancel = cache_dir, local_dir, progress, cancel
+        self.notes: dict[HubFile, str] = {}
+        self.failed: list[HubFile] = []
+        self.unreachable: Optional[str] = None
+
+    def complete(self, plan: SnapshotPlan) -> None:
+        if self.unreachable is not None:
+            self.failed.extend(plan.missing)
+            return
+        try:
+            plan.folder = complete_snapshot(plan, progress=self.progress, cancel=self.cancel)
+            plan.missing = ()
+        except _Unreachable as exc:
+            self.unreachable = str(exc)
+            self.failed.extend(f for f in plan.missing if not _in_any_snapshot(plan, f))
+        except LookupError as exc:
+            for f in plan.missing:
+                self.notes[f] = str(exc)
+            self.failed.extend(plan.missing)
+
+    def fetch(self, f: HubFile) -> Optional[Path]:
+        if self.unreachable is not None:
+            self.failed.append(f)
+            return None
+        try:
+            return _download(f, cache_dir=self.cache_dir, local_dir=self.local_dir, revision=None,
+                             progress=self.progress, cancel=self.cancel)
+        except _Unreachable as exc:
+            self.unreachable = str(exc)
+        except LookupError as exc:
+            self.notes[f] = str(exc)
+        self.failed.append(f)
+        return None
 
 
 def _in_any_snapshot(plan: SnapshotPlan, f: HubFile) -> bool:

@@ -1,38 +1,10 @@
-"""Attention processors that let the items of one batched UNet call see each other.
+"""Attention processors that let the items of one batched UNet call see each other (SDXL).
 
-A layered job runs every layer as one batch item of a single UNet call. The batch is
-arranged `(groups × items)`: `groups` is 2 with classifier-free guidance (unconditional
-half first, like diffusers) and 1 without; inside a group the items follow `roles`
-(e.g. background, foreground 1..N, blended). `LayeredAttnProcessor`, installed on every
-attention module of the UNet by `layered_attention(...)`, adds per job:
-
-- **per-sample transparency**: the LayerDiffuse SDXL patch as a low-rank side path
-  `W·x + scale_b · up·(down·x)` on q/k/v/out, with a per-item scale (1 for foregrounds, 0
-  for background/blended). The base product runs on the whole batch exactly like the plain
-  processor and the side path is added only to rows with a nonzero scale, so unpatched
-  items are bit-identical to a run without the patch;
-- **inter-layer attention** (self attention only): each item's queries attend to its own
-  keys and to the keys/values of the other items of its group, average-pooled p×p on the
-  token grid (`inter_layer_pool`, by default the smallest p ≥ 2 with (L−1)/p² ≤ 1/8, so
-  the extra keys are at most T/8 — a summary of each other layer, e.g. 6×6 cells per layer on
-  SDXL's 32×32 grid with three foregrounds — instead of L times the keys), with a log-bias
-  `log(strength) + log(p²)` on their logits: another layer's region counts `strength`
-  times as much as an own region of the same size with the same score. At
-  strength 0 the processor runs plain attention (the joint path is skipped, not merely
-  down-weighted, so the result is exactly the plain one); `attends[i, j]` restricts who
-  sees whom (pinned/kept items of an edit attend only to themselves);
-- **layout regions** (cross attention): an item's text-attention output is multiplied by
-  its region mask (a layout box), so outside the box the layer gets no content from its
-  prompt (attention masking; the joint method adds latent masking on top);
-- **key/value composite** (LayerFusion-style, self attention): a target item (blended)
-  additionally attends to keys/values `m ⊙ K_inside + (1 − m) ⊙ K_outside` — a foreground's
-  inside a soft mask, the background's outside;
-- **attention-map capture** for self-mask estimation: cross-attention mass on a layer's
-  own prompt tokens and self-attention spread (see `inference.masks`), accumulated on the
-  latent grid.
-
-Everything per job lives in one `LayeredAttentionState`; processors hold only their module
-name and their low-rank factors, so installing/removing is cheap and restores exactly.
+The batch is `(groups × items)` (guidance halves, unconditional first). Per job, one
+`LayeredAttentionState` drives every `LayeredAttnProcessor`: per-sample transparency (the
+LayerDiffuse patch as low-rank factors and bias deltas on the foreground rows), inter-layer
+attention over the other items' pooled keys, layout regions, the LayerFusion key/value
+composite, and attention-map capture for the self-masks. Design notes: docs/methods.md.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from .errors import InvalidRequest
+from .methods import METHODS
 
 MAX_PROMPT_CHARS = 1000
 MAX_FOREGROUNDS = 8
@@ -15,7 +16,6 @@ MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 64
 MIN_STEPS, MAX_STEPS = 1, 150
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 2**32 - 1
-METHODS = ("joint", "independent", "harmonized")
 MIN_INTER_LAYER, MAX_INTER_LAYER = 0.0, 4.0
 TTA_PASSES = (1, 2, 4, 8)
 
@@ -133,17 +133,3 @@ def validate_box(field_name: str, box) -> None:
     if not (x0 < x1 and y0 < y1):
         raise InvalidRequest(field_name, "needs x0 < x1 and y0 < y1")
 
-
-def derive_seed(seed: int, index: int) -> int:
-    """Per-layer seed from the request seed: stable across runs and platforms.
-
-    Index 0 is the background, 1..N the foregrounds. A splitmix64-style mix keeps nearby
-    request seeds from giving correlated layer noise.
-    """
-    x = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    return x & MAX_SEED

@@ -94,6 +94,70 @@ class StrictSingleFile:
         return _load_strict(cls, path, cls.weight_kind, dtype, device, config)
 
 
+PUBLISHED_DOWN_BLOCKS = ("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3
+PUBLISHED_UP_BLOCKS = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4
+
+
+def _latent_injection_block(down_block_types: Sequence[str], up_block_types: Sequence[str],
+                            block_out_channels: Sequence[int], latent_scale_factor: int) -> int:
+    """The down block where the latent joins (validating the configuration on the way)."""
+    n_blocks = len(block_out_channels)
+    if len(down_block_types) != n_blocks or len(up_block_types) != n_blocks:
+        raise ValueError(
+            f"need one down and one up block type per entry of block_out_channels ({n_blocks}); "
+            f"got {len(down_block_types)} down and {len(up_block_types)} up"
+        )
+    unknown = [t for t in down_block_types if t not in _DOWN_BLOCKS] + [
+        t for t in up_block_types if t not in _UP_BLOCKS
+    ]
+    if unknown:
+        raise ValueError(f"unsupported block types: {unknown}")
+    injection = int(round(math.log2(latent_scale_factor))) if latent_scale_factor >= 1 else -1
+    if injection < 0 or 2**injection != latent_scale_factor or injection >= n_blocks:
+        raise ValueError(
+            f"latent_scale_factor must be a power of two below 2**{n_blocks}, got {latent_scale_factor}"
+        )
+    return injection
+
+
+def _down_blocks(types: Sequence[str], widths: Sequence[int], layers: int, head_dim: int,
+                 resnet: dict) -> nn.ModuleList:
+    """Every block but the last halves the resolution."""
+    blocks = nn.ModuleList()
+    channels = widths[0]
+    for i, block_type in enumerate(types):
+        is_last = i == len(widths) - 1
+        common = dict(in_channels=channels, out_channels=widths[i], num_layers=layers, downsample_padding=1,
+                      **resnet)
+        if block_type == "AttnDownBlock2D":
+            block = AttnDownBlock2D(**common, attention_head_dim=head_dim, downsample_type=None if is_last else "conv")
+        else:
+            block = DownBlock2D(**common, add_downsample=not is_last)
+        blocks.append(block)
+        channels = widths[i]
+    return blocks
+
+
+def _up_blocks(types: Sequence[str], widths: Sequence[int], layers: int, head_dim: int,
+               resnet: dict) -> nn.ModuleList:
+    """Mirror of the down blocks, one more resnet per block (for the skip connections)."""
+    n_blocks = len(widths)
+    reversed_channels = list(reversed(widths))
+    blocks = nn.ModuleList()
+    prev_output = reversed_channels[0]
+    for i, block_type in enumerate(types):
+        is_last = i == n_blocks - 1
+        common = dict(in_channels=reversed_channels[min(i + 1, n_blocks - 1)], prev_output_channel=prev_output,
+                      out_channels=reversed_channels[i], num_layers=layers + 1, **resnet)
+        if block_type == "AttnUpBlock2D":
+            block = AttnUpBlock2D(**common, attention_head_dim=head_dim, upsample_type=None if is_last else "conv")
+        else:
+            block = UpBlock2D(**common, add_upsample=not is_last)
+        blocks.append(block)
+        prev_output = reversed_channels[i]
+    return blocks
+
+
 class TransparentDecoder(StrictSingleFile, ModelMixin, ConfigMixin):
     """UNet (no time embedding) mapping (VAE-decoded RGB, unscaled latent) → alpha + straight RGB.
 
@@ -113,24 +177,8 @@ class TransparentDecoder(StrictSingleFile, ModelMixin, ConfigMixin):
         out_channels: int = 4,
         latent_channels: int = 4,
         latent_scale_factor: int = 8,
-        down_block_types: Sequence[str] = (
-            "DownBlock2D",
-            "DownBlock2D",
-            "DownBlock2D",
-            "DownBlock2D",
-            "AttnDownBlock2D",
-            "AttnDownBlock2D",
-            "AttnDownBlock2D",
-        ),
-        up_block_types: Sequence[str] = (
-            "AttnUpBlock2D",
-            "AttnUpBlock2D",
-            "AttnUpBlock2D",
-            "UpBlock2D",
-            "UpBlock2D",
-            "UpBlock2D",
-            "UpBlock2D",
-        ),
+        down_block_types: Sequence[str] = PUBLISHED_DOWN_BLOCKS,
+        up_block_types: Sequence[str] = PUBLISHED_UP_BLOCKS,
         block_out_channels: Sequence[int] = (32, 32, 64, 128, 256, 512, 512),
         layers_per_block: int = 2,
         norm_num_groups: int = 4,
@@ -139,90 +187,21 @@ class TransparentDecoder(StrictSingleFile, ModelMixin, ConfigMixin):
         act_fn: str = "silu",
     ):
         super().__init__()
-        n_blocks = len(block_out_channels)
-        if len(down_block_types) != n_blocks or len(up_block_types) != n_blocks:
-            raise ValueError(
-                f"need one down and one up block type per entry of block_out_channels ({n_blocks}); "
-                f"got {len(down_block_types)} down and {len(up_block_types)} up"
-            )
-        unknown = [t for t in down_block_types if t not in _DOWN_BLOCKS] + [
-            t for t in up_block_types if t not in _UP_BLOCKS
-        ]
-        if unknown:
-            raise ValueError(f"unsupported block types: {unknown}")
-        injection = int(round(math.log2(latent_scale_factor))) if latent_scale_factor >= 1 else -1
-        if injection < 0 or 2**injection != latent_scale_factor or injection >= n_blocks:
-            raise ValueError(
-                f"latent_scale_factor must be a power of two below 2**{n_blocks}, got {latent_scale_factor}"
-            )
+        injection = _latent_injection_block(down_block_types, up_block_types, block_out_channels,
+                                            latent_scale_factor)
         # Down block i sees the input downsampled i times (all blocks but the last downsample).
         self.latent_injection_block = injection
         channels_at_injection = block_out_channels[max(injection - 1, 0)]
+        resnet = dict(temb_channels=None, resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups)
 
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.latent_conv_in = nn.Conv2d(latent_channels, channels_at_injection, kernel_size=1)
-
-        self.down_blocks = nn.ModuleList()
-        channels = block_out_channels[0]
-        for i, block_type in enumerate(down_block_types):
-            is_last = i == n_blocks - 1
-            common = dict(
-                in_channels=channels,
-                out_channels=block_out_channels[i],
-                temb_channels=None,
-                num_layers=layers_per_block,
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups,
-                downsample_padding=1,
-            )
-            if block_type == "AttnDownBlock2D":
-                block = AttnDownBlock2D(
-                    **common,
-                    attention_head_dim=attention_head_dim,
-                    downsample_type=None if is_last else "conv",
-                )
-            else:
-                block = DownBlock2D(**common, add_downsample=not is_last)
-            self.down_blocks.append(block)
-            channels = block_out_channels[i]
-
-        self.mid_block = UNetMidBlock2D(
-            in_channels=block_out_channels[-1],
-            temb_channels=None,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            resnet_groups=norm_num_groups,
-            attention_head_dim=attention_head_dim,
-            add_attention=True,
-        )
-
-        reversed_channels = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList()
-        prev_output = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            is_last = i == n_blocks - 1
-            common = dict(
-                in_channels=reversed_channels[min(i + 1, n_blocks - 1)],
-                prev_output_channel=prev_output,
-                out_channels=reversed_channels[i],
-                temb_channels=None,
-                num_layers=layers_per_block + 1,
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups,
-            )
-            if block_type == "AttnUpBlock2D":
-                block = AttnUpBlock2D(
-                    **common,
-                    attention_head_dim=attention_head_dim,
-                    upsample_type=None if is_last else "conv",
-                )
-            else:
-                block = UpBlock2D(**common, add_upsample=not is_last)
-            self.up_blocks.append(block)
-            prev_output = reversed_channels[i]
-
+        self.down_blocks = _down_blocks(down_block_types, block_out_channels, layers_per_block,
+                                        attention_head_dim, resnet)
+        self.mid_block = UNetMidBlock2D(in_channels=block_out_channels[-1], attention_head_dim=attention_head_dim,
+                                        add_attention=True, **resnet)
+        self.up_blocks = _up_blocks(up_block_types, block_out_channels, layers_per_block, attention_head_dim,
+                                    resnet)
         self.conv_norm_out = nn.GroupNorm(num_groups=norm_num_groups, num_channels=block_out_channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)

@@ -207,18 +207,14 @@ def run_edit(args, edit) -> int:
 
 
 def cmd_regenerate(args) -> int:
-    from inference.methods.editing import regenerate_layer
-
-    return run_edit(args, lambda engine, **kw: regenerate_layer(
-        engine, args.stack, args.layer_index, args.out, new_prompt=args.prompt, new_seed=args.seed,
+    return run_edit(args, lambda engine, **kw: engine.regenerate(
+        args.stack, args.layer_index, args.out, new_prompt=args.prompt, new_seed=args.seed,
         model=args.model, tta_passes=args.tta, **kw))
 
 
 def cmd_restyle(args) -> int:
-    from inference.methods.editing import restyle_stack
-
-    return run_edit(args, lambda engine, **kw: restyle_stack(
-        engine, args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
+    return run_edit(args, lambda engine, **kw: engine.restyle(
+        args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
 def cmd_serve(args) -> int:

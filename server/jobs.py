@@ -535,13 +535,11 @@ class JobManager:
         progress = self._progress_callback(job, GenerationFraction())
         try:
             if job.kind == "regenerate":
-                from inference.methods.editing import regenerate_layer
-
                 edit = job.edit
                 assert edit is not None and job.source is not None
-                regenerate_layer(self.engine, self.output_root / job.source, edit.layer_index, out_dir,
-                                 new_prompt=edit.prompt, new_seed=edit.seed, tta_passes=edit.tta_passes,
-                                 progress=progress, cancel=job.cancel)
+                self.engine.regenerate(self.output_root / job.source, edit.layer_index, out_dir,
+                                       new_prompt=edit.prompt, new_seed=edit.seed, tta_passes=edit.tta_passes,
+                                       progress=progress, cancel=job.cancel)
             else:
                 body = job.body
                 assert body is not None

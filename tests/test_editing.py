@@ -10,7 +10,6 @@ from PIL import Image
 
 from inference.engine import Engine, EngineSettings
 from inference.errors import Cancelled, InvalidRequest
-from inference.methods.editing import regenerate_layer, restyle_stack
 from inference.progress import CancelToken
 from inference.request import LayerSpec, StackRequest
 from inference.stack import alpha_over, load_layer_images, load_stack
@@ -40,7 +39,7 @@ def read(folder: Path, name: str) -> bytes:
 def test_regenerate_foreground_keeps_others_byte_identical(engine, source, tmp_path):
     before = {p.name: p.read_bytes() for p in source.iterdir()}
     events = []
-    stack = regenerate_layer(engine, source, 1, tmp_path / "e", new_prompt="a grey wolf", tta_passes=1,
+    stack = engine.regenerate(source, 1, tmp_path / "e", new_prompt="a grey wolf", tta_passes=1,
                              progress=events.append)
     out = tmp_path / "e"
     for name in ("background.png", "layer_02.png", "mask_02.png"):
@@ -65,17 +64,17 @@ def test_regenerated_layer_attends_to_kept_layers(engine, source, tmp_path):
     shutil.copytree(source, altered)
     bg = np.asarray(Image.open(altered / "background.png"))
     Image.fromarray(255 - bg).save(altered / "background.png")
-    regenerate_layer(engine, source, 2, tmp_path / "a", new_seed=77, tta_passes=1)
-    regenerate_layer(engine, altered, 2, tmp_path / "b", new_seed=77, tta_passes=1)
+    engine.regenerate(source, 2, tmp_path / "a", new_seed=77, tta_passes=1)
+    engine.regenerate(altered, 2, tmp_path / "b", new_seed=77, tta_passes=1)
     assert read(tmp_path / "a", "layer_02.png") != read(tmp_path / "b", "layer_02.png")
     # ... and with layers not attending to each other the kept background cannot matter.
-    regenerate_layer(engine, source, 2, tmp_path / "c", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
-    regenerate_layer(engine, altered, 2, tmp_path / "d", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
+    engine.regenerate(source, 2, tmp_path / "c", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
+    engine.regenerate(altered, 2, tmp_path / "d", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
     assert read(tmp_path / "c", "layer_02.png") == read(tmp_path / "d", "layer_02.png")
 
 
 def test_regenerate_background_keeps_foregrounds(engine, source, tmp_path):
-    regenerate_layer(engine, source, 0, tmp_path / "e", new_seed=1234, tta_passes=1)
+    engine.regenerate(source, 0, tmp_path / "e", new_seed=1234, tta_passes=1)
     out = tmp_path / "e"
     for name in ("layer_01.png", "layer_02.png", "mask_01.png", "mask_02.png"):
         assert read(out, name) == read(source, name)
@@ -84,7 +83,7 @@ def test_regenerate_background_keeps_foregrounds(engine, source, tmp_path):
 
 
 def test_restyle_keeps_seeds_boxes_and_masks(engine, source, tmp_path):
-    stack = restyle_stack(engine, source, "watercolor painting", tmp_path / "r", tta_passes=1)
+    stack = engine.restyle(source, "watercolor painting", tmp_path / "r", tta_passes=1)
     src = load_stack(source)
     assert stack.prompt == "a forest at dusk, watercolor painting"
     assert [layer.seed for layer in stack.layers] == [layer.seed for layer in src.layers]
@@ -97,13 +96,13 @@ def test_restyle_keeps_seeds_boxes_and_masks(engine, source, tmp_path):
 
 def test_bad_edits_are_refused_and_cancel_leaves_nothing(engine, source, tmp_path):
     with pytest.raises(InvalidRequest) as err:
-        regenerate_layer(engine, source, 3, tmp_path / "x", new_seed=1)
+        engine.regenerate(source, 3, tmp_path / "x", new_seed=1)
     assert err.value.field == "layer_index"
     with pytest.raises(InvalidRequest) as err:
-        regenerate_layer(engine, source, 1, tmp_path / "x")
+        engine.regenerate(source, 1, tmp_path / "x")
     assert err.value.field == "new_prompt"
     with pytest.raises(InvalidRequest):
-        regenerate_layer(engine, source, 1, source, new_seed=1)
+        engine.regenerate(source, 1, source, new_seed=1)
     token = CancelToken()
 
     def on_progress(event):
@@ -111,6 +110,6 @@ def test_bad_edits_are_refused_and_cancel_leaves_nothing(engine, source, tmp_pat
             token.cancel()
 
     with pytest.raises(Cancelled):
-        regenerate_layer(engine, source, 1, tmp_path / "x", new_seed=9, tta_passes=1, progress=on_progress,
+        engine.regenerate(source, 1, tmp_path / "x", new_seed=9, tta_passes=1, progress=on_progress,
                          cancel=token)
     assert list(tmp_path.iterdir()) == []

@@ -111,7 +111,7 @@ def test_matches_plain_diffusers_pipeline(engine, tmp_path):
     foreground = plain call on a UNet with the LayerDiffuse delta merged + transparent decode."""
     from diffusers import StableDiffusionXLPipeline
 
-    from inference.methods.independent import combine_prompts, layer_seeds
+    from inference.prompts import combine_prompts, layer_seeds
     from inference.models import resolve_model
     from inference.sampling import decode_rgb, initial_noise, to_uint8
     from inference.sdxl_transparency import TransparencyPatch

@@ -20,6 +20,15 @@ pytestmark = pytest.mark.slow
 BOX = (0.5, 0.0, 1.0, 0.5)  # top-right quarter
 
 
+def run_layered(loaded, pipe, items, **settings):
+    """One LayeredSampler run at the tests' size (256², 2 steps, guidance 4)."""
+    from inference.layered_sampler import LayeredSampler, LayeredSettings
+
+    base = dict(width=256, height=256, steps=2, guidance=4.0, negative_prompt="")
+    return LayeredSampler(loaded, pipe, items, LayeredSettings(**{**base, **settings}))(
+        progress=ignore_progress, cancel=CancelToken(), layers=3)
+
+
 def request(**kw) -> StackRequest:
     base = dict(prompt="a forest at dusk", background="pine trees",
                 layers=(LayerSpec("a red fox", box=BOX), LayerSpec("a rock")),
@@ -68,7 +77,7 @@ def test_step_schedule_of_inter_layer_attention_and_capture(engine, tmp_path, mo
     """Layers see each other during the first half of the steps; attention maps for the
     self-masks are captured every CAPTURE_EVERY-th step from the first placement step."""
     from inference.layered_attention import AttentionCapture, LayeredAttnProcessor
-    from inference.methods.joint import CAPTURE_EVERY, INTER_LAYER_END, PLACEMENT_START
+    from inference.layered_sampler import CAPTURE_EVERY, INTER_LAYER_END, PLACEMENT_START
 
     unet = engine.load("tiny").pipeline.unet
     joint_calls: list[int] = []
@@ -134,7 +143,7 @@ def test_cancel_mid_run_leaves_nothing(engine, tmp_path):
 def test_empty_latent_is_mean_plus_std_times_offset_at_the_files_scale(engine):
     """What "transparent" means to confinement, masks and blending: the offset encoder's point
     of the VAE posterior of a fully transparent image, with the scale its weight file goes with."""
-    from inference.methods.joint import empty_latent
+    from inference.layered_sampler import empty_latent
     from inference.sampling import job_pipeline, scale_latents
 
     loaded = engine.load("tiny")
@@ -152,17 +161,16 @@ def test_empty_latent_is_mean_plus_std_times_offset_at_the_files_scale(engine):
 
 
 def test_box_confines_foreground_latent(engine):
-    from inference.methods.joint import empty_latent, joint_items, sample_layers
-    from inference.methods.independent import layer_seeds
+    from inference.layered_sampler import empty_latent
+    from inference.methods.joint import joint_items
+    from inference.prompts import layer_seeds
     from inference.sampling import job_pipeline
 
     loaded = engine.load("tiny")
     pipe = job_pipeline(loaded.pipeline)
     req = request().validated()
     items = joint_items(pipe, req, layer_seeds(req), pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
-    result = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
-                           negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.5,
-                           progress=ignore_progress, cancel=CancelToken(), layers=3)
+    result = run_layered(loaded, pipe, items, inter_layer_strength=0.3, mask_guidance=0.5)
     empty = empty_latent(loaded, pipe.vae)
     energy = (result.latents[1].float() - empty[0]).pow(2).sum(dim=0)  # fox, box = top-right quarter
     inside, outside = energy[:16, 16:], energy[16:, :]
@@ -175,7 +183,7 @@ def test_decoding_in_chunks_matches_one_batch(engine, monkeypatch):
     """Small images share VAE/decoder calls; large ones go one per call. Same layers either
     way (up to batch-size rounding), same per-layer progress, skipped items stay None."""
     from inference.methods import joint
-    from inference.methods.independent import layer_seeds
+    from inference.prompts import layer_seeds
     from inference.sampling import job_pipeline
 
     loaded = engine.load("tiny")
@@ -218,15 +226,16 @@ def test_harmonized_needs_one_layer_and_joint_is_default():
 
 # ------------------------------------------------------------------ SD 1.5 joint arrangement
 def test_merge_rows_averages_copies():
-    from inference.methods.joint import merge_rows
+    from inference.families import RowLayout
 
     eps = torch.arange(6, dtype=torch.float32).view(6, 1) + torch.zeros(6, 2)
-    merged = merge_rows(eps, [1, 0, 3, 2, 0, 3], 4)
+    merged = RowLayout(4, [1, 0, 3, 2, 0, 3]).merge(eps)
     assert merged[:, 0].tolist() == [2.5, 0.0, 3.0, 3.5]
 
 
 def test_sd15_rows_native_for_one_foreground():
-    from inference.methods.joint import LayerItem, sd15_joint_rows
+    from inference.families.sd15 import sd15_joint_rows
+    from inference.layered_sampler import LayerItem
 
     z = torch.zeros(1, 4, 2, 2)
     items = [LayerItem("background", "b", z), LayerItem("foreground", "f", z), LayerItem("blended", "x", z)]
@@ -304,26 +313,22 @@ def test_sd15_joint_frames_arrangement(sd15_loaded):
 def test_sd15_editing_re_encodes_kept_foregrounds_with_its_encoder(engine, sd15_loaded, tmp_path):
     """With its offset encoder SD 1.5 can regenerate one layer: the kept foreground is encoded
     back (no "needs the transparent encoder" refusal) and stays byte-identical."""
-    import threading
-
-    from inference.methods.editing import regenerate_layer, restyle_stack
     from inference.stack import load_stack
 
     source = tmp_path / "src"
     engine.generate(request(steps=2), "tiny", source)
 
-    class SD15Engine:  # the engine's load/lock surface, serving the tiny SD 1.5 model
-        lock = threading.Lock()
-
+    class SD15Engine(Engine):  # the real engine, serving the tiny SD 1.5 model
         def load(self, spec, progress=None, cancel=None):
             return sd15_loaded
 
+    sd15 = SD15Engine(EngineSettings(device="cpu", allow_download=False))
     out = tmp_path / "edited"
-    regenerate_layer(SD15Engine(), source, 1, out, new_seed=11, tta_passes=1)
+    sd15.regenerate(source, 1, out, new_seed=11, tta_passes=1)
     assert (out / "layer_02.png").read_bytes() == (source / "layer_02.png").read_bytes()
     assert (out / "background.png").read_bytes() == (source / "background.png").read_bytes()
     assert (out / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
-    restyled = restyle_stack(SD15Engine(), source, "ukiyo-e print", tmp_path / "restyled", tta_passes=1)
+    restyled = sd15.restyle(source, "ukiyo-e print", tmp_path / "restyled", tta_passes=1)
     assert [layer.seed for layer in restyled.layers] == [layer.seed for layer in load_stack(source).layers]
     assert (tmp_path / "restyled" / "layer_01.png").read_bytes() != (source / "layer_01.png").read_bytes()
 
@@ -333,8 +338,8 @@ def test_joint_without_interactions_is_independent(engine):
     background and each foreground latent, same seeds — is the independent method's (plain
     pipeline for the background, patched one for each foreground). Joint is independent plus
     only the documented interactions."""
-    from inference.methods.independent import combine_prompts, layer_seeds
-    from inference.methods.joint import joint_items, sample_layers
+    from inference.methods.joint import joint_items
+    from inference.prompts import combine_prompts, layer_seeds
     from inference.sampling import denoise, initial_noise, job_pipeline
 
     loaded = engine.load("tiny")
@@ -343,9 +348,7 @@ def test_joint_without_interactions_is_independent(engine):
                   mask_guidance=0.0).validated()
     seeds = layer_seeds(req)
     items = joint_items(pipe, req, seeds, pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
-    joint = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0, negative_prompt="",
-                          inter_layer_strength=0.0, mask_guidance=0.0, progress=ignore_progress,
-                          cancel=CancelToken(), layers=3).latents
+    joint = run_layered(loaded, pipe, items, inter_layer_strength=0.0, mask_guidance=0.0).latents
 
     def independent(layer: int, prompt: str) -> torch.Tensor:
         noise = initial_noise(seeds[layer], pipe.vae, pipe.unet, 256, 256, loaded.device, pipe.unet.dtype)
@@ -359,31 +362,25 @@ def test_joint_without_interactions_is_independent(engine):
             alone = independent(i, layer.prompt)
         torch.testing.assert_close(joint[i:i + 1], alone, rtol=1e-4, atol=1e-4)
         assert (joint[i:i + 1] - joint[0:1]).abs().max() > 1e-2  # layers differ, so the check can fail
-    interacting = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
-                                negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.0,
-                                progress=ignore_progress, cancel=CancelToken(), layers=3).latents
+    interacting = run_layered(loaded, pipe, items, inter_layer_strength=0.3, mask_guidance=0.0).latents
     assert (interacting[1:2] - joint[1:2]).abs().max() > 1e-3  # inter-layer attention is what differs
 
 
 def test_background_at_strength_zero_matches_plain_diffusers(engine):
     """With layers not attending to each other, the joint sampler's background row is the
     ordinary SDXL pipeline's result for the same prompt and noise (batched call or not)."""
-    from inference.methods.independent import layer_seeds
-    from inference.methods.joint import joint_items, sample_layers
+    from inference.methods.joint import joint_items
+    from inference.prompts import layer_seeds
     from inference.sampling import job_pipeline
 
     loaded = engine.load("tiny")
     pipe = job_pipeline(loaded.pipeline)
     req = request(layers=(LayerSpec("a red fox"), LayerSpec("a rock")), inter_layer_strength=0.0).validated()
     items = joint_items(pipe, req, layer_seeds(req), pipe.vae, pipe.unet, loaded.device, pipe.unet.dtype)
-    result = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0, negative_prompt="",
-                           inter_layer_strength=0.0, mask_guidance=0.5, progress=ignore_progress,
-                           cancel=CancelToken(), layers=3)
+    result = run_layered(loaded, pipe, items, inter_layer_strength=0.0, mask_guidance=0.5)
     plain = job_pipeline(loaded.pipeline)(prompt=items[0].prompt, width=256, height=256, num_inference_steps=2,
                                           guidance_scale=4.0, latents=items[0].noise.clone(),
                                           output_type="latent", return_dict=False)[0]
     torch.testing.assert_close(result.latents[0:1], plain, rtol=1e-4, atol=1e-4)
-    with_layers = sample_layers(loaded, pipe, items, width=256, height=256, steps=2, guidance=4.0,
-                                negative_prompt="", inter_layer_strength=0.3, mask_guidance=0.5,
-                                progress=ignore_progress, cancel=CancelToken(), layers=3)
+    with_layers = run_layered(loaded, pipe, items, inter_layer_strength=0.3, mask_guidance=0.5)
     assert (with_layers.latents[0:1] - plain).abs().max() > 1e-3

@@ -2,7 +2,8 @@
 import pytest
 
 from inference.errors import InvalidRequest
-from inference.request import LayerSpec, StackRequest, derive_seed
+from inference.prompts import derive_seed
+from inference.request import LayerSpec, StackRequest
 
 
 def ok(**kw):

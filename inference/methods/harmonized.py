@@ -1,46 +1,28 @@
 """Method `harmonized` (after LayerFusion): one foreground, a background and their blend.
 
-Two passes, each one batched UNet call per step:
-
-1. **Prior pass** on the foreground model (the foreground item alone, transparency patch
-   on, same seed and prompt as in pass 2). Over all its steps we average, on the latent
-   grid, (a) the self-attention spread of every query `s_i = 1 / Σ_j P_ij²` (P the
-   head-averaged attention row, divided by the key count so resolutions compare; only
-   modules with ≤ 1024 tokens, where the T×T map is affordable) and (b) the cross-attention
-   mass on the layer prompt's own tokens `Σ_{k ∈ layer tokens} A_ik`. Then
-       structure = 1 − minmax(s)            (compact attention = object, diffuse = empty)
-       content   = minmax(cross mass)
-       m_soft    = minmax(structure ⊙ content) ⊙ box
-       m_hard    = [m_soft ≥ 0.5]
-2. **Main pass** on [background, foreground, blended]:
-   - foreground: transparency patch on; its clean estimate is confined toward the empty
-     latent with `(1 − g·(1 − m_hard))^(1/steps)` per step (g = `request.mask_guidance`;
-     in total `1 − g·(1 − m_hard)`);
-   - blended (starts from the background's noise): in every self-attention it attends to
-     its own keys/values and to the composite `m_soft ⊙ K_fg + (1 − m_soft) ⊙ K_bg` (and
-     the same for values) — foreground structure inside the mask, background outside;
-     from 10 % to 50 % of the steps its clean estimate is also pulled toward the latent
-     alpha-over `m_soft ⊙ x̂0_fg + (1 − m_soft) ⊙ x̂0_bg` (weight 1 → 0);
-   - background: plain, attending only to itself, so it stays what the background prompt
-     gives, and the blended image's surround stays consistent with it (it keeps attending
-     to the background's keys outside the mask).
-The saved mask (`mask_01.png`) is m_soft.
+Two `LayeredSampler` runs: a prior pass on the foreground alone reads a soft/hard mask from
+its attention (self-attention spread × own-token cross attention); the main pass confines
+the foreground by the hard mask and blends at the attention level (the blended item attends
+to a mask-composite of foreground and background keys/values). Training-free, on the
+LayerDiffuse weights. Design notes: docs/methods.md.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
-from ..engine import GeneratedLayers
 from ..errors import InvalidRequest
 from ..layered_attention import KVComposite
+from ..layered_sampler import LayeredOptions, LayeredSampler, LayeredSettings, LayerItem
 from ..masks import box_mask, hard_mask, mask_to_uint8, minmax, soft_mask, structure_prior
 from ..progress import CancelToken, ProgressCallback
+from ..prompts import layer_seeds
 from ..request import StackRequest
 from ..sampling import job_pipeline, vae_scale_factor
-from .independent import layer_seeds
-from .joint import LayerItem, decode_items, joint_items, sample_layers
+from . import GeneratedLayers
+from .joint import decode_items, joint_items
 
 HARD_THRESHOLD = 0.5
 
@@ -61,16 +43,17 @@ def generate_harmonized(loaded, request: StackRequest, *, progress: ProgressCall
     device, dtype = loaded.device, unet.dtype
     seeds = layer_seeds(request)
     items = joint_items(pipe, request, seeds, vae, unet, device, dtype)  # [bg, fg, blended]
-    common = dict(width=request.width, height=request.height, steps=request.steps, guidance=request.guidance,
-                  negative_prompt=request.negative_prompt, progress=progress, cancel=cancel, layers=2,
-                  total_steps=2 * request.steps)
+    settings = LayeredSettings.from_request(request)
+    run = dict(progress=progress, cancel=cancel, layers=2)
     timings = {}
 
+    # 1. Prior pass: the foreground alone, its attention maps averaged over all steps.
     t = time.perf_counter()
     fg = items[1]
     prior_item = LayerItem("foreground", fg.prompt, fg.noise, box=fg.box, content_tokens=fg.content_tokens)
-    prior = sample_layers(loaded, pipe, [prior_item], inter_layer_strength=0.0, mask_guidance=0.0,
-                          capture_self=[0], accumulate_capture=True, **common)
+    prior = LayeredSampler(loaded, pipe, [prior_item], replace(settings, inter_layer_strength=0.0, mask_guidance=0.0),
+                           LayeredOptions(capture_self=[0], accumulate_capture=True,
+                                          total_steps=2 * request.steps))(**run)
     cond = 1 if request.guidance > 1.0 else 0
     f = vae_scale_factor(vae)
     size = (request.height // f, request.width // f)
@@ -81,15 +64,16 @@ def generate_harmonized(loaded, request: StackRequest, *, progress: ProgressCall
     soft, hard = fusion_masks(spread.to(device), cross.to(device), box.to(device))
     timings["prior"] = time.perf_counter() - t
 
+    # 2. Main pass: foreground confined by the hard mask; only the blended item looks at the
+    #    others, through the mask-composite of their keys/values.
     t = time.perf_counter()
     fg.fixed_mask = hard
     fg.placement_mask = soft
     attends = torch.zeros(3, 3, dtype=torch.bool)
-    attends[2] = True  # only the blended item looks at the others
-    result = sample_layers(loaded, pipe, items, inter_layer_strength=request.inter_layer_strength,
-                           mask_guidance=request.mask_guidance, estimate_masks=False, attends=attends,
-                           composite=KVComposite(target=2, inside=1, outside=0, mask=soft),
-                           step_offset=request.steps, **common)
+    attends[2] = True
+    result = LayeredSampler(loaded, pipe, items, settings, LayeredOptions(
+        estimate_masks=False, attends=attends, composite=KVComposite(target=2, inside=1, outside=0, mask=soft),
+        step_offset=request.steps, total_steps=2 * request.steps))(**run)
     timings["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
     background, foregrounds, blended = decode_items(loaded, vae, items, result.latents, request.tta_passes,

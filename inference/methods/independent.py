@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import time
 
-from ..engine import GeneratedLayers
 from ..progress import CancelToken, Progress, ProgressCallback
-from ..request import StackRequest, derive_seed
+from ..prompts import combine_prompts, layer_seeds
+from ..request import StackRequest
 from ..sampling import decode_rgb, denoise, initial_noise, job_pipeline, to_uint8
-
-
-def combine_prompts(layer_prompt: str, global_prompt: str) -> str:
-    """The layer's own words first (they decide the content), then the shared scene/style."""
-    parts = [p.strip() for p in (layer_prompt, global_prompt) if p and p.strip()]
-    return ", ".join(parts)
-
-
-def layer_seeds(request: StackRequest) -> list[int]:
-    """Background first. Explicit seeds win; others are derived from the request seed."""
-    seeds = [request.background_seed if request.background_seed is not None
-             else derive_seed(request.seed, 0)]
-    for i, layer in enumerate(request.layers, start=1):
-        seeds.append(layer.seed if layer.seed is not None else derive_seed(request.seed, i))
-    return seeds
+from . import GeneratedLayers
 
 
 def generate_independent(loaded, request: StackRequest, *, progress: ProgressCallback,
