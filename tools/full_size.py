@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tools.reference import REPO_ROOT, reference_dir
+
 CONFIG_DIR = Path(__file__).resolve().with_name("full_size_configs")
 MANIFEST_FILE = "layerdiffuse_weight_manifest.json"
 
@@ -73,15 +74,6 @@ DEFAULT_PRESETS = ("sdxl", "sd15")
 PROMPT = "a harbour town at dusk"
 BACKGROUND = "quiet harbour with moored boats"
 LAYERS = ("a white lighthouse", "a seagull in flight")
-
-
-def reference_dir() -> Path:
-    """`../shared/reference` beside the clone (CI layout), or $MULTIPLANE_REFERENCE."""
-    env = os.environ.get("MULTIPLANE_REFERENCE")
-    path = Path(env) if env else REPO_ROOT.parent / "shared" / "reference"
-    if not path.is_dir():
-        raise FileNotFoundError(f"reference data not found at {path}; set MULTIPLANE_REFERENCE")
-    return path
 
 
 def weight_manifest() -> dict:
