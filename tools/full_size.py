@@ -5,7 +5,7 @@ Why: nobody here can download the published weights, and the tiny model hides wh
 the real shapes show (SDXL's two text encoders and pooled projection, 10-layer
 transformer blocks, head widths, the 2816-wide added embedding, the 1.9 GB delta over 560
 parameters, the full-size transparent decoder, fp16 files cast on load). So we write the
-files a user's cache would hold, byte-for-byte in layout: the exact file list of each
+files a user's cache would hold, in the same layout: the exact file list of each
 preset (`inference.models.PRESETS[name].base_files`, fp16 variants, same folders) plus its
 LayerDiffuse files in their manifest layouts, under `models--org--name/{refs/main,
 snapshots/<commit>/..., blobs/<sha256>}` like huggingface_hub writes them. Only the
@@ -54,8 +54,7 @@ MANIFEST_FILE = "layerdiffuse_weight_manifest.json"
 # Config files that come from the project's reference data instead of CONFIG_DIR:
 # (preset, path in repo) → (reference file, keys the Hub file has on top of it).
 REFERENCE_CONFIGS = {
-    ("sdxl", "unet/config.json"): ("sdxl_unet_config.json",
-                                   {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0"}),
+    ("sdxl", "unet/config.json"): ("sdxl_unet_config.json", {"_class_name": "UNet2DConditionModel"}),
 }
 # Tensor-name prefixes of the Hub files that today's library drops from the module tree:
 # the published text encoders were saved by transformers 4.x, whose CLIPTextModel wrapped a
