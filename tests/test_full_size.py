@@ -307,3 +307,11 @@ def test_killed_run_says_it_was_probably_memory(plans, tmp_path, monkeypatch):
         full_size.verify_preset("sd15", work_root=tmp_path, planned=shrunk(plans["sd15"], keep=1),
                                 log=lambda _: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_regenerate_command_edits_one_foreground_offline():
+    command = full_size.regenerate_command(Path("/tmp/stack"), Path("/tmp/edited"))
+    assert command[1:4] == ["-m", "server", "regenerate"]
+    joined = " ".join(command)
+    assert "--stack /tmp/stack --layer-index 1" in joined and "--offline" in command
+    assert command[-2:] == ["--out", "/tmp/edited"]

@@ -315,6 +315,14 @@ def cli_command(name: str, out: Path, *, device: str = "auto", size: int = 256, 
                       "--offline", "--device", device, "--quiet", "--out", str(out)]
 
 
+def regenerate_command(stack: Path, out: Path, *, device: str = "auto") -> list[str]:
+    """An edit of that stack: foreground 1 again with a new prompt, which encodes the other
+    layers back into latents (the only full-size use of the offset encoder)."""
+    return [sys.executable, "-m", "server", "regenerate", "--stack", str(stack), "--layer-index", "1",
+            "--prompt", "a red lighthouse", "--tta", "1", "--offline", "--device", device, "--quiet",
+            "--out", str(out)]
+
+
 def offline_env(work: Path) -> dict:
     """The environment of a user whose HF cache is `work/hf` and who is offline; Multiplane's
     own cache (file hashes) goes to `work` too, so nothing outside it is touched."""
@@ -329,21 +337,35 @@ class VerifyFailed(RuntimeError):
 
 
 @dataclass
+class StepReport:
+    """One CLI run: its stack.json timings (load, denoise, decode, total), wall time, peak RSS."""
+
+    wall_s: float
+    peak_rss: int
+    timings: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        t = self.timings
+        return (f"load {t.get('load', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s, "
+                f"decode {t.get('decode', 0):.1f} s, CLI wall {self.wall_s:.0f} s, "
+                f"peak RSS {self.peak_rss / 1e9:.1f} GB")
+
+
+@dataclass
 class RunReport:
     preset: str
     disk_bytes: int
     build_s: float
-    wall_s: float
-    peak_rss: int
-    timings: dict = field(default_factory=dict)  # stack.json: load, denoise, decode, total
-    layers: list = field(default_factory=list)  # per image: name, mean, std
+    generate: StepReport
+    regenerate: Optional[StepReport] = None
+    layers: list = field(default_factory=list)  # per image of the generated stack: name, mean, std
 
     def lines(self) -> list[str]:
-        t = self.timings
-        return [f"{self.preset}: disk {self.disk_bytes / 1e9:.1f} GB, build {self.build_s:.0f} s, "
-                f"load {t.get('load', 0):.1f} s, denoise {t.get('denoise', 0):.1f} s, "
-                f"decode {t.get('decode', 0):.1f} s, CLI wall {self.wall_s:.0f} s, "
-                f"peak RSS {self.peak_rss / 1e9:.1f} GB"]
+        lines = [f"{self.preset}: disk {self.disk_bytes / 1e9:.1f} GB, build {self.build_s:.0f} s; "
+                 f"generate: {self.generate.describe()}"]
+        if self.regenerate is not None:
+            lines.append(f"{self.preset}: regenerate layer 1: {self.regenerate.describe()}")
+        return lines
 
 
 def check_stack(out: Path, expected_layers: int) -> list[dict]:
@@ -390,10 +412,28 @@ def run_cli(command: list[str], env: dict, log_path: Path) -> tuple[int, float, 
     return rc, time.perf_counter() - t, rss.peak
 
 
+def run_step(name: str, step: str, command: list[str], out: Path, work: Path,
+             log: Callable[[str], None]) -> StepReport:
+    """Run one CLI command writing the stack `out` offline against the cache in `work`;
+    VerifyFailed with its output when it fails."""
+    log(f"{name}: running {' '.join(command[1:])}")
+    log_path = work / f"{step}.log"
+    rc, wall_s, peak = run_cli(command, offline_env(work), log_path)
+    if rc != 0:
+        hint = (" — killed, probably out of memory (SDXL in float32 on a CPU peaks at about 21 GB)"
+                if rc == -signal.SIGKILL else "")
+        output = log_path.read_text(errors="replace")
+        raise VerifyFailed(f"{name}: the CLI exited with {rc}{hint} after {wall_s:.0f} s "
+                           f"(peak RSS {peak / 1e9:.1f} GB):\n{output[-4000:]}")
+    timings = json.loads((out / "stack.json").read_text()).get("timings", {})
+    return StepReport(wall_s=wall_s, peak_rss=peak, timings=timings)
+
+
 def verify_preset(name: str, *, work_root: Optional[Path] = None, keep: bool = False, device: str = "auto",
-                  size: int = 256, steps: int = 2, planned: Optional[list[PlannedFile]] = None,
+                  size: int = 256, steps: int = 2, edit: bool = True, planned: Optional[list[PlannedFile]] = None,
                   log: Callable[[str], None] = print) -> RunReport:
-    """Build preset `name` in a temporary HF_HOME, run the CLI offline, check the stack.
+    """Build preset `name` in a temporary HF_HOME, run the CLI offline (generate, then
+    regenerate one layer unless not `edit`), check the stacks.
 
     The temporary folder (about the preset's download size) is deleted afterwards, also on
     failure, unless `keep`.
@@ -410,20 +450,22 @@ def verify_preset(name: str, *, work_root: Optional[Path] = None, keep: bool = F
         t = time.perf_counter()
         write_cache(work / "hf" / "hub", planned, log=log)
         build_s = time.perf_counter() - t
+        log(f"{name}: built in {build_s:.0f} s")
         out = work / "stack"
-        command = cli_command(name, out, device=device, size=size, steps=steps)
-        log(f"{name}: built in {build_s:.0f} s; running {' '.join(command[1:])}")
-        rc, wall_s, peak = run_cli(command, offline_env(work), work / "cli.log")
-        cli_output = (work / "cli.log").read_text(errors="replace")
-        if rc != 0:
-            hint = (" — killed, probably out of memory (SDXL in float32 on a CPU peaks at about 21 GB)"
-                    if rc == -signal.SIGKILL else "")
-            raise VerifyFailed(f"{name}: the CLI exited with {rc}{hint} after {wall_s:.0f} s "
-                               f"(peak RSS {peak / 1e9:.1f} GB):\n{cli_output[-4000:]}")
+        generate = run_step(name, "generate", cli_command(name, out, device=device, size=size, steps=steps), out,
+                            work, log)
         stats = check_stack(out, expected_layers=1 + len(LAYERS))
-        stack = json.loads((out / "stack.json").read_text())
-        return RunReport(preset=name, disk_bytes=need, build_s=build_s, wall_s=wall_s, peak_rss=peak,
-                         timings=stack.get("timings", {}), layers=stats)
+        regenerate = None
+        if edit:
+            edited = work / "regenerated"
+            regenerate = run_step(name, "regenerate", regenerate_command(out, edited, device=device), edited,
+                                  work, log)
+            check_stack(edited, expected_layers=1 + len(LAYERS))
+            for kept in ("background.png", "layer_02.png"):
+                if (edited / kept).read_bytes() != (out / kept).read_bytes():
+                    raise VerifyFailed(f"{name}: regenerating layer 1 changed {kept}")
+        return RunReport(preset=name, disk_bytes=need, build_s=build_s, generate=generate,
+                         regenerate=regenerate, layers=stats)
     finally:
         if keep:
             log(f"{name}: kept {work}")
@@ -446,6 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     verify.add_argument("--device", default="auto")
     verify.add_argument("--size", type=int, default=256)
     verify.add_argument("--steps", type=int, default=2)
+    verify.add_argument("--no-edit", action="store_true", help="skip the regenerate run after generate")
     build = sub.add_parser("build", help="write one preset's full-size cache into HF_HOME and keep it")
     build.add_argument("--preset", required=True, choices=DEFAULT_PRESETS)
     build.add_argument("--hf-home", required=True, type=Path)
@@ -470,7 +513,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in args.preset or DEFAULT_PRESETS:
         try:
             report = verify_preset(name, work_root=args.work_dir, keep=args.keep, device=args.device,
-                                   size=args.size, steps=args.steps)
+                                   size=args.size, steps=args.steps, edit=not args.no_edit)
         except VerifyFailed as exc:
             print(f"FAILED {exc}", file=sys.stderr)
             failures.append(name)
@@ -482,7 +525,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"    {stats['image']}: mean {stats['mean']} std {stats['std']}")
     print("\nfull-size verification:")
     for report in reports:
-        print("  ok     " + report.lines()[0])
+        for line in report.lines():
+            print("  ok     " + line)
     for name in failures:
         print(f"  FAILED {name}")
     return 1 if failures else 0
