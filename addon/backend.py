@@ -35,7 +35,9 @@ class BackendError(Exception):
 
 
 @dataclass(frozen=True)
-class ServerInfo:
+class ServerReady:
+    """What the server's ready line announced (and the token we gave it)."""
+
     url: str
     token: str
     pid: int
@@ -125,7 +127,7 @@ class ManagedServer:
         # Blender's "Allow Online Access" off: the server must not fetch model weights.
         self.offline = offline
         self.token = secrets.token_urlsafe(32)
-        self.info: Optional[ServerInfo] = None
+        self.info: Optional[ServerReady] = None
         self.error: Optional[str] = None
         self._proc: Optional[subprocess.Popen] = None
         self._log_handle = None
@@ -207,7 +209,7 @@ class ManagedServer:
         except ValueError:
             ready = None
         if isinstance(ready, dict) and ready.get("event") == "ready" and ready.get("url"):
-            self.info = ServerInfo(url=str(ready["url"]), token=self.token,
+            self.info = ServerReady(url=str(ready["url"]), token=self.token,
                                    pid=int(ready.get("pid") or proc.pid), version=str(ready.get("version", "")))
         else:
             try:
@@ -252,7 +254,7 @@ class ManagedServer:
             return "failed"
         return "ready"
 
-    def wait_ready(self, timeout: Optional[float] = None, cancelled: Optional[threading.Event] = None) -> ServerInfo:
+    def wait_ready(self, timeout: Optional[float] = None, cancelled: Optional[threading.Event] = None) -> ServerReady:
         """Block until ready (worker threads only); BackendError when it failed or timed out."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.ready_timeout)
         while True:
@@ -270,9 +272,6 @@ class ManagedServer:
     @property
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc else None
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None and not self._stopped
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Close stdin (the server's cue to cancel jobs and exit), then terminate, then kill."""
@@ -355,7 +354,8 @@ _current: Optional[ManagedServer] = None
 _current_lock = threading.Lock()
 
 
-def current() -> Optional[ManagedServer]:
+def current_server() -> Optional[ManagedServer]:
+    """The local server the add-on uses now (None before the first start)."""
     return _current
 
 
@@ -375,7 +375,7 @@ def ensure_server(make) -> ManagedServer:
     return server
 
 
-def stop_current() -> None:
+def stop_current_server() -> None:
     global _current
     with _current_lock:
         server, _current = _current, None

@@ -83,10 +83,6 @@ class ServerClient:
         handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK else []
         self._opener = urllib.request.build_opener(*handlers)
 
-    @property
-    def is_loopback(self) -> bool:
-        return urllib.parse.urlparse(self.url).hostname in _LOOPBACK
-
     # ------------------------------------------------------------------ plumbing
 
     def _open(self, method: str, path: str, body: Optional[dict] = None, auth: bool = True,

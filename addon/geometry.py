@@ -94,17 +94,6 @@ class PlaneFit:
     center_y: float
     distance: float
 
-    def corners(self) -> list[tuple[float, float, float]]:
-        """Camera-local corners, counter-clockwise from bottom-left (the quad's UV order)."""
-        hw, hh = self.width / 2.0, self.height / 2.0
-        z = -self.distance
-        return [
-            (self.center_x - hw, self.center_y - hh, z),
-            (self.center_x + hw, self.center_y - hh, z),
-            (self.center_x + hw, self.center_y + hh, z),
-            (self.center_x - hw, self.center_y + hh, z),
-        ]
-
 
 def fit_axis(spec: CameraSpec) -> str:
     """'HORIZONTAL' or 'VERTICAL': the frame axis the sensor (or ortho scale) spans.
@@ -148,13 +137,6 @@ def camera_frame_center(spec: CameraSpec, distance: float) -> tuple[float, float
     """
     extent = frame_extent(spec, distance)
     return spec.shift_x * extent, spec.shift_y * extent
-
-
-def camera_frame_corners(spec: CameraSpec, distance: float) -> list[tuple[float, float, float]]:
-    """Camera-local frame corners at `distance`, counter-clockwise from bottom-left."""
-    width, height = camera_frame_size(spec, distance)
-    cx, cy = camera_frame_center(spec, distance)
-    return PlaneFit(width, height, cx, cy, distance).corners()
 
 
 def fit_plane_to_camera(

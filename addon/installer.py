@@ -197,11 +197,12 @@ class InstallJob:
 _current: Optional[InstallJob] = None
 
 
-def current() -> Optional[InstallJob]:
+def current_install() -> Optional[InstallJob]:
+    """The install started last (running or finished), None before the first."""
     return _current
 
 
-def cancel_current() -> None:
+def cancel_current_install() -> None:
     if _current is not None and _current.running:
         _current.cancel()
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import bpy
 from bpy.types import Panel, UIList
 
-from . import generate, installer, jobs, preferences
+from . import generate, history, installer, layer_list, preferences
 from .generate import generation_size
+from .watcher import WatchState, watcher
 
 PHASE_ICONS = {
     "installing": "IMPORT", "starting": "SORTTIME", "submitting": "URL", "queued": "SORTTIME",
@@ -40,7 +41,7 @@ class MULTIPLANE_UL_history(UIList):
         row.label(text=item.created)
 
 
-def draw_progress(layout, state: jobs.WatchState, install) -> None:
+def draw_progress(layout, state: WatchState, install) -> None:
     if install is not None and install.running:
         fraction, text, icon = install.fraction, f"Installing: {install.status}", "IMPORT"
     else:
@@ -99,7 +100,7 @@ def draw_regenerate(layout, settings, item, busy: bool) -> None:
             row.prop(settings, "regenerate_seed", text="")
     else:  # the button stays, greyed out by the operator's poll, whose tooltip says why
         box.label(text="No server job id for this stack", icon="INFO")
-    op = box.operator(generate.MULTIPLANE_OT_history_regenerate_layer.bl_idname, icon="FILE_REFRESH")
+    op = box.operator(history.MULTIPLANE_OT_history_regenerate_layer.bl_idname, icon="FILE_REFRESH")
     op.index = settings.history_index
     try:
         op.layer = int(settings.regenerate_layer)
@@ -113,9 +114,9 @@ def draw_regenerate(layout, settings, item, busy: bool) -> None:
 def draw_panel(layout, context) -> None:
     scene = context.scene
     settings = scene.multiplane
-    state = jobs.watcher.state
-    install = installer.current()
-    busy = jobs.watcher.busy or (install is not None and install.running)
+    state = watcher.state
+    install = installer.current_install()
+    busy = watcher.busy or (install is not None and install.running)
 
     column = layout.column()
     column.enabled = not busy
@@ -128,11 +129,11 @@ def draw_panel(layout, context) -> None:
     row = column.row()
     row.template_list("MULTIPLANE_UL_layers", "", settings, "layers", settings, "layer_index", rows=3)
     side = row.column(align=True)
-    side.operator(generate.MULTIPLANE_OT_layer_add.bl_idname, text="", icon="ADD")
-    side.operator(generate.MULTIPLANE_OT_layer_remove.bl_idname, text="", icon="REMOVE")
+    side.operator(layer_list.MULTIPLANE_OT_layer_add.bl_idname, text="", icon="ADD")
+    side.operator(layer_list.MULTIPLANE_OT_layer_remove.bl_idname, text="", icon="REMOVE")
     side.separator()
-    side.operator(generate.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_UP").direction = "UP"
-    side.operator(generate.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_DOWN").direction = "DOWN"
+    side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_UP").direction = "UP"
+    side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_DOWN").direction = "DOWN"
     if 0 <= settings.layer_index < len(settings.layers):
         layer = settings.layers[settings.layer_index]
         box = column.box()
@@ -184,9 +185,9 @@ def draw_panel(layout, context) -> None:
         layout.label(text="Generated Stacks")
         layout.template_list("MULTIPLANE_UL_history", "", settings, "history", settings, "history_index", rows=2)
         row = layout.row(align=True)
-        row.operator(generate.MULTIPLANE_OT_history_import.bl_idname, text="Re-import", icon="IMPORT")
-        row.operator(generate.MULTIPLANE_OT_history_open_folder.bl_idname, text="Folder", icon="FILE_FOLDER")
-        row.operator(generate.MULTIPLANE_OT_history_remove.bl_idname, text="", icon="X")
+        row.operator(history.MULTIPLANE_OT_history_import.bl_idname, text="Re-import", icon="IMPORT")
+        row.operator(history.MULTIPLANE_OT_history_open_folder.bl_idname, text="Folder", icon="FILE_FOLDER")
+        row.operator(history.MULTIPLANE_OT_history_remove.bl_idname, text="", icon="X")
         if 0 <= settings.history_index < len(settings.history):
             item = settings.history[settings.history_index]
             layout.label(text=item.prompt[:60], icon="TEXT")

@@ -4,7 +4,7 @@ Two backends. "Start local process": the add-on runs `python -m server serve` wi
 interpreter that has the engine installed (auto-detected: the checkout's .venv, else the
 environment "Install inference environment" makes in the extension's user folder).
 "Connect to server": a server someone started elsewhere (a GPU machine), by URL + token.
-`backend_settings(context)` turns either into plain values for the job watcher's thread.
+`backend_settings(context)` turns either into plain values for the job watcher's thread (watcher.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from bpy.types import AddonPreferences, Operator
 
 from . import backend, installer
 from .client import ServerClient, ServerError, describe_models
+from .watcher import ensure_timer, watcher
 
 # The extension's root package (…multiplane); this module lives in its `addon` sub-package.
 ADDON_ID = __package__.rpartition(".")[0] or __package__
@@ -118,9 +119,9 @@ def status_text(context=None) -> tuple[str, str]:
         if not settings.url:
             return "No server URL set", "ERROR"
         return f"Remote server: {settings.url}", "URL"
-    if installer.current() is not None and installer.current().running:
-        return f"Installing: {installer.current().status}", "IMPORT"
-    server = backend.current()
+    if installer.current_install() is not None and installer.current_install().running:
+        return f"Installing: {installer.current_install().status}", "IMPORT"
+    server = backend.current_server()
     state = server.poll() if server is not None else "stopped"
     if state == "ready":
         return f"Local server running at {server.info.url} (pid {server.pid})", "CHECKMARK"
@@ -198,7 +199,7 @@ def draw_preferences(prefs, layout, context) -> None:
         box.prop(prefs, "models_dir")
         box.prop(prefs, "output_dir")
         row = box.row()
-        job = installer.current()
+        job = installer.current_install()
         if job is not None and job.running:
             if hasattr(row, "progress"):
                 row.progress(factor=job.fraction, type="BAR", text=job.status)
@@ -268,13 +269,11 @@ class MULTIPLANE_OT_restart_server(Operator):
     bl_label = "Restart Server"
 
     def execute(self, context):
-        from . import jobs
-
-        if jobs.watcher.busy:
+        if watcher.busy:
             self.report({"ERROR"}, "A backdrop is being generated: cancel it first, then restart the server")
             return {"CANCELLED"}
         settings = backend_settings(context)
-        backend.stop_current()
+        backend.stop_current_server()
         if settings.mode == "REMOTE":
             self.report({"INFO"}, "Remote servers are restarted on their own machine")
             return {"FINISHED"}
@@ -299,9 +298,7 @@ class MULTIPLANE_OT_install_environment(Operator):
         except installer.InstallError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        from . import jobs
-
-        jobs.ensure_timer()
+        ensure_timer()
         self.report({"INFO"}, f"Installing the inference environment into {job.venv}; log: {job.log_path}")
         return {"FINISHED"}
 
@@ -313,7 +310,7 @@ class MULTIPLANE_OT_cancel_install(Operator):
     bl_label = "Cancel Install"
 
     def execute(self, _context):
-        job = installer.current()
+        job = installer.current_install()
         if job is None or not job.running:
             self.report({"INFO"}, "Nothing is being installed")
             return {"CANCELLED"}
@@ -338,6 +335,6 @@ def register() -> None:
 
 
 def unregister() -> None:
-    installer.cancel_current()
+    installer.cancel_current_install()
     backend.stop_all()
     _unregister_classes()

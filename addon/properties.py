@@ -10,23 +10,20 @@ from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProp
                        FloatVectorProperty, IntProperty, PointerProperty, StringProperty)
 from bpy.types import PropertyGroup
 
-# Mirrors the server's limits (inference/request.py), which the add-on cannot import: the
-# server checks again and its message names the field if these ever drift apart.
-MAX_FOREGROUNDS = 8
-SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = 64, 256, 2048
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 2000
+from . import limits
 
-METHODS = (
-    ("joint", "Joint", "All layers denoised together, attending to each other: the most coherent scene"),
-    ("independent", "Independent", "Each layer on its own: fastest, least coherent"),
-    ("harmonized", "Harmonized", "A prior pass plans the scene, then layers are blended for consistency"),
-)
+METHOD_LABELS = {
+    "joint": ("Joint", "All layers denoised together, attending to each other: the most coherent scene"),
+    "independent": ("Independent", "Each layer on its own: fastest, least coherent"),
+    "harmonized": ("Harmonized", "A prior pass plans the scene, then layers are blended for consistency"),
+}
+METHOD_ITEMS = tuple((method, *METHOD_LABELS[method]) for method in limits.METHODS)
 MODELS = (
     ("sdxl", "SDXL", "Stable Diffusion XL with LayerDiffuse transparency (best quality, ~9 GB download)"),
     ("sd15", "SD 1.5", "Stable Diffusion 1.5 with LayerDiffuse transparency (smaller, faster)"),
     ("tiny", "Tiny (test)", "Random-weight test model: noise images in seconds; checks the pipeline"),
 )
+TTA_CHOICES = tuple((str(passes), str(passes), "") for passes in limits.TTA_PASSES)
 
 
 REGENERATE_SEED_MODES = (
@@ -67,7 +64,7 @@ class MultiplaneLayer(PropertyGroup):
     """One foreground layer to generate (back to front)."""
 
     prompt: StringProperty(name="Prompt", description="What this layer shows (the global prompt is added)",
-                           default="", maxlen=MAX_PROMPT_CHARS)
+                           default="", maxlen=limits.MAX_PROMPT_CHARS)
     use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False)
     box: FloatVectorProperty(
         name="Box", description="Layout box: left, top, right, bottom, as fractions of the image (top-left origin)",
@@ -103,32 +100,33 @@ class MultiplaneSceneSettings(PropertyGroup):
     """Multiplane settings of one scene."""
 
     stack_name: StringProperty(name="Name", description="Name of the generated stack and its backdrop "
-                               "collection (empty: the scene's name)", default="", maxlen=100)
+                               "collection (empty: the scene's name)", default="", maxlen=limits.MAX_NAME_CHARS)
     prompt: StringProperty(name="Prompt", description="The whole scene, shared by every layer",
-                           default="", maxlen=MAX_PROMPT_CHARS)
+                           default="", maxlen=limits.MAX_PROMPT_CHARS)
     negative_prompt: StringProperty(name="Negative", description="What no layer should show",
-                                    default="", maxlen=MAX_PROMPT_CHARS)
+                                    default="", maxlen=limits.MAX_PROMPT_CHARS)
     background_prompt: StringProperty(name="Background", description="The background layer's own prompt",
-                                      default="", maxlen=MAX_PROMPT_CHARS)
+                                      default="", maxlen=limits.MAX_PROMPT_CHARS)
     layers: CollectionProperty(type=MultiplaneLayer, name="Foreground Layers")
     layer_index: IntProperty(name="Active Layer", default=0, min=0)
-    method: EnumProperty(name="Method", items=METHODS, default="joint")
+    method: EnumProperty(name="Method", items=METHOD_ITEMS, default="joint")
     model: EnumProperty(name="Model", items=MODELS, default="sdxl")
-    steps: IntProperty(name="Steps", description="Denoising steps", default=30, min=1, max=150)
+    steps: IntProperty(name="Steps", description="Denoising steps", default=30,
+                        min=limits.MIN_STEPS, max=limits.MAX_STEPS)
     guidance: FloatProperty(name="Guidance", description="How strictly to follow the prompts (CFG scale)",
-                            default=5.0, min=0.0, max=30.0)
+                            default=5.0, min=limits.MIN_GUIDANCE, max=limits.MAX_GUIDANCE)
     seed: IntProperty(name="Seed", description="Same seed and settings: same stack", default=0, min=0)
     randomize_seed: BoolProperty(name="New Seed Each Time", description="Pick a random seed on every Generate",
                                  default=False)
     tta_passes: EnumProperty(
         name="Decoder Passes", description="Transparent decoder passes (more: cleaner alpha edges, slower)",
-        items=(("1", "1", ""), ("2", "2", ""), ("4", "4", ""), ("8", "8", "")), default="4")
+        items=TTA_CHOICES, default="4")
     history: CollectionProperty(type=MultiplaneHistoryItem, name="History")
     history_index: IntProperty(name="Active Stack", default=0, min=0)
     regenerate_layer: EnumProperty(name="Layer", description="The layer of the selected stack to regenerate "
                                    "(the others stay exactly as they are)", items=_regenerate_layer_enum)
     regenerate_prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
-                                      default="", maxlen=MAX_PROMPT_CHARS)
+                                      default="", maxlen=limits.MAX_PROMPT_CHARS)
     regenerate_seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP")
     regenerate_seed: IntProperty(name="New Seed", default=0, min=0)
 

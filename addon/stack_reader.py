@@ -58,10 +58,6 @@ class StackInfo:
     composite: Path
     format_version: int
 
-    @property
-    def foregrounds(self) -> tuple[LayerInfo, ...]:
-        return self.layers[1:]
-
 
 def manifest_path(path: str | os.PathLike) -> Path:
     """The stack.json for `path`, which may be the stack folder or the manifest itself."""

@@ -30,7 +30,8 @@ _SCENARIO = textwrap.dedent("""
 
     helpers.reset_blender()
     package = helpers.register_as_extension()
-    from multiplane.addon import backend, jobs, preferences
+    from multiplane.addon import backend, preferences
+    from multiplane.addon.watcher import tick, watcher
     from multiplane.addon.client import ServerClient
 
     prefs = preferences.get(bpy.context)
@@ -46,28 +47,28 @@ _SCENARIO = textwrap.dedent("""
 
     # Warm-up job: starts the server and loads the model, so the measured job is all denoising.
     bpy.ops.multiplane.generate()
-    while jobs.watcher.busy:
-        jobs.tick(); time.sleep(0.02)
-    server = backend.current()
+    while watcher.busy:
+        tick(); time.sleep(0.02)
+    server = backend.current_server()
     client = ServerClient(server.info.url, server.token)
 
     bpy.ops.multiplane.generate()
     running, naive, import_tick = [], [], None
-    while jobs.watcher.busy:
-        phase = jobs.watcher.state.phase
+    while watcher.busy:
+        phase = watcher.state.phase
         start = time.perf_counter()
-        jobs.tick()
+        tick()
         elapsed = time.perf_counter() - start
-        if jobs.watcher.state.phase == "succeeded" and phase != "succeeded":
+        if watcher.state.phase == "succeeded" and phase != "succeeded":
             import_tick = elapsed
         elif phase in ("queued", "running"):
             running.append(elapsed)
-            if jobs.watcher.state.job_id and len(running) % 5 == 0:
+            if watcher.state.job_id and len(running) % 5 == 0:
                 start = time.perf_counter()
-                client.job(jobs.watcher.state.job_id)   # the blocking alternative
+                client.job(watcher.state.job_id)   # the blocking alternative
                 naive.append(time.perf_counter() - start)
         time.sleep(0.02)
-    state = jobs.watcher.state.phase
+    state = watcher.state.phase
     package.unregister()
     ms = lambda values: sorted(1000 * v for v in values)
     r, n = ms(running), ms(naive)

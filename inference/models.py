@@ -611,11 +611,53 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     they reached their final dtype/device.
     """
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .transparent_vae import TransparentDecoder, TransparentEncoder, fast_memory_format
 
     device = torch.device(device)
+    # 1. The base pipeline, from local files only.
+    pipeline = _load_pipeline(resolved, dtype)
+    _check_all_weights_loaded(pipeline, resolved)
+    pipeline.set_progress_bar_config(disable=True)
+
+    # 2. On its device, then the transparency patch against the UNet's final tensors.
+    offloaded = bool(offload and device.type != "cpu")
+    if not offloaded:
+        pipeline.to(device)
+    if resolved.family == "sdxl":
+        from .sdxl_transparency import TransparencyPatch
+
+        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet)
+    else:
+        from .sd15_attention_sharing import LAYER_SD15_FILES, load_attention_sharing
+
+        path = resolved.files["attention_sharing"]
+        frames, control = LAYER_SD15_FILES[Path(path).stem]
+        unet_patch = load_attention_sharing(path, pipeline.unet, frames, control)
+
+    if offloaded:
+        pipeline.enable_model_cpu_offload(device=device)
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
+
+    # 3. The transparent decoder and (when the family has one) the offset encoder at its file's scale.
+    decoder = fast_memory_format(TransparentDecoder.from_single_file(
+        resolved.files["decoder"], dtype=dtype, device=device, **resolved.decoder_config), device)
+    encoder = None
+    if "encoder" in resolved.files:
+        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,
+                                                      offset_scale=resolved.encoder_offset_scale,
+                                                      **resolved.encoder_config)
+    return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,
+                       family=resolved.family, resolved=resolved, device=device, dtype=dtype,
+                       offloaded=offloaded)
+
+
+def _load_pipeline(resolved: ResolvedModel, dtype):
+    """The diffusers pipeline of the base (safety checker off for SD 1.5); InvalidRequest naming
+    the base when its files cannot be loaded."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     pipeline_class = StableDiffusionXLPipeline if resolved.family == "sdxl" else StableDiffusionPipeline
     kwargs: dict = dict(dtype=dtype, local_files_only=True)
     if resolved.family == "sd15":
@@ -634,39 +676,7 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
         raise InvalidRequest("model", f"{resolved.base_label}: the base model could not be loaded "
                                       f"({type(exc).__name__}: {first_line}); its files may be incomplete "
                                       "or corrupt — delete them and download again, or check the path") from exc
-    _check_all_weights_loaded(pipeline, resolved)
-    pipeline.set_progress_bar_config(disable=True)
-
-    offloaded = bool(offload and device.type != "cpu")
-    if not offloaded:
-        pipeline.to(device)
-
-    if resolved.family == "sdxl":
-        from .sdxl_transparency import TransparencyPatch
-
-        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet)
-    else:
-        from .sd15_attention_sharing import LAYER_SD15_FILES, load_attention_sharing
-
-        path = resolved.files["attention_sharing"]
-        frames, control = LAYER_SD15_FILES[Path(path).stem]
-        unet_patch = load_attention_sharing(path, pipeline.unet, frames, control)
-
-    if offloaded:
-        pipeline.enable_model_cpu_offload(device=device)
-    if vae_tiling:
-        pipeline.vae.enable_tiling()
-
-    decoder = fast_memory_format(TransparentDecoder.from_single_file(
-        resolved.files["decoder"], dtype=dtype, device=device, **resolved.decoder_config), device)
-    encoder = None
-    if "encoder" in resolved.files:
-        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,
-                                                      offset_scale=resolved.encoder_offset_scale,
-                                                      **resolved.encoder_config)
-    return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,
-                       family=resolved.family, resolved=resolved, device=device, dtype=dtype,
-                       offloaded=offloaded)
+    return pipeline
 
 
 def _check_all_weights_loaded(pipeline, resolved: ResolvedModel) -> None:

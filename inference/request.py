@@ -1,6 +1,10 @@
 """What a caller asks the engine for, and the limits every front end enforces.
 
-The limits live here once; the CLI and the HTTP schemas read them from this module.
+The limits and their checks live here once: `StackRequest.validated()` runs them, the CLI
+reads the constants, and the HTTP schemas (server/schemas.py) call these same `validate_*`
+functions, so every front end refuses the same input with the same message. The add-on
+cannot import the engine; it mirrors the constants in addon/limits.py, and
+tests/test_addon_limits.py proves the copy equal.
 """
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from .errors import InvalidRequest
 from .methods import METHODS
 
 MAX_PROMPT_CHARS = 1000
+MAX_NAME_CHARS = 100
 MAX_FOREGROUNDS = 8
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 64
 MIN_STEPS, MAX_STEPS = 1, 150
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 2**32 - 1
 MIN_INTER_LAYER, MAX_INTER_LAYER = 0.0, 4.0
+MIN_MASK_GUIDANCE, MAX_MASK_GUIDANCE = 0.0, 1.0
 TTA_PASSES = (1, 2, 4, 8)
+BACKGROUND_NAME = "background"  # the background layer's name in a stack: no foreground may take it
 
 Box = tuple[float, float, float, float]
 
@@ -62,32 +69,33 @@ class StackRequest:
         validate_prompt("prompt", self.prompt, required=True)
         validate_prompt("background", self.background)
         validate_prompt("negative_prompt", self.negative_prompt)
-        if len(self.layers) > MAX_FOREGROUNDS:
-            raise InvalidRequest("layers", f"at most {MAX_FOREGROUNDS} foreground layers, got {len(self.layers)}")
+        validate_layer_count("layers", self.layers)
         for i, layer in enumerate(self.layers):
             validate_prompt(f"layers[{i}].prompt", layer.prompt, required=True)
             if layer.seed is not None:
                 validate_seed(f"layers[{i}].seed", layer.seed)
             if layer.box is not None:
                 validate_box(f"layers[{i}].box", layer.box)
+            validate_name(f"layers[{i}].name", layer.name)
+        validate_layer_names("layers", [layer.name for layer in self.layers])
         validate_size("width", self.width)
         validate_size("height", self.height)
-        if not isinstance(self.steps, int) or not MIN_STEPS <= self.steps <= MAX_STEPS:
-            raise InvalidRequest("steps", f"must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {self.steps!r}")
-        if not MIN_GUIDANCE <= float(self.guidance) <= MAX_GUIDANCE:
-            raise InvalidRequest("guidance", f"must be in {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}, got {self.guidance!r}")
+        validate_steps("steps", self.steps)
+        validate_number("guidance", self.guidance, MIN_GUIDANCE, MAX_GUIDANCE)
         validate_seed("seed", self.seed)
         if self.background_seed is not None:
             validate_seed("background_seed", self.background_seed)
-        if self.method not in METHODS:
-            raise InvalidRequest("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        validate_method("method", self.method)
         if self.method == "harmonized" and len(self.layers) != 1:
             raise InvalidRequest("layers", f"method 'harmonized' blends exactly one foreground layer, got {len(self.layers)}")
-        validate_fraction("inter_layer_strength", self.inter_layer_strength, MIN_INTER_LAYER, MAX_INTER_LAYER)
-        validate_fraction("mask_guidance", self.mask_guidance, 0.0, 1.0)
-        if self.tta_passes not in TTA_PASSES:
-            raise InvalidRequest("tta_passes", f"must be one of {TTA_PASSES}, got {self.tta_passes!r}")
+        validate_number("inter_layer_strength", self.inter_layer_strength, MIN_INTER_LAYER, MAX_INTER_LAYER)
+        validate_number("mask_guidance", self.mask_guidance, MIN_MASK_GUIDANCE, MAX_MASK_GUIDANCE)
+        validate_tta_passes("tta_passes", self.tta_passes)
         return replace(self, layers=tuple(self.layers))
+
+
+# Each check raises InvalidRequest(field_name, message) and returns nothing; the message
+# says what is allowed, so it reads the same from the CLI, the engine and the HTTP API.
 
 
 def validate_prompt(field_name: str, text: str, required: bool = False) -> None:
@@ -113,9 +121,70 @@ def validate_size(field_name: str, value: int) -> None:
         )
 
 
-def validate_fraction(field_name: str, value, lo: float, hi: float) -> None:
+def validate_number(field_name: str, value, lo: float, hi: float) -> None:
+    """A finite number in lo..hi (NaN fails the comparison, so it is refused too)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
         raise InvalidRequest(field_name, f"must be a number in {lo:g}..{hi:g}, got {value!r}")
+
+
+def validate_steps(field_name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_STEPS <= value <= MAX_STEPS:
+        raise InvalidRequest(field_name, f"must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {value!r}")
+
+
+def validate_method(field_name: str, value: str) -> None:
+    if value not in METHODS:
+        raise InvalidRequest(field_name, f"unknown method {value!r}; choose one of {', '.join(METHODS)}")
+
+
+def validate_tta_passes(field_name: str, value: int) -> None:
+    if isinstance(value, bool) or value not in TTA_PASSES:
+        raise InvalidRequest(field_name, f"must be one of {', '.join(map(str, TTA_PASSES))}, got {value!r}")
+
+
+def validate_name(field_name: str, value: str) -> None:
+    """A stack or layer display name ("" = the default name). The engine checks layer names;
+    a stack's name is checked where a client gives it (the HTTP API), since a CLI stack is
+    named after its output folder."""
+    if not isinstance(value, str):
+        raise InvalidRequest(field_name, "must be text")
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidRequest(field_name, f"at most {MAX_NAME_CHARS} characters, got {len(value)}")
+
+
+def validate_layer_count(field_name: str, layers) -> None:
+    if len(layers) > MAX_FOREGROUNDS:
+        raise InvalidRequest(field_name, f"at most {MAX_FOREGROUNDS} foreground layers, got {len(layers)}")
+
+
+def validate_layer_names(field_name: str, names) -> None:
+    """Foreground names (back to front; "" = the default layer_NN) are unique in a stack."""
+    seen = {BACKGROUND_NAME}
+    for i, name in enumerate(names):
+        if name and name in seen:
+            raise InvalidRequest(field_name, f"layers[{i}].name {name!r} is used twice (layer names are "
+                                             f"unique in a stack; {BACKGROUND_NAME!r} is taken)")
+        seen.add(name)
+
+
+def validate_layer_index(field_name: str, value: int, foregrounds: int) -> None:
+    """A layer of a stack with `foregrounds` foregrounds: 0 is the background."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= foregrounds:
+        raise InvalidRequest(field_name, f"must be 0 (background) .. {foregrounds}, got {value!r}")
+
+
+def validate_layer_edit(prompt: Optional[str], seed: Optional[int], prompt_field: str = "new_prompt",
+                        seed_field: str = "new_seed", prompt_required: bool = True) -> None:
+    """Regenerating one layer changes its prompt, its seed or both; at least one is given.
+
+    `prompt_required`: a foreground's new prompt must not be blank (the background's may be).
+    """
+    if prompt is None and seed is None:
+        raise InvalidRequest(prompt_field, "give a new prompt and/or a new seed for the layer")
+    if prompt is not None:
+        validate_prompt(prompt_field, prompt, required=prompt_required)
+    if seed is not None:
+        validate_seed(seed_field, seed)
 
 
 def validate_seed(field_name: str, value: int) -> None:

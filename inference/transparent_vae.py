@@ -41,7 +41,7 @@ from torch import nn
 
 from .errors import InvalidRequest
 from .progress import CancelToken, Progress, ProgressCallback
-from .request import TTA_PASSES
+from .request import validate_tta_passes
 from .weights import check_state_dict, load_safetensors, refuse_pickle
 
 __all__ = [
@@ -317,8 +317,7 @@ def _unaugment(x: torch.Tensor, flip: bool, turns: int) -> torch.Tensor:
 
 
 def _check_decode_inputs(decoder: TransparentDecoder, pixel: torch.Tensor, latent: torch.Tensor, passes: int):
-    if isinstance(passes, bool) or passes not in TTA_PASSES:
-        raise InvalidRequest("tta_passes", f"must be one of {TTA_PASSES}, got {passes!r}")
+    validate_tta_passes("tta_passes", passes)
     if pixel.ndim != 4 or pixel.shape[1] != decoder.config.in_channels:
         raise InvalidRequest(
             "pixel", f"expected [batch, {decoder.config.in_channels}, height, width], got {tuple(pixel.shape)}"

@@ -128,7 +128,8 @@ def run_demo(out: Path, model: str | None = None, device: str = "auto") -> int:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     package = register_addon()
     scene = setup_scene(model)
-    from multiplane.addon import backend, jobs, preferences
+    from multiplane.addon import backend, preferences
+    from multiplane.addon.watcher import tick, watcher
 
     prefs = preferences.get(bpy.context)
     prefs.backend = "LOCAL"
@@ -146,23 +147,23 @@ def run_demo(out: Path, model: str | None = None, device: str = "auto") -> int:
     # Blender's timer would call tick() every 0.1 s; nothing else drives it in module mode.
     last = ""
     deadline = time.monotonic() + GENERATE_TIMEOUT.get(model, 3600.0)
-    while jobs.watcher.busy and time.monotonic() < deadline:
-        jobs.tick()
-        state = jobs.watcher.state
+    while watcher.busy and time.monotonic() < deadline:
+        tick()
+        state = watcher.state
         line = f"[{state.fraction:4.0%}] {state.text}"
         if line != last:
             print(f"demo: {line}", file=sys.stderr)
             last = line
         time.sleep(0.1)
-    jobs.tick()
-    state = jobs.watcher.state
+    tick()
+    state = watcher.state
     if state.phase != "succeeded":
-        if jobs.watcher.busy:
-            jobs.watcher.cancel()
+        if watcher.busy:
+            watcher.cancel()
         print(f"error: generation {state.phase}: {state.error or state.text}", file=sys.stderr)
         package.unregister()
         return 1
-    server = backend.current()
+    server = backend.current_server()
     print(f"demo: server {server.info.url if server and server.info else '?'} made {state.stack_dir}",
           file=sys.stderr)
 

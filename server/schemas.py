@@ -1,25 +1,31 @@
 """The HTTP API's contract: request and response bodies of `/v1`.
 
-Limits come from `inference.request` so the CLI, the engine and the API agree. Bodies are
-strict (no "512" for 512, no true for 1) and closed (unknown fields are a 422), so a typo in
-a client shows up as an error naming the field instead of a silently ignored setting.
+Limits and their checks come from `inference.request`: every request field is checked by
+the engine's own `validate_*` function (through `_engine_check`), so the API refuses what
+the CLI and the engine refuse, with the same message, and `Field(...)` only *publishes*
+those limits in the OpenAPI schema (`_published`), never enforces a copy of them. Bodies
+are strict (no "512" for 512, no true for 1) and closed (unknown fields are a 422), so a typo
+in a client shows up as an error naming the field instead of a silently ignored setting.
 """
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from inference import request as limits
+from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["generate", "regenerate", "download"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
-MAX_NAME_CHARS = 100
+MAX_NAME_CHARS = limits.MAX_NAME_CHARS
 
 
 def known_presets() -> tuple[str, ...]:
@@ -50,134 +56,133 @@ def check_model_name(value: str) -> str:
                      f"or give the absolute path of a diffusers folder or .safetensors file")
 
 
+def _engine_check(check: Callable, *args):
+    """Run one of the engine's validators inside a pydantic validator: the engine's message,
+    in the same 422 shape the server gives an InvalidRequest raised later by the engine."""
+    try:
+        check(*args)
+    except InvalidRequest as error:
+        raise PydanticCustomError("value_error", error.message) from None
+
+
+def _published(**constraints) -> dict:
+    """`Field` keywords that put JSON-schema constraints into the OpenAPI document without
+    pydantic enforcing a second copy of them (the engine's validator enforces them)."""
+    return {"json_schema_extra": constraints}
+
+
+PROMPT = _published(minLength=1, maxLength=limits.MAX_PROMPT_CHARS, pattern=r"\S")  # not blank
+OPTIONAL_PROMPT = _published(maxLength=limits.MAX_PROMPT_CHARS)
+NAME = _published(maxLength=limits.MAX_NAME_CHARS)
+SEED = _published(minimum=0, maximum=limits.MAX_SEED)
+SIZE = _published(minimum=limits.MIN_SIZE, maximum=limits.MAX_SIZE, multipleOf=limits.SIZE_MULTIPLE)
+TTA = _published(enum=list(limits.TTA_PASSES))
+REQUIRED_PROMPT_CHECK = partial(limits.validate_prompt, required=True)
+
+
 class _Closed(BaseModel):
+    """A strict, closed body whose fields are checked by the engine's validators.
+
+    `engine_checks` maps a field to its check in inference.request, called as
+    `check(field_name, value)` on every value given (None = absent optional field)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+    engine_checks: ClassVar[dict[str, Callable]] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _engine_limits(cls, value, info: ValidationInfo):
+        check = cls.engine_checks.get(info.field_name)
+        if check is not None and value is not None:
+            _engine_check(check, info.field_name, value)
+        return value
 
 
 class LayerIn(_Closed):
     """One foreground layer, back to front."""
 
-    prompt: str = Field(min_length=1, max_length=limits.MAX_PROMPT_CHARS,
-                        description="the layer's own prompt (combined with the global prompt)")
-    seed: Optional[int] = Field(default=None, ge=0, le=limits.MAX_SEED,
-                                description="default: derived from the request seed")
+    prompt: str = Field(description="the layer's own prompt (combined with the global prompt)", **PROMPT)
+    seed: Optional[int] = Field(default=None, description="default: derived from the request seed", **SEED)
     box: Optional[list[float]] = Field(
         default=None, min_length=4, max_length=4,
-        description="normalized layout box [x0, y0, x1, y1], origin top-left, y down")
-    name: str = Field(default="", max_length=MAX_NAME_CHARS,
-                      description="layer name in the stack (default layer_NN); unique")
+        description="normalized layout box [x0, y0, x1, y1], origin top-left, y down; "
+                    "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
+    name: str = Field(default="", description="layer name in the stack (default layer_NN); unique", **NAME)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
-
-    @field_validator("box")
-    @classmethod
-    def _box_inside_image(cls, box: Optional[list[float]]) -> Optional[list[float]]:
-        if box is None:
-            return None
-        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in box):
-            raise ValueError(f"box coordinates must lie in [0, 1], got {box}")
-        x0, y0, x1, y1 = box
-        if not (x0 < x1 and y0 < y1):
-            raise ValueError(f"box needs x0 < x1 and y0 < y1, got {box}")
-        return box
+    engine_checks = {"prompt": REQUIRED_PROMPT_CHECK, "seed": limits.validate_seed,
+                     "box": limits.validate_box, "name": limits.validate_name}
 
 
 class JobCreate(_Closed):
     """Body of POST /v1/jobs: one layer stack to generate."""
 
-    prompt: str = Field(min_length=1, max_length=limits.MAX_PROMPT_CHARS,
-                        description="the global scene prompt, shared by all layers")
-    negative_prompt: str = Field(default="", max_length=limits.MAX_PROMPT_CHARS)
-    background: str = Field(default="", max_length=limits.MAX_PROMPT_CHARS,
-                            description="the background layer's own prompt")
-    layers: list[LayerIn] = Field(default_factory=list, max_length=limits.MAX_FOREGROUNDS,
-                                  description=f"0..{limits.MAX_FOREGROUNDS} foregrounds, back to front")
-    method: str = Field(default=StackRequest.method, description=f"one of {', '.join(limits.METHODS)}")
+    # Published like the engine's one rule across fields: 'harmonized' blends exactly one
+    # foreground. (Unique layer names cannot be said in JSON Schema; the description does.)
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"method": {"not": {"const": "harmonized"}}}},
+        {"required": ["layers"], "properties": {"layers": {"minItems": 1, "maxItems": 1}}},
+    ]})
+
+    prompt: str = Field(description="the global scene prompt, shared by all layers", **PROMPT)
+    negative_prompt: str = Field(default="", **OPTIONAL_PROMPT)
+    background: str = Field(default="", description="the background layer's own prompt", **OPTIONAL_PROMPT)
+    layers: list[LayerIn] = Field(default_factory=list,
+                                  description=f"0..{limits.MAX_FOREGROUNDS} foregrounds, back to front",
+                                  **_published(maxItems=limits.MAX_FOREGROUNDS))
+    method: str = Field(default=StackRequest.method, description=f"one of {', '.join(limits.METHODS)}",
+                        **_published(enum=list(limits.METHODS)))
     model: str = Field(default=DEFAULT_MODEL, max_length=4096,
                        description="a preset name (GET /v1/models) or an absolute model path")
-    width: int = Field(default=StackRequest.width, ge=limits.MIN_SIZE, le=limits.MAX_SIZE,
-                       description=f"pixels, a multiple of {limits.SIZE_MULTIPLE}")
-    height: int = Field(default=StackRequest.height, ge=limits.MIN_SIZE, le=limits.MAX_SIZE,
-                        description=f"pixels, a multiple of {limits.SIZE_MULTIPLE}")
-    steps: int = Field(default=StackRequest.steps, ge=limits.MIN_STEPS, le=limits.MAX_STEPS)
-    guidance: float = Field(default=StackRequest.guidance, ge=limits.MIN_GUIDANCE,
-                            le=limits.MAX_GUIDANCE)
-    seed: int = Field(default=StackRequest.seed, ge=0, le=limits.MAX_SEED)
-    background_seed: Optional[int] = Field(default=None, ge=0, le=limits.MAX_SEED)
+    width: int = Field(default=StackRequest.width, description="pixels", **SIZE)
+    height: int = Field(default=StackRequest.height, description="pixels", **SIZE)
+    steps: int = Field(default=StackRequest.steps,
+                       **_published(minimum=limits.MIN_STEPS, maximum=limits.MAX_STEPS))
+    guidance: float = Field(default=StackRequest.guidance,
+                            **_published(minimum=limits.MIN_GUIDANCE, maximum=limits.MAX_GUIDANCE))
+    seed: int = Field(default=StackRequest.seed, **SEED)
+    background_seed: Optional[int] = Field(default=None, **SEED)
     inter_layer_strength: float = Field(
-        default=StackRequest.inter_layer_strength, ge=limits.MIN_INTER_LAYER,
-        le=limits.MAX_INTER_LAYER,
-        description="joint/harmonized: how much layers attend to each other (0 = not at all)")
-    mask_guidance: float = Field(default=StackRequest.mask_guidance, ge=0.0, le=1.0,
-                                 description="joint/harmonized: how strongly estimated masks "
-                                             "confine foregrounds")
-    tta_passes: int = Field(default=StackRequest.tta_passes,
-                            description=f"transparent decoder passes, one of {limits.TTA_PASSES}")
-    name: str = Field(default="", max_length=MAX_NAME_CHARS, description="stack display name")
+        default=StackRequest.inter_layer_strength,
+        description="joint/harmonized: how much layers attend to each other (0 = not at all)",
+        **_published(minimum=limits.MIN_INTER_LAYER, maximum=limits.MAX_INTER_LAYER))
+    mask_guidance: float = Field(
+        default=StackRequest.mask_guidance,
+        description="joint/harmonized: how strongly estimated masks confine foregrounds",
+        **_published(minimum=limits.MIN_MASK_GUIDANCE, maximum=limits.MAX_MASK_GUIDANCE))
+    tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
+    name: str = Field(default="", description="stack display name", **NAME)
     export_psd: bool = False
     export_ora: bool = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size_multiple(cls, value: int) -> int:
-        step = limits.SIZE_MULTIPLE
-        if value % step:
-            lower = value // step * step
-            raise ValueError(f"must be a multiple of {step} (the transparent decoder works on "
-                             f"{step}-pixel tiles), got {value}; try {lower} or {lower + step}")
-        return value
-
-    @field_validator("guidance", "inter_layer_strength", "mask_guidance")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in limits.METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(limits.METHODS)}")
-        return value
-
-    @field_validator("tta_passes")
-    @classmethod
-    def _tta_choice(cls, value: int) -> int:
-        if value not in limits.TTA_PASSES:
-            raise ValueError(f"must be one of {', '.join(map(str, limits.TTA_PASSES))}, got {value}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_name(value)
+    engine_checks = {
+        "prompt": REQUIRED_PROMPT_CHECK, "negative_prompt": limits.validate_prompt,
+        "background": limits.validate_prompt, "method": limits.validate_method,
+        "width": limits.validate_size, "height": limits.validate_size, "steps": limits.validate_steps,
+        "guidance": partial(limits.validate_number, lo=limits.MIN_GUIDANCE, hi=limits.MAX_GUIDANCE),
+        "seed": limits.validate_seed, "background_seed": limits.validate_seed,
+        "inter_layer_strength": partial(limits.validate_number, lo=limits.MIN_INTER_LAYER,
+                                        hi=limits.MAX_INTER_LAYER),
+        "mask_guidance": partial(limits.validate_number, lo=limits.MIN_MASK_GUIDANCE,
+                                 hi=limits.MAX_MASK_GUIDANCE),
+        "tta_passes": limits.validate_tta_passes, "name": limits.validate_name,
+    }
 
     @field_validator("layers")
     @classmethod
-    def _unique_layer_names(cls, layers: list[LayerIn]) -> list[LayerIn]:
-        seen = {"background"}
-        for i, layer in enumerate(layers):
-            if layer.name and layer.name in seen:
-                raise ValueError(f"layers[{i}].name {layer.name!r} is used twice (layer names "
-                                 f"are unique in a stack; 'background' is taken)")
-            seen.add(layer.name)
+    def _layers(cls, layers: list[LayerIn]) -> list[LayerIn]:
+        _engine_check(limits.validate_layer_count, "layers", layers)
+        _engine_check(limits.validate_layer_names, "layers", [layer.name for layer in layers])
         return layers
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return check_model_name(value)
+
     def to_stack_request(self) -> StackRequest:
-        """The engine's request; `validated()` is the second, authoritative check."""
+        """The engine's request; `validated()` is the second, authoritative check (and the
+        only one of rules across fields, such as harmonized's single foreground)."""
         layers = tuple(LayerSpec(prompt=l.prompt, seed=l.seed,
                                  box=tuple(l.box) if l.box is not None else None, name=l.name)
                        for l in self.layers)
@@ -191,28 +196,36 @@ class JobCreate(_Closed):
 
 
 class RegenerateIn(_Closed):
-    """Regenerate one layer of a finished stack; the other layers stay byte-identical."""
+    """Regenerate one layer of a finished stack; the other layers stay byte-identical.
 
-    layer_index: int = Field(ge=0, le=limits.MAX_FOREGROUNDS,
-                             description="0 = background, 1.. = foregrounds (back to front)")
-    prompt: Optional[str] = Field(default=None, min_length=1, max_length=limits.MAX_PROMPT_CHARS,
-                                  description="the layer's new prompt (kept when absent)")
-    seed: Optional[int] = Field(default=None, ge=0, le=limits.MAX_SEED,
-                                description="the layer's new seed (kept when absent)")
-    tta_passes: int = Field(default=StackRequest.tta_passes,
-                            description=f"transparent decoder passes, one of {limits.TTA_PASSES}")
+    A new prompt, a new seed, or both: the schema says so with `anyOf`."""
 
-    @field_validator("tta_passes")
-    @classmethod
-    def _tta_choice(cls, value: int) -> int:
-        return JobCreate._tta_choice(value)
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["seed"], "properties": {"seed": {"type": "integer"}}},
+    ]})
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():
-            raise ValueError("must not be blank")
-        return value
+    layer_index: int = Field(description="0 = background, 1.. = foregrounds (back to front)",
+                             **_published(minimum=0, maximum=limits.MAX_FOREGROUNDS))
+    prompt: Optional[str] = Field(default=None, description="the layer's new prompt (kept when absent)",
+                                  **PROMPT)
+    seed: Optional[int] = Field(default=None, description="the layer's new seed (kept when absent)", **SEED)
+    tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
+
+    # layer_index: what any stack could hold; the job manager checks it against the stack.
+    engine_checks = {"layer_index": partial(limits.validate_layer_index, foregrounds=limits.MAX_FOREGROUNDS),
+                     "tta_passes": limits.validate_tta_passes}
+
+    @model_validator(mode="after")
+    def _prompt_or_seed(self) -> "RegenerateIn":
+        try:
+            limits.validate_layer_edit(self.prompt, self.seed, prompt_field="prompt", seed_field="seed")
+        except InvalidRequest as error:
+            # Named by the field, like every other 422 (a model validator's error has no field).
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError("value_error", error.message), loc=(error.field,),
+                input=getattr(self, error.field))]) from None
+        return self
 
 
 class ProgressOut(BaseModel):

@@ -4,7 +4,7 @@ Blender code in a fresh process.
 Blender (bpy) keeps global state for the life of a process and writes caches under
 $HOME, so every Blender scenario runs in its own subprocess with HOME pointing at a
 temporary folder; it returns plain JSON, and the pytest side does the asserting.
-The stack is written with Pillow and json only (not with inference/stack.py), exactly as
+The stack is written with Pillow and json only (not with inference/stack/), exactly as
 docs/stack-format.md describes it.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ def test_managed_server_starts_answers_and_stops(tmp_path):
         with pytest.raises(ServerError, match="refused the token") as caught:
             ServerClient(info.url, "wrong-token-0123456789").check_token()
         assert caught.value.status == 401
-        with pytest.raises(ServerError, match=r"layers\[0\]\.prompt: .*blank"):
+        with pytest.raises(ServerError, match=r"layers\[0\]\.prompt: must not be empty"):
             client.submit({"prompt": "x", "model": "tiny", "layers": [{"prompt": "  "}]})
         assert server in backend._running
     finally:

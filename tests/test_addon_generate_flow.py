@@ -46,15 +46,15 @@ def _setup(output: str, steps: int = 2):
 
 def _tick_until(done, timeout: float = TIMEOUT) -> dict:
     """Call the watcher's tick() like the timer would, timing each call, until done()."""
-    from multiplane.addon import jobs
+    from multiplane.addon.watcher import tick, watcher
 
     phases, texts, durations = [], [], []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         start = time.perf_counter()
-        jobs.tick()
+        tick()
         durations.append(time.perf_counter() - start)
-        state = jobs.watcher.state
+        state = watcher.state
         if not phases or phases[-1] != state.phase:
             phases.append(state.phase)
         if state.text and (not texts or texts[-1] != state.text):
@@ -63,9 +63,9 @@ def _tick_until(done, timeout: float = TIMEOUT) -> dict:
             break
         time.sleep(0.02)
     durations.sort()
-    return {"phases": phases, "texts": texts, "error": jobs.watcher.state.error,
+    return {"phases": phases, "texts": texts, "error": watcher.state.error,
             "ticks": len(durations), "median_tick_ms": 1000 * durations[len(durations) // 2],
-            "state": jobs.watcher.state.phase}
+            "state": watcher.state.phase}
 
 
 def _finished(state) -> bool:
@@ -84,24 +84,37 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     import bpy
 
     package, prefs, scene = _setup(output)
-    from multiplane.addon import backend, jobs
+    from multiplane.addon import backend
+    from multiplane.addon.watcher import tick, watcher
     from multiplane.addon.client import ServerClient
 
     out = {}
     # 1. Generate: starts the server, runs the job, imports the planes.
+    bpy.ops.ed.undo_push(message="Set up the scene")
     bpy.ops.multiplane.generate()
     out["first"] = _tick_until(_finished)
     collection = scene.multiplane.backdrop
     out["planes"] = [obj.name for obj in collection.objects] if collection else []
     out["history"] = [(item.path, item.model, json.loads(item.request)["width"]) for item in scene.multiplane.history]
-    stack_dir = Path(jobs.watcher.state.stack_dir)
+    stack_dir = Path(watcher.state.stack_dir)
     manifest = json.loads((stack_dir / "stack.json").read_text())
     out["depths"] = [layer["depth"] for layer in manifest["layers"]]
     out["files"] = sorted(p.name for p in stack_dir.iterdir())
-    out["tick_when_idle"] = jobs.tick()  # None ends Blender's timer
+    out["tick_when_idle"] = tick()  # None ends Blender's timer
+    # The timer-driven import is an undo step of its own: Ctrl+Z takes the planes away and
+    # nothing else (without that step it would also undo the scene's set-up).
+    backdrop_name = collection.name
+    out["undo"] = {"possible": bpy.ops.ed.undo.poll()}
+    if out["undo"]["possible"]:
+        bpy.ops.ed.undo()
+        out["undo"].update(backdrop=backdrop_name in bpy.data.collections,
+                           camera=bpy.context.scene.camera is not None)
+        bpy.ops.ed.redo()
+        scene = bpy.context.scene
+    out["redo_backdrop"] = backdrop_name in bpy.data.collections
     out["reimport"] = sorted(bpy.ops.multiplane.history_import(index=0))
     out["backdrops_after_reimport"] = len([c for c in bpy.data.collections if c.name.startswith("Backdrop: ")])
-    server = backend.current()
+    server = backend.current_server()
     first_pid = server.pid
     out["server_log_exists"] = server.log_path.is_file()
 
@@ -126,7 +139,7 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     out["queued"] = _tick_until(lambda s: s.phase == "queued" or _finished(s), timeout=60)
     bpy.ops.multiplane.cancel()
     out["cancel_queued"] = _tick_until(_finished, timeout=30)
-    out["queued_job_status"] = client.job(jobs.watcher.state.job_id)["status"]
+    out["queued_job_status"] = client.job(watcher.state.job_id)["status"]
     client.cancel(blocker["id"])
 
     # 2. Cancel mid-run: wait for denoising, cancel, the server's job ends "cancelled".
@@ -135,9 +148,9 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     bpy.ops.multiplane.generate()
     out["cancel_run"] = _tick_until(lambda s: s.phase == "running" and "Denoising step" in s.text)
     bpy.ops.multiplane.cancel()
-    out["cancel_phase_at_once"] = jobs.watcher.state.phase
+    out["cancel_phase_at_once"] = watcher.state.phase
     out["cancel"] = _tick_until(_finished, timeout=30)
-    out["server_job_status"] = client.job(jobs.watcher.state.job_id)["status"]
+    out["server_job_status"] = client.job(watcher.state.job_id)["status"]
     out["history_after_cancel"] = len(scene.multiplane.history)
     scene.multiplane.steps = 2
 
@@ -145,7 +158,7 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     prefs.backend, prefs.server_url, prefs.server_token = "REMOTE", server.info.url, server.token
     bpy.ops.multiplane.generate()
     out["remote"] = _tick_until(_finished)
-    out["remote_files"] = sorted(p.name for p in Path(jobs.watcher.state.stack_dir).iterdir())
+    out["remote_files"] = sorted(p.name for p in Path(watcher.state.stack_dir).iterdir())
     out["remote_test_connection"] = _report(bpy.ops.multiplane.test_connection)
     prefs.backend = "LOCAL"
 
@@ -161,8 +174,8 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     scene.multiplane.steps = 2
     bpy.ops.multiplane.generate()
     out["restart"] = _tick_until(_finished)
-    out["pids"] = [first_pid, backend.current().pid]
-    second = backend.current()
+    out["pids"] = [first_pid, backend.current_server().pid]
+    second = backend.current_server()
     package.unregister()
     out["stopped_on_unregister"] = second._proc.poll() is not None
     out["history_final"] = None
@@ -190,6 +203,8 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
     assert {"background.png", "layer_01.png", "stack.json", "composite.png"} <= set(out["files"])
     assert out["server_log_exists"]
     assert out["tick_when_idle"] is None
+    assert out["undo"] == {"possible": True, "backdrop": False, "camera": True}  # one step: the import alone
+    assert out["redo_backdrop"]
     assert out["reimport"] == ["FINISHED"] and out["backdrops_after_reimport"] == 1  # replaced in place
     assert out["stopped_on_unregister"]
     if not full:

@@ -15,7 +15,6 @@ from addon.geometry import (  # noqa: E402
     CameraSpec,
     GeometryError,
     camera_frame_center,
-    camera_frame_corners,
     camera_frame_size,
     check_depth_order,
     default_layer_depths,
@@ -215,9 +214,8 @@ def test_frame_matches_blender_view_frame_for_every_camera_setting():
         depth = -frame[0][2]  # view_frame draws the frame at some depth: compare at that depth
         blender = (min(c[0] for c in frame), max(c[0] for c in frame),
                    min(c[1] for c in frame), max(c[1] for c in frame))
-        ours_corners = camera_frame_corners(spec, depth)
-        ours = (min(c[0] for c in ours_corners), max(c[0] for c in ours_corners),
-                min(c[1] for c in ours_corners), max(c[1] for c in ours_corners))
+        (width, height), (cx, cy) = camera_frame_size(spec, depth), camera_frame_center(spec, depth)
+        ours = (cx - width / 2, cx + width / 2, cy - height / 2, cy + height / 2)
         scale = max(abs(v) for v in blender)
         if any(abs(a - b) > 1e-5 * scale for a, b in zip(ours, blender)):
             mismatches.append((case, ours, blender))

@@ -31,7 +31,7 @@ def test_reader_reads_layers_back_to_front(stack_dir):
     stack = read_stack(stack_dir)
     assert stack.name == "Test Stack" and (stack.width, stack.height) == (64, 48)
     assert [layer.name for layer in stack.layers] == ["background", "layer_01", "layer_02", "layer_03"]
-    assert stack.layers[0].is_background and not any(layer.is_background for layer in stack.foregrounds)
+    assert stack.layers[0].is_background and not any(layer.is_background for layer in stack.layers[1:])
     assert all(layer.path.is_file() for layer in stack.layers)
     assert read_stack(stack_dir / "stack.json").layers == stack.layers
 

@@ -110,9 +110,10 @@ def scenario_register_twice() -> dict:
     seen = []
 
     def classes():
-        from multiplane.addon import generate, operators, panel, preferences, properties
+        from multiplane.addon import backdrop, generate, history, layer_list, panel, preferences, properties
 
-        return [cls for module in (properties, operators, preferences, generate, panel) for cls in module.CLASSES]
+        modules = (properties, backdrop, preferences, generate, layer_list, history, panel)
+        return [cls for module in modules for cls in module.CLASSES]
 
     for _ in range(2):
         package = helpers.register_as_extension()
@@ -132,7 +133,8 @@ def scenario_draw_states() -> dict:
 
     helpers.reset_blender()
     package = helpers.register_as_extension()
-    from multiplane.addon import generate, installer, jobs, panel, preferences
+    from multiplane.addon import generate, history, installer, panel, preferences
+    from multiplane.addon.watcher import WatchState, watcher
 
     scene = bpy.context.scene
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 1920, 1080, 50
@@ -147,12 +149,12 @@ def scenario_draw_states() -> dict:
     out = {}
 
     out["idle"] = _draw(draw, bpy.context)
-    jobs.watcher.state = jobs.WatchState(phase="running", text="Denoising step 3/10, layer 2 of 3", fraction=0.4)
+    watcher.state = WatchState(phase="running", text="Denoising step 3/10, layer 2 of 3", fraction=0.4)
     out["running"] = _draw(draw, bpy.context)
-    jobs.watcher.state = jobs.WatchState(phase="failed", error="The inference server stopped unexpectedly "
+    watcher.state = WatchState(phase="failed", error="The inference server stopped unexpectedly "
                                          "(exit code -9): Killed. Full log: /a/very/long/path/" + "x" * 80 + "/server.log")
     out["error"] = _draw(draw, bpy.context)
-    jobs.watcher.state = jobs.WatchState()
+    watcher.state = WatchState()
     prefs.python_path = "/nonexistent/python3"
     out["no_server"] = _draw(draw, bpy.context)
     prefs.backend = "REMOTE"
@@ -172,9 +174,9 @@ def scenario_draw_states() -> dict:
     installer._current = None
     item = settings.history.add()
     item.name, item.path, item.prompt, item.created = "Forest", "/tmp/forest-stack", "a forest", "2026-01-01 10:00"
-    jobs.watcher.state = jobs.WatchState(phase="succeeded", imported="Backdrop: Forest")
+    watcher.state = WatchState(phase="succeeded", imported="Backdrop: Forest")
     out["history"] = _draw(draw, bpy.context)
-    out["regenerate_poll"] = generate.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
+    out["regenerate_poll"] = history.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
     out["size"] = list(generate.generation_size(scene))
     package.unregister()
     return out

@@ -29,7 +29,8 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
 
     helpers.reset_blender()
     package = helpers.register_as_extension()
-    from multiplane.addon import backend, jobs, preferences
+    from multiplane.addon import backend, preferences
+    from multiplane.addon.watcher import tick, watcher
 
     prefs = preferences.get(bpy.context)
     scene = bpy.context.scene
@@ -42,8 +43,8 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     out["generate_missing_python"] = _report(ops.generate)
     out["test_missing_python"] = _report(ops.test_connection)
     out["restart_missing_python"] = _report(ops.restart_server)
-    out["watcher_after_missing"] = jobs.watcher.state.phase
-    out["server_started"] = backend.current() is not None and backend.current().alive()
+    out["watcher_after_missing"] = watcher.state.phase
+    out["server_started"] = backend.current_server() is not None and backend.current_server().poll() in ("starting", "ready")
 
     prefs.backend = "REMOTE"
     prefs.server_url = ""
@@ -62,12 +63,12 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     out["generate_dead_url"] = _report(ops.generate)
     out["generate_returned_s"] = time.perf_counter() - started
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and jobs.watcher.busy:
-        jobs.tick()
+    while time.monotonic() < deadline and watcher.busy:
+        tick()
         time.sleep(0.02)
-    jobs.tick()
-    out["dead_url_state"] = jobs.watcher.state.phase
-    out["dead_url_error"] = jobs.watcher.state.error
+    tick()
+    out["dead_url_state"] = watcher.state.phase
+    out["dead_url_error"] = watcher.state.error
     bpy.context.window_manager.clipboard = ""
     out["copy_error"] = _report(ops.copy_error)
 
@@ -75,15 +76,18 @@ def scenario_bad_preferences(dead_url: str, slow_python: str) -> dict:
     # cancelled at once, and the worker thread ends.
     prefs.backend = "LOCAL"
     prefs.python_path = slow_python
-    jobs.watcher.clear_error()
+    watcher.clear_error()
     bpy.ops.multiplane.generate()
-    jobs.tick()
-    out["starting_phase"] = jobs.watcher.state.phase
+    tick()
+    out["starting_phase"] = watcher.state.phase
     out["cancel_starting"] = _report(ops.cancel)
-    out["after_cancel_phase"] = jobs.watcher.state.phase
-    jobs.watcher.join(5)
-    jobs.tick()
-    out["worker_done"] = not jobs.watcher.busy and jobs.watcher.state.phase == "cancelled"
+    out["after_cancel_phase"] = watcher.state.phase
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and watcher.busy:  # the worker thread ends by itself
+        tick()
+        time.sleep(0.02)
+    tick()
+    out["worker_done"] = not watcher.busy and watcher.state.phase == "cancelled"
     prefs.python_path = ""
     # Cancel while installing (fake steps; the real ones download GBs).
     from multiplane.addon import installer

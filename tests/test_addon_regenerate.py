@@ -30,7 +30,8 @@ def scenario_regenerate_one_layer(output: str) -> dict:
     from test_addon_generate_flow import _finished, _report, _setup, _tick_until
 
     package, _prefs, scene = _setup(output)
-    from multiplane.addon import generate, importer, jobs, properties
+    from multiplane.addon import history, importer, properties
+    from multiplane.addon.watcher import watcher
 
     settings = scene.multiplane
     ops = bpy.ops.multiplane
@@ -49,7 +50,7 @@ def scenario_regenerate_one_layer(output: str) -> dict:
     out["source_digests"] = _digests(Path(item.path))
     out["collection"] = settings.backdrop.name
     out["planes_before"] = planes()
-    out["poll"] = generate.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
+    out["poll"] = history.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
     settings.history_index = 0
     out["layer_menu"] = [list(entry) for entry in properties.history_layer_items(item)]
     settings.regenerate_layer = "1"  # the panel's menu accepts the stack's own layers
@@ -59,12 +60,12 @@ def scenario_regenerate_one_layer(output: str) -> dict:
     out["bad_layer"] = _report(lambda: ops.history_regenerate_layer(index=0, layer=5, prompt="a red canoe"))
     out["no_change"] = _report(lambda: ops.history_regenerate_layer(index=0, layer=1))
     out["same_prompt"] = _report(lambda: ops.history_regenerate_layer(index=0, layer=1, prompt="  a boat "))
-    out["busy_after_mistakes"] = jobs.watcher.busy
+    out["busy_after_mistakes"] = watcher.busy
 
     # The real thing: layer 1 with a new prompt, followed like a Generate.
     result = ops.history_regenerate_layer(index=0, layer=1, prompt="a red canoe")
     out["result"] = sorted(result)
-    out["phase_at_once"] = jobs.watcher.state.phase
+    out["phase_at_once"] = watcher.state.phase
     out["second"] = _tick_until(_finished, TIMEOUT)
     new = settings.history[0]
     out["new_item"] = {"job_id": new.job_id, "server": new.server, "path": new.path,
@@ -84,17 +85,17 @@ def scenario_regenerate_one_layer(output: str) -> dict:
     ops.history_regenerate_layer(index=0, layer=1, seed_mode="SET", seed=7)
     out["forgotten"] = _tick_until(_finished, 30)
     out["history_len_after_forgotten"] = len(settings.history)
-    jobs.watcher.clear_error()
+    watcher.clear_error()
 
     # A stack made by another server than the one the preferences now point at.
     settings.history[1].server = "REMOTE http://10.1.2.3:8765"
     out["other_server"] = _report(lambda: ops.history_regenerate_layer(index=1, layer=0, seed_mode="RANDOM"))
-    out["busy_after_other_server"] = jobs.watcher.busy
+    out["busy_after_other_server"] = watcher.busy
 
     # A stack without a job id (imported from elsewhere): greyed out.
     settings.history[1].job_id = ""
     settings.history_index = 1
-    out["poll_without_job"] = generate.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
+    out["poll_without_job"] = history.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
     package.unregister()
     return out
 

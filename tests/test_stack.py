@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference import stack as stack_module
 from inference.errors import Cancelled, StackFormatError
 from inference.progress import CancelToken
 from inference.stack import (
@@ -26,13 +25,16 @@ from inference.stack import (
     StackLayer,
     alpha_over,
     cleanup_temp,
+    export_ora,
+    export_psd,
     list_stacks,
     load_layer_images,
     load_png,
     load_stack,
+    ora_bytes,
     write_stack,
 )
-from inference.stack_export import export_ora, export_psd, ora_bytes
+from inference.stack import writer as stack_writer
 
 H, W = 48, 64
 SHA = "sha256:" + "ab" * 32
@@ -253,7 +255,7 @@ def test_bytes_are_deterministic(tmp_path):
 
 def failing_after(monkeypatch, calls: int, action):
     """Replace the PNG writer so that call number `calls` runs `action` first."""
-    real = stack_module._write_png
+    real = stack_writer.write_png
     count = {"n": 0}
 
     def writer(path, array):
@@ -262,13 +264,13 @@ def failing_after(monkeypatch, calls: int, action):
             action()
         real(path, array)
 
-    monkeypatch.setattr(stack_module, "_write_png", writer)
+    monkeypatch.setattr(stack_writer, "write_png", writer)
     return count
 
 
 @pytest.mark.parametrize("writers", [1, 4])
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, writers):
-    monkeypatch.setattr(stack_module, "PNG_WRITERS", writers)
+    monkeypatch.setattr(stack_writer, "PNG_WRITERS", writers)
     background, fgs = make_layers()
 
     def boom():
@@ -284,7 +286,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, writers):
 
 @pytest.mark.parametrize("writers", [1, 4])
 def test_cancel_between_files_leaves_nothing(tmp_path, monkeypatch, writers):
-    monkeypatch.setattr(stack_module, "PNG_WRITERS", writers)
+    monkeypatch.setattr(stack_writer, "PNG_WRITERS", writers)
     background, fgs = make_layers()
     token = CancelToken()
     count = failing_after(monkeypatch, 2, lambda: token.cancel("user pressed stop"))
@@ -312,68 +314,24 @@ def test_existing_dest_refused_and_untouched(written):
     folder, _, _ = written
     before = snapshot(folder)
     background, fgs = make_layers(seed=1)
-    with pytest.raises(StackExists, match="already exists.*overwrite=True"):
+    with pytest.raises(StackExists, match="already exists; choose another name"):
         write_stack(folder, make_stack(), background, fgs)
     assert snapshot(folder) == before
     assert hidden_entries(folder.parent) == []
 
 
-def test_overwrite_replaces_and_cleans_up(written):
-    folder, _, _ = written
-    background, fgs = make_layers(seed=1, foregrounds=1)
-    result = write_stack(folder, make_stack(foregrounds=1), background, fgs, overwrite=True)
-    assert load_stack(folder) == result
-    assert sorted(os.listdir(folder)) == ["background.png", "composite.png", "layer_01.png", "stack.json"]
-    np.testing.assert_array_equal(load_layer_images(result, folder)[0], background)
-    assert hidden_entries(folder.parent) == []
-
-
-def test_failed_overwrite_keeps_old_stack(written, monkeypatch):
-    folder, _, _ = written
-    before = snapshot(folder)
-    background, fgs = make_layers(seed=1)
-
-    def boom():
-        raise OSError("simulated")
-
-    failing_after(monkeypatch, 2, boom)
-    with pytest.raises(OSError):
-        write_stack(folder, make_stack(), background, fgs, overwrite=True)
-    assert snapshot(folder) == before
-    assert hidden_entries(folder.parent) == []
-
-
-def test_failed_final_rename_restores_old_stack(written, monkeypatch):
-    folder, _, _ = written
-    before = snapshot(folder)
-    background, fgs = make_layers(seed=1)
-    real_rename = os.rename
-    calls = []
-
-    def rename(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == 2:  # old -> aside worked; temp -> dest fails
-            raise OSError("simulated rename failure")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(stack_module.os, "rename", rename)
-    with pytest.raises(OSError, match="simulated rename"):
-        write_stack(folder, make_stack(), background, fgs, overwrite=True)
-    monkeypatch.undo()
-    assert calls[0][0] == "valley" and calls[0][1].startswith(".valley.old-")
-    assert calls[2] == (calls[0][1], "valley")
-    assert snapshot(folder) == before
-    assert hidden_entries(folder.parent) == []
-
-
-def test_overwrite_refuses_non_stack_folder(tmp_path):
-    precious = tmp_path / "documents"
-    precious.mkdir()
-    (precious / "thesis.txt").write_text("keep me")
+def test_dest_appearing_during_write_is_not_replaced(tmp_path, monkeypatch):
     background, fgs = make_layers()
-    with pytest.raises(StackExists, match="not a layer stack"):
-        write_stack(precious, make_stack(), background, fgs, overwrite=True)
-    assert (precious / "thesis.txt").read_text() == "keep me"
+    dest = tmp_path / "s"
+
+    def someone_else_writes():
+        dest.mkdir()
+        (dest / "theirs.txt").write_text("keep me")
+
+    failing_after(monkeypatch, 2, someone_else_writes)
+    with pytest.raises(StackExists, match="already exists"):
+        write_stack(dest, make_stack(), background, fgs)
+    assert sorted(os.listdir(dest)) == ["theirs.txt"]
     assert hidden_entries(tmp_path) == []
 
 
@@ -562,27 +520,22 @@ def test_list_stacks_and_cleanup(tmp_path, caplog):
     (root / "broken" / "layer_01.png").unlink()
     (root / "notes").mkdir()
     # Leftovers of crashed runs.
-    write_stack(root / "restore_me", make_stack(foregrounds=1), background, fgs)
-    os.rename(root / "restore_me", root / ".restore_me.old-0123abcd")      # crash between renames
-    write_stack(root / "superseded", make_stack(foregrounds=1), background, fgs)
     write_stack(root / "tmpdir", make_stack(foregrounds=1), background, fgs)
-    os.rename(root / "tmpdir", root / ".superseded.old-89abcdef")          # crash after the new one landed
+    os.rename(root / "tmpdir", root / ".whole.tmp-89abcdef")               # crash just before the rename
     (root / ".half.tmp-deadbeef").mkdir()
     (root / ".half.tmp-deadbeef" / "background.png").write_bytes(b"partial")
     (root / ".git").mkdir()                                                 # not ours: left alone
 
     listed = list_stacks(root)
     names = [path.name for path, _ in listed]
-    assert set(names) == {"first", "second", "superseded"}
+    assert set(names) == {"first", "second"}
     assert names.index("second") < names.index("first")  # newest first
     assert "broken" in caplog.text
 
     handled = cleanup_temp(root)
-    assert sorted(p.name for p in handled) == [".half.tmp-deadbeef", ".restore_me.old-0123abcd",
-                                               ".superseded.old-89abcdef"]
+    assert sorted(p.name for p in handled) == [".half.tmp-deadbeef", ".whole.tmp-89abcdef"]
     assert hidden_entries(root) == [".git"]
-    assert load_stack(root / "restore_me").layers[0].file == "background.png"
-    assert {p.name for p, _ in list_stacks(root)} == {"first", "second", "superseded", "restore_me"}
+    assert {p.name for p, _ in list_stacks(root)} == {"first", "second"}
     assert cleanup_temp(root) == []
     assert list_stacks(tmp_path / "nothing here") == [] and cleanup_temp(tmp_path / "nothing here") == []
 
@@ -687,7 +640,7 @@ def test_write_stack_with_exports_lists_them(tmp_path):
 
 
 def test_import_does_not_pull_torch_or_psd_tools():
-    code = ("import sys, inference.stack, inference.stack_export; "
+    code = ("import sys, inference.stack; "
             "bad = [m for m in ('torch', 'diffusers', 'psd_tools') if m in sys.modules]; "
             "sys.exit(', '.join(bad) or 0)")
     root = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from ..layered_sampler import LayeredSampler, LayeredSettings
 from ..masks import mask_to_uint8, resize_map
 from ..progress import CancelToken, ProgressCallback
 from ..prompts import combine_prompts
-from ..request import LayerSpec, StackRequest, validate_prompt, validate_seed
+from ..request import LayerSpec, StackRequest, validate_layer_edit, validate_layer_index, validate_prompt
 from ..sampling import job_pipeline, scale_latents, vae_scale_factor
 from . import GeneratedLayers
 from .joint import decode_items, joint_items
@@ -88,15 +88,8 @@ class SourceStack:
 def regenerate_request(source: SourceStack, layer_index: int, new_prompt: Optional[str], new_seed: Optional[int],
                        **settings) -> StackRequest:
     """The validated request for regenerating layer `layer_index` (0 = background)."""
-    n_fg = source.foregrounds
-    if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index <= n_fg:
-        raise InvalidRequest("layer_index", f"must be 0 (background) .. {n_fg}, got {layer_index!r}")
-    if new_prompt is not None:
-        validate_prompt("new_prompt", new_prompt, required=layer_index > 0)
-    if new_seed is not None:
-        validate_seed("new_seed", new_seed)
-    if new_prompt is None and new_seed is None:
-        raise InvalidRequest("new_prompt", "give a new prompt and/or a new seed for the layer")
+    validate_layer_index("layer_index", layer_index, source.foregrounds)
+    validate_layer_edit(new_prompt, new_seed, prompt_required=layer_index > 0)
     request = source.request(**settings)
     if layer_index == 0:
         request = replace(request, background=request.background if new_prompt is None else new_prompt,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,16 +16,10 @@ from xml.etree import ElementTree
 import numpy as np
 from PIL import Image
 
-from .stack import (
-    PNG_SAVE_OPTIONS,
-    LayerStack,
-    StackLayer,
-    alpha_over,
-    load_layer_images,
-    load_stack,
-    _check_array,
-    _fsync_dir,
-)
+from .composite import alpha_over, check_image_array
+from .files import PNG_SAVE_OPTIONS, fsync_dir, fsync_file
+from .manifest import LayerStack, StackLayer, scratch_path
+from .reader import load_layer_images, load_stack
 
 ORA_MIMETYPE = b"image/openraster"
 ORA_THUMBNAIL_MAX = 256
@@ -39,22 +32,21 @@ def _check_layers(layers: Sequence[StackLayer], images: Sequence[np.ndarray], wi
     if len(layers) != len(images) or not layers:
         raise ValueError(f"{len(layers)} layers but {len(images)} images; need one image per layer")
     for i, image in enumerate(images):
-        _check_array(image, f"images[{i}] ({layers[i].name})", (height, width), 3 if i == 0 else 4)
+        check_image_array(image, f"images[{i}] ({layers[i].name})", (height, width), 3 if i == 0 else 4)
 
 
 def _replace_atomically(out_path: Path, write) -> None:
     """Call write(temp_path) then rename over out_path, so no half-written export is left."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = out_path.parent / f".{out_path.name}.tmp-{secrets.token_hex(4)}"
+    temp = scratch_path(out_path)
     try:
         write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(temp)
         os.replace(temp, out_path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_path.parent)
+    fsync_dir(out_path.parent)
 
 
 def write_psd(out_path: str | Path, layers: Sequence[StackLayer], images: Sequence[np.ndarray],

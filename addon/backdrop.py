@@ -1,13 +1,20 @@
-"""Thin operators over importer, compositor and parallax: options, reports, undo.
+"""The operators on a backdrop: import a stack as planes, build its compositor, key a
+parallax camera move. Thin: options, reports, undo; the work lives in importer,
+compositor and parallax.
 
 User mistakes (no camera, not a stack, bad depths) end as one ERROR report and
-CANCELLED, never as a traceback; the work itself lives in the modules named above.
+CANCELLED, never as a traceback.
 """
+from dataclasses import fields
+
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy.types import Operator
+from bpy_extras.io_utils import ImportHelper
 
 from . import compositor, importer, parallax
+
+DEFAULTS = importer.ImportSettings()
 
 
 def _backdrop_or_report(operator: Operator, scene: bpy.types.Scene):
@@ -18,34 +25,24 @@ def _backdrop_or_report(operator: Operator, scene: bpy.types.Scene):
     return collection
 
 
-class MULTIPLANE_OT_import_stack(Operator):
-    """Import a layer stack as image planes that exactly fill the active camera's view"""
+class ImportOptions:
+    """The import options as operator properties, one per field of importer.ImportSettings
+    (whose values are the defaults), so the redo panel shows and remembers them."""
 
-    bl_idname = "multiplane.import_stack"
-    bl_label = "Import Layer Stack"
-    bl_options = {"REGISTER", "UNDO"}
-
-    filepath: StringProperty(
-        name="Stack",
-        description="Stack folder or its stack.json",
-        subtype="FILE_PATH",
-        options={"SKIP_SAVE"},
-    )
-    filter_glob: StringProperty(default="*.json", options={"HIDDEN"})
     near: FloatProperty(
         name="Near",
         description="Distance of the nearest foreground layer from the camera",
-        default=4.0, min=0.001, soft_max=100.0, unit="LENGTH",
+        default=DEFAULTS.near, min=0.001, soft_max=100.0, unit="LENGTH",
     )
     far: FloatProperty(
         name="Far",
         description="Distance of the background from the camera (foregrounds spread between Near and Far)",
-        default=40.0, min=0.002, soft_max=1000.0, unit="LENGTH",
+        default=DEFAULTS.far, min=0.002, soft_max=1000.0, unit="LENGTH",
     )
     use_stack_depths: BoolProperty(
         name="Use Stack Depths",
         description="Place layers at the depths stored in the stack where it has them",
-        default=True,
+        default=DEFAULTS.use_stack_depths,
     )
     fit_mode: EnumProperty(
         name="Fit",
@@ -53,12 +50,12 @@ class MULTIPLANE_OT_import_stack(Operator):
             ("FILL", "Fill Frame", "Stretch each layer to exactly fill the camera frame"),
             ("COVER", "Cover Frame", "Keep the layer's proportions and cover the frame, cropping the overflow"),
         ),
-        default="FILL",
+        default=DEFAULTS.fit_mode,
     )
     overscan: FloatProperty(
         name="Overscan",
         description="Make every plane this much larger than the frame (1 = exact fit)",
-        default=1.0, min=1.0, soft_max=3.0,
+        default=DEFAULTS.overscan, min=1.0, soft_max=3.0,
     )
     interpolation: EnumProperty(
         name="Interpolation",
@@ -67,7 +64,7 @@ class MULTIPLANE_OT_import_stack(Operator):
             ("Closest", "Closest", "No filtering: sharp texels"),
             ("Cubic", "Cubic", "Cubic texture filtering"),
         ),
-        default="Linear",
+        default=DEFAULTS.interpolation,
     )
     render_method: EnumProperty(
         name="Render Method",
@@ -76,26 +73,36 @@ class MULTIPLANE_OT_import_stack(Operator):
             ("BLENDED", "Blended", "Smooth alpha blending, sorted back to front"),
             ("DITHERED", "Dithered", "Dithered alpha: works with render passes and ray tracing"),
         ),
-        default="BLENDED",
+        default=DEFAULTS.render_method,
     )
 
-    def invoke(self, context, _event):
-        # Open the file browser at the last stack; buttons that already know the stack call
-        # the operator with EXEC_DEFAULT and a filepath instead.
-        if not self.filepath:
+    def import_settings(self) -> importer.ImportSettings:
+        return importer.ImportSettings(**{f.name: getattr(self, f.name) for f in fields(importer.ImportSettings)})
+
+
+class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
+    """Import a layer stack as image planes that exactly fill the active camera's view"""
+
+    bl_idname = "multiplane.import_stack"
+    bl_label = "Import Layer Stack"
+    bl_options = {"REGISTER", "UNDO"}
+
+    # The file browser shows stack.json files; a stack folder works as well as its manifest.
+    filename_ext = ".json"
+    filter_glob: StringProperty(default="*.json", options={"HIDDEN"})
+
+    def invoke(self, context, event):
+        # Open the file browser at the scene's last stack; buttons that already know the stack
+        # call the operator with EXEC_DEFAULT and a filepath instead.
+        if context.scene.multiplane.stack_path:
             self.filepath = context.scene.multiplane.stack_path
-        context.window_manager.fileselect_add(self)
-        return {"RUNNING_MODAL"}
+        return ImportHelper.invoke(self, context, event)
 
     def execute(self, context):
         scene = context.scene
         path = bpy.path.abspath(self.filepath or scene.multiplane.stack_path)
-        settings = importer.ImportSettings(
-            near=self.near, far=self.far, use_stack_depths=self.use_stack_depths, fit_mode=self.fit_mode,
-            overscan=self.overscan, interpolation=self.interpolation, render_method=self.render_method,
-        )
         try:
-            result = importer.import_stack(context, path, settings)
+            result = importer.import_stack(context, path, self.import_settings())
         except importer.ImportFailed as error:
             self.report({"ERROR"}, f"Cannot import the layer stack: {error}")
             return {"CANCELLED"}

@@ -2,11 +2,12 @@
 
 All waiting happens on one worker thread per job: starting the server (reading its ready
 line), submitting, polling the job, copying or downloading the finished files. The worker
-only puts small messages on a queue. The main thread calls `tick()` (from a
-`bpy.app.timers` timer in Blender, directly in tests): it drains the queue, updates
-`watcher.state` (what the panel draws) and, when files are ready, imports the planes —
-the only bpy work, which must happen on the main thread. A tick without a finished
-stack touches no network and no disk (≲ 1 ms).
+only puts small messages on a queue. The main thread calls `tick()` (a `bpy.app.timers`
+timer in Blender; tests call it directly, since timers never fire in module mode): it
+drains the queue, updates `watcher.state` (what the panel draws) and, when files are
+ready, imports the planes and pushes an undo step for them — the only bpy work, which must
+happen on the main thread. A tick without a finished stack touches no network and no disk
+(≲ 1 ms).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from . import backend, installer
+from . import backend, installer, limits
 from .client import ServerClient, ServerError
 from .stack_reader import safe_folder_name
 
@@ -148,7 +149,7 @@ class Watcher:
 
     def cancel(self) -> str:
         """Cancel whatever runs; returns what was cancelled (for the operator's report)."""
-        job = installer.current()
+        job = installer.current_install()
         if job is not None and job.running:
             job.cancel()
             return "install"
@@ -164,6 +165,10 @@ class Watcher:
         self.changed = True
         return "job"
 
+    def stop(self) -> None:
+        """Tell the worker to give up (unregister): it ends without touching Blender."""
+        self._cancel.set()
+
     def clear_error(self) -> None:
         self.state.error = ""
         if self.state.phase == "failed":
@@ -173,7 +178,7 @@ class Watcher:
     def tick(self) -> Optional[float]:
         """Apply the worker's messages; import a finished stack. Returns the next interval
         (None when there is nothing left to watch, which ends a bpy.app.timers timer)."""
-        install = installer.current()
+        install = installer.current_install()
         if install is not None and install.running:
             self.changed = True
         while True:
@@ -240,6 +245,9 @@ class Watcher:
         if self._plan is not None:
             fields["server"] = server_identity(self._plan.settings)
         add_history(scene, folder, fields, state.job_id)
+        # A timer is no operator, so nothing records the import for Ctrl+Z unless we do.
+        if bpy.ops.ed.undo_push.poll():
+            bpy.ops.ed.undo_push(message=f"Import Multiplane Stack {result.collection.name}")
         state.phase, state.text, state.imported = "succeeded", f"Imported {len(result.planes)} layers", result.collection.name
 
     # ------------------------------------------------------------------ worker thread
@@ -343,10 +351,6 @@ class Watcher:
                 self._post(token, "job", job)
         return job
 
-    def join(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
 
 def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: list,
                 name: Optional[str] = None) -> Path:
@@ -403,7 +407,7 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     for layer in manifest.get("layers") or []:
         entry = item.layers.add()
         entry.name = str(layer.get("name") or "")
-        entry.prompt = str(layer.get("prompt") or "")[:2000]
+        entry.prompt = str(layer.get("prompt") or "")[:limits.MAX_PROMPT_CHARS]
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 
@@ -427,20 +431,16 @@ watcher = Watcher()
 
 
 def tick() -> Optional[float]:
-    """What the timer (and tests) call: one watcher tick."""
+    """One watcher tick: what the timer calls (and tests, where timers never fire)."""
     return watcher.tick()
-
-
-def _timer() -> Optional[float]:
-    return tick()
 
 
 def ensure_timer() -> None:
     """Make sure a bpy.app.timers timer ticks the watcher (it stops itself when idle)."""
     import bpy
 
-    if not bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.register(_timer, first_interval=TICK_SECONDS, persistent=True)
+    if not bpy.app.timers.is_registered(tick):
+        bpy.app.timers.register(tick, first_interval=TICK_SECONDS, persistent=True)
 
 
 def register() -> None:
@@ -450,8 +450,8 @@ def register() -> None:
 def unregister() -> None:
     import bpy
 
-    if bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.unregister(_timer)
-    watcher._cancel.set()
-    installer.cancel_current()
+    if bpy.app.timers.is_registered(tick):
+        bpy.app.timers.unregister(tick)
+    watcher.stop()
+    installer.cancel_current_install()
     backend.stop_all()
