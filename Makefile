@@ -14,7 +14,7 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.multiplane-installed
 PYTEST_ARGS ?=
 
-.PHONY: all setup test demo bench package validate clean bpy42 test-bpy42
+.PHONY: all setup test demo bench verify-full-size package validate clean bpy42 test-bpy42
 
 # A second Blender for the add-on tests: bpy 4.2 LTS (the oldest Blender the manifest
 # allows) as a Python module in its own venv. tests/blender_helpers.py runs every Blender
@@ -66,6 +66,13 @@ test-bpy42: $(STAMP) $(BPY42_STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Every preset (sdxl, sd15) at its real size with random weights, from a temporary Hugging
+# Face cache, through the real CLI offline; deleted afterwards. Needs ~9 GB of disk and
+# ~21 GB of RAM for SDXL on a CPU (see README, "Full-size check"). Not part of `make test`.
+FULL_SIZE_ARGS ?=
+verify-full-size: $(STAMP)
+	$(PY) -u -m tools.full_size verify $(FULL_SIZE_ARGS)
 
 validate: $(STAMP)
 	$(PY) -m tools.addon_tools validate

@@ -35,20 +35,41 @@ def alternate(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str
 
 
 class PeakSampler:
-    """Samples this process's RSS every 2 ms on a thread (ru_maxrss also counts import spikes)."""
+    """Samples RSS on a thread: this process's every 2 ms by default (ru_maxrss also counts
+    import spikes), or with `pid` and `tree` another process's summed with all its
+    descendants' (a CLI run and whatever it starts)."""
 
-    def __init__(self):
+    def __init__(self, pid: int | None = None, *, tree: bool = False, interval: float = 0.002):
         import psutil
 
-        self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
+        self._psutil = psutil
+        self._proc = psutil.Process(pid)
+        self._tree = tree
+        self._interval = interval
+        self.peak = self.rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def rss(self) -> int:
+        """Bytes resident now (0 once the process is gone)."""
+        procs = [self._proc]
+        if self._tree:
+            try:
+                procs += self._proc.children(recursive=True)
+            except self._psutil.Error:
+                pass
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except self._psutil.Error:
+                pass  # exited between listing and reading
+        return total
+
     def _loop(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(0.002)
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self._interval)
 
     def __enter__(self):
         self._thread.start()
@@ -57,7 +78,7 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = max(self.peak, self.rss())
 
 
 def report_rss(work: Callable[[], None]) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -29,16 +27,12 @@ from inference.layered_attention import AttentionCapture, KVComposite, LayeredAt
 from inference.layered_sampler import CAPTURE_EVERY, INTER_LAYER_END, PLACEMENT_START
 from inference.sdxl_transparency import expected_delta_shapes
 from inference.transparent_vae import TransparentDecoder
+from tools.reference import reference_dir
 
 SIZE, STEPS, FOREGROUNDS, RANK = 1024, 30, 3, 256
 CONTENT_TOKENS = 6  # a short layer prompt's tokens, whose cross attention the self-masks read
 DTYPE = torch.float16
 TFLOP = 1e12
-
-
-def reference_dir() -> Path:
-    env = os.environ.get("MULTIPLANE_REFERENCE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 def sdxl_unet() -> UNet2DConditionModel:
