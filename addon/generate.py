@@ -35,8 +35,9 @@ def generation_size(scene) -> tuple[int, int, int, int]:
     return round_size(rw), round_size(rh), rw, rh
 
 
-def build_request(scene) -> tuple[dict, list]:
-    """The POST /v1/jobs body for the scene's settings, and the layer depths (back to front).
+def build_request(scene) -> dict:
+    """The POST /v1/jobs body for the scene's settings. A layer's depth (0 = spread between
+    the importer's Near and Far) travels in it: the engine writes it into the stack.
 
     Raises ValueError with an artist-facing sentence for settings the server would refuse."""
     settings = scene.multiplane
@@ -57,6 +58,8 @@ def build_request(scene) -> tuple[dict, list]:
                 raise ValueError(f"Foreground layer {index}'s box is empty or inside out: it needs "
                                  f"left < right and top < bottom (it is {x0:.2f}, {y0:.2f}, {x1:.2f}, {y1:.2f})")
             item["box"] = [x0, y0, x1, y1]
+        if layer.depth > 0:
+            item["depth"] = float(layer.depth)
         layers.append(item)
     width, height, _rw, _rh = generation_size(scene)
     body = {
@@ -74,8 +77,7 @@ def build_request(scene) -> tuple[dict, list]:
         "tta_passes": int(settings.tta_passes),
         "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
-    depths = [None] + [layer.depth or None for layer in settings.layers]
-    return body, depths
+    return body
 
 
 def watcher_free_or_report(operator) -> bool:
@@ -141,7 +143,7 @@ class MULTIPLANE_OT_generate(Operator):
         if scene.multiplane.randomize_seed:
             scene.multiplane.seed = random_seed()
         try:
-            body, depths = build_request(scene)
+            body = build_request(scene)
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
@@ -150,8 +152,7 @@ class MULTIPLANE_OT_generate(Operator):
             return {"CANCELLED"}
         history = {"prompt": body["prompt"], "model": body["model"], "method": body["method"],
                    "request": json.dumps(body)}
-        watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, depths=depths,
-                              history_fields=history))
+        watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history))
         ensure_timer()
         self.report({"INFO"}, f"Generating a {body['width']}x{body['height']} backdrop with "
                               f"{len(body['layers'])} foreground layer(s) ({body['model']}, {body['method']})")

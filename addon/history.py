@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
@@ -15,6 +15,7 @@ from .generate import backend_settings_or_report, random_seed, ready_to_start_or
 from .layer_list import clamped_index
 from .limits import MAX_PROMPT_CHARS
 from .properties import REGENERATE_SEED_MODES
+from .stack_reader import LayerInfo, read_stack
 from .watcher import JobPlan, describe_server_identity, ensure_timer, server_identity, watcher
 
 NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
@@ -84,25 +85,7 @@ class MULTIPLANE_OT_history_remove(Operator, OnHistoryItem):
         return {"FINISHED"}
 
 
-def read_stack_manifest(folder: str) -> dict:
-    """A history item's stack.json, its "layers" a non-empty list of dicts (back to front);
-    ValueError with an artist-facing sentence when the folder or manifest is gone or broken."""
-    path = os.path.join(folder, "stack.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        raise ValueError(f"The stack's folder {folder} (or its stack.json) no longer exists") from None
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read {path}: {error}") from None
-    layers = manifest.get("layers") if isinstance(manifest, dict) else None
-    if not isinstance(layers, list) or not layers:
-        raise ValueError(f"{path} lists no layers")
-    manifest["layers"] = [layer if isinstance(layer, dict) else {} for layer in layers]
-    return manifest
-
-
-def build_regenerate_request(layers: list[dict], layer_index: int, prompt: str,
+def build_regenerate_request(layers: Sequence[LayerInfo], layer_index: int, prompt: str,
                              seed: Optional[int], tta_passes: int) -> dict:
     """The POST /v1/jobs/{id}/regenerate body; ValueError (artist-facing) for a layer that is
     not in the stack or an edit that changes nothing."""
@@ -111,7 +94,7 @@ def build_regenerate_request(layers: list[dict], layer_index: int, prompt: str,
     prompt = prompt.strip()
     if prompt and len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"The new prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS}")
-    old_prompt = str(layers[layer_index].get("prompt") or "").strip()
+    old_prompt = layers[layer_index].prompt.strip()
     if prompt == old_prompt and seed is None:
         prompt = ""
     if not prompt and seed is None:
@@ -172,11 +155,10 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         else:
             seed = None
         try:
-            manifest = read_stack_manifest(item.path)
-            layers = manifest["layers"]
+            layers = read_stack(item.path, check_images=False).layers
             body = build_regenerate_request(layers, self.layer, self.prompt, seed,
                                             int(scene.multiplane.tta_passes))
-        except ValueError as error:
+        except ValueError as error:  # StackReadError included: the folder is gone or broken
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         settings = backend_settings_or_report(self, context)
@@ -189,15 +171,12 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
                                    f"know its job: switch back in the Multiplane preferences, or change the "
                                    f"layer's prompt and Generate again")
             return {"CANCELLED"}
-        # The new stack keeps the source's name, so its import replaces the same backdrop
-        # collection in place (the previous version stays in the history to re-import).
-        source_name = str(manifest.get("name") or os.path.basename(os.path.normpath(item.path)))
-        depths = [layer.get("depth") if isinstance(layer.get("depth"), (int, float)) else None for layer in layers]
+        # The engine gives the new stack its source's name and depths, so its import replaces
+        # the same backdrop collection in place (the previous version stays in the history).
         history = {"prompt": item.prompt, "model": item.model, "method": item.method,
                    "request": json.dumps({"source": item.job_id, **body})}
-        watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, depths=depths,
-                              history_fields=history, regenerate_from=item.job_id,
-                              stack_name=source_name, source_folder=item.path))
+        watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history,
+                              regenerate_from=item.job_id, source_folder=item.path))
         ensure_timer()
         what = "the background" if self.layer == 0 else f"layer {self.layer}"
         changes = " and ".join(part for part in (

@@ -11,7 +11,6 @@ happen on the main thread. A tick without a finished stack touches no network an
 """
 from __future__ import annotations
 
-import json
 import queue
 import shutil
 import threading
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 from . import backend, installer, limits
 from .client import ServerClient, ServerError
-from .stack_reader import safe_folder_name
+from .stack_reader import MANIFEST_FILE, StackReadError, read_stack, safe_folder_name
 
 TICK_SECONDS = 0.1
 POLL_SECONDS = 0.2
@@ -61,12 +60,9 @@ class JobPlan:
     body: dict
     settings: Any  # preferences.BackendSettings
     scene_name: str
-    depths: list = field(default_factory=list)  # None or a positive float per layer, back to front
     history_fields: dict = field(default_factory=dict)
-    # Regenerate one layer: the source job's id (then `body` is the /regenerate body) and the
-    # source stack's name, given to the new copy so its import replaces the same backdrop.
+    # Regenerate one layer: the source job's id (then `body` is the /regenerate body).
     regenerate_from: str = ""
-    stack_name: str = ""
     source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
 
 
@@ -268,8 +264,7 @@ class Watcher:
             status = job.get("status")
             if status == "succeeded":
                 self._post(token, "phase", ("downloading", "Fetching the layer files"))
-                folder = fetch_stack(client, job, plan.settings, server is not None, plan.depths,
-                                     name=plan.stack_name or None)
+                folder = fetch_stack(client, job, plan.settings, server is not None)
                 self._post(token, "files", str(folder))
             elif status == "cancelled":
                 self._post(token, "cancelled")
@@ -352,17 +347,15 @@ class Watcher:
         return job
 
 
-def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: list,
-                name: Optional[str] = None) -> Path:
+def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
     """Copy (local server: straight from its output root) or download the job's files into
-    the add-on's own stacks folder, then write the artist's layer depths (and `name`, when
-    given: a regenerated stack keeps its source's name) into stack.json."""
+    the add-on's own stacks folder, as the engine wrote them: the artist's depths and the
+    stack's name travelled in the request, so nothing is patched in here."""
     stack = job.get("stack") or {}
-    rename = name
-    name = name or stack.get("name") or "Multiplane stack"
+    name = stack.get("name") or "Multiplane stack"
     files = list(stack.get("files") or [])
-    if "stack.json" not in files:
-        files.append("stack.json")
+    if MANIFEST_FILE not in files:
+        files.append(MANIFEST_FILE)
     destination = Path(settings.stacks_dir) / f"{safe_folder_name(name)}-{safe_folder_name(job['id'])}"
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -375,14 +368,6 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool, depths: 
             shutil.copyfile(source / file_name, partial / file_name)
         else:
             client.download_file(job["id"], file_name, partial / file_name)
-    manifest_file = partial / "stack.json"
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    for layer, depth in zip(manifest.get("layers", []), depths):
-        if depth:
-            layer["depth"] = float(depth)
-    if rename:
-        manifest["name"] = rename
-    manifest_file.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     shutil.rmtree(destination, ignore_errors=True)
     partial.replace(destination)
     return destination
@@ -401,13 +386,13 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     if not item.name:
         item.name = folder.name
     try:
-        manifest = json.loads((folder / "stack.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}
-    for layer in manifest.get("layers") or []:
+        layers = read_stack(folder, check_images=False).layers
+    except StackReadError:  # just imported, so not expected: the item then lists no layers
+        layers = ()
+    for layer in layers:
         entry = item.layers.add()
-        entry.name = str(layer.get("name") or "")
-        entry.prompt = str(layer.get("prompt") or "")[:limits.MAX_PROMPT_CHARS]
+        entry.name = layer.name
+        entry.prompt = layer.prompt[:limits.MAX_PROMPT_CHARS]
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 

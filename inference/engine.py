@@ -156,7 +156,8 @@ class Engine:
              exports: Optional[dict] = None, source=None):
         """Load `model`, make the layers, write the stack: the one path every job takes.
 
-        `source` (edits): the stack edited, whose layer names and depths carry over.
+        `source` (edits): the stack edited, whose background name carries over (its depths,
+        foreground names and stack name come through the request, like a new stack's).
         """
         progress = progress or ignore_progress
         cancel = cancel or CancelToken()
@@ -186,16 +187,17 @@ def _new_stack_dir(out_dir) -> Path:
 
 
 def _stack_manifest(request: StackRequest, out_dir: Path, model: dict, result, timings: dict, source=None):
-    """The LayerStack to write for `request` (file names are the stack writer's to fill in)."""
+    """The LayerStack to write for `request` (file names are the stack writer's to fill in):
+    names and depths come from the request, so what a client asks for is what the stack says."""
     from .stack import LayerStack, StackLayer, layer_name
 
-    kept = source.layers if source is not None else None
-    layers = [StackLayer(name=kept[0].name if kept else layer_name(0), kind="background",
-                         prompt=request.background, seed=result.seeds[0])]
+    background = source.layers[0].name if source is not None else layer_name(0)
+    layers = [StackLayer(name=background, kind="background", prompt=request.background,
+                         seed=result.seeds[0], depth=request.background_depth)]
     for i, spec in enumerate(request.layers, start=1):
         layers.append(StackLayer(name=spec.name or layer_name(i), kind="foreground", prompt=spec.prompt,
                                  seed=result.seeds[i], box=list(spec.box) if spec.box else None,
-                                 depth=kept[i].depth if kept else None))
+                                 depth=spec.depth))
     return LayerStack(name=request.name or out_dir.name, method=request.method, width=request.width,
                       height=request.height, prompt=request.prompt, negative_prompt=request.negative_prompt,
                       seed=request.seed, steps=request.steps, guidance=float(request.guidance), model=model,

@@ -8,6 +8,7 @@ tests/test_addon_limits.py proves the copy equal.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -31,15 +32,18 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One foreground layer: its own prompt, an optional seed and an optional layout box.
+    """One foreground layer: its own prompt, an optional seed, layout box and depth.
 
-    `box` is (x0, y0, x1, y1) normalized to the image, origin top-left, y down.
+    `box` is (x0, y0, x1, y1) normalized to the image, origin top-left, y down. `depth` is
+    the suggested distance from the camera (scene units) that the stack records for
+    importers; it does not change the pixels.
     """
 
     prompt: str
     seed: Optional[int] = None
     box: Optional[Box] = None
     name: str = ""
+    depth: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class StackRequest:
     tta_passes: int = 8
     background_seed: Optional[int] = None
     name: str = ""
+    background_depth: Optional[float] = None  # like LayerSpec.depth; edits keep the source's
     # joint/harmonized: weight of another layer's keys relative to an own key (0 = layers
     # do not attend to each other), and how strongly estimated masks confine foregrounds.
     inter_layer_strength: float = 0.3
@@ -77,6 +82,8 @@ class StackRequest:
             if layer.box is not None:
                 validate_box(f"layers[{i}].box", layer.box)
             validate_name(f"layers[{i}].name", layer.name)
+            if layer.depth is not None:
+                validate_depth(f"layers[{i}].depth", layer.depth)
         validate_layer_names("layers", [layer.name for layer in self.layers])
         validate_size("width", self.width)
         validate_size("height", self.height)
@@ -85,6 +92,8 @@ class StackRequest:
         validate_seed("seed", self.seed)
         if self.background_seed is not None:
             validate_seed("background_seed", self.background_seed)
+        if self.background_depth is not None:
+            validate_depth("background_depth", self.background_depth)
         validate_method("method", self.method)
         if self.method == "harmonized" and len(self.layers) != 1:
             raise InvalidRequest("layers", f"method 'harmonized' blends exactly one foreground layer, got {len(self.layers)}")
@@ -190,6 +199,16 @@ def validate_layer_edit(prompt: Optional[str], seed: Optional[int], prompt_field
 def validate_seed(field_name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
         raise InvalidRequest(field_name, f"must be an integer in 0..{MAX_SEED}, got {value!r}")
+
+
+def validate_depth(field_name: str, value: float) -> None:
+    """A layer's distance from the camera: a finite number of scene units > 0 (None, where a
+    field is optional, leaves it to the importer's Near/Far spread)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        raise InvalidRequest(field_name, f"must be a finite number > 0 (the distance from the camera in scene "
+                                         f"units), got {value!r}; leave it out to spread the layer between "
+                                         f"the importer's Near and Far")
 
 
 def validate_box(field_name: str, box) -> None:

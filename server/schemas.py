@@ -109,9 +109,13 @@ class LayerIn(_Closed):
                     "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1",
         json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
     name: str = Field(default="", description="layer name in the stack (default layer_NN); unique", **NAME)
+    depth: Optional[float] = Field(
+        default=None, description="distance from the camera in scene units, written into the stack "
+                                  "for importers (default: spread between the importer's Near and Far)",
+        **_published(exclusiveMinimum=0))
 
     engine_checks = {"prompt": REQUIRED_PROMPT_CHECK, "seed": limits.validate_seed,
-                     "box": limits.validate_box, "name": limits.validate_name}
+                     "box": limits.validate_box, "name": limits.validate_name, "depth": limits.validate_depth}
 
 
 class JobCreate(_Closed):
@@ -184,7 +188,8 @@ class JobCreate(_Closed):
         """The engine's request; `validated()` is the second, authoritative check (and the
         only one of rules across fields, such as harmonized's single foreground)."""
         layers = tuple(LayerSpec(prompt=l.prompt, seed=l.seed,
-                                 box=tuple(l.box) if l.box is not None else None, name=l.name)
+                                 box=tuple(l.box) if l.box is not None else None, name=l.name,
+                                 depth=float(l.depth) if l.depth is not None else None)
                        for l in self.layers)
         return StackRequest(prompt=self.prompt, background=self.background, layers=layers,
                             negative_prompt=self.negative_prompt, width=self.width,

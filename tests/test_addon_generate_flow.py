@@ -99,6 +99,12 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     stack_dir = Path(watcher.state.stack_dir)
     manifest = json.loads((stack_dir / "stack.json").read_text())
     out["depths"] = [layer["depth"] for layer in manifest["layers"]]
+    # The engine wrote the depth (it travelled in the request): the add-on's copy of the
+    # manifest is the server's, byte for byte, not a rewrite.
+    engine_manifest = Path(prefs.output_dir) / scene.multiplane.history[0].job_id / "stack.json"
+    out["request_layers"] = json.loads(scene.multiplane.history[0].request)["layers"]
+    out["engine_depths"] = [layer["depth"] for layer in json.loads(engine_manifest.read_text())["layers"]]
+    out["copy_is_the_engines"] = engine_manifest.read_bytes() == (stack_dir / "stack.json").read_bytes()
     out["files"] = sorted(p.name for p in stack_dir.iterdir())
     out["tick_when_idle"] = tick()  # None ends Blender's timer
     # The timer-driven import is an undo step of its own: Ctrl+Z takes the planes away and
@@ -159,6 +165,8 @@ def scenario_generate_cancel_crash_remote(output: str, full: bool = True) -> dic
     bpy.ops.multiplane.generate()
     out["remote"] = _tick_until(_finished)
     out["remote_files"] = sorted(p.name for p in Path(watcher.state.stack_dir).iterdir())
+    out["remote_depths"] = [layer["depth"] for layer in
+                            json.loads((Path(watcher.state.stack_dir) / "stack.json").read_text())["layers"]]
     out["remote_test_connection"] = _report(bpy.ops.multiplane.test_connection)
     prefs.backend = "LOCAL"
 
@@ -199,7 +207,9 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
     assert len(out["planes"]) == 2  # background + one foreground
     path, model, width = out["history"][0]
     assert model == "tiny" and width == 256
-    assert out["depths"] == [None, 6.0]  # the artist's depth written into the copy
+    assert out["request_layers"] == [{"prompt": "a boat", "depth": 6.0}]  # the artist's depth, sent
+    assert out["engine_depths"] == out["depths"] == [None, 6.0]  # ... written by the engine
+    assert out["copy_is_the_engines"]
     assert {"background.png", "layer_01.png", "stack.json", "composite.png"} <= set(out["files"])
     assert out["server_log_exists"]
     assert out["tick_when_idle"] is None
@@ -230,6 +240,7 @@ def test_generate_cancel_crash_and_remote_in_blender(tmp_path, python):
 
     assert out["remote"]["state"] == "succeeded", out["remote"]
     assert set(out["remote_files"]) == set(out["files"]) | {"layer_02.png"}  # two foregrounds by then
+    assert out["remote_depths"] == [None, 6.0, None]  # downloaded as written: the heron has no depth
     assert out["remote_test_connection"] == ""  # health, token and the model list all answered
 
     crash = out["crash"]

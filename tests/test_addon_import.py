@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blender_helpers as helpers  # noqa: E402
 from blender_helpers import load_rgb, make_stack, run_in_blender  # noqa: E402
 
-from addon.stack_reader import StackReadError, read_stack, safe_folder_name  # noqa: E402
+from addon.stack_reader import MANIFEST_FILE, StackReadError, read_stack, safe_folder_name  # noqa: E402
 
 
 @pytest.fixture
@@ -74,6 +74,36 @@ def test_reader_refuses_foregrounds_without_alpha_and_non_stacks(stack_dir, tmp_
     (stack_dir / "background.png").write_bytes(b"not a png at all, just text....")
     with pytest.raises(StackReadError, match="is not a PNG"):
         read_stack(stack_dir)
+
+
+# Modules that parse JSON that is not a stack: the server's HTTP answers, its ready line.
+JSON_NOT_STACKS = {"client.py": "HTTP answers", "backend.py": "the server's ready line"}
+
+
+def _stack_reading(module: Path) -> list[str]:
+    """Where `module` names the manifest file (`"stack.json"` as a value, not in a sentence)
+    or parses JSON itself: what only the stack reader should do."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and node.value == MANIFEST_FILE:
+            found.append(f"{module.name}:{node.lineno} names {MANIFEST_FILE!r}")
+        if (isinstance(node, ast.Attribute) and node.attr in ("load", "loads")
+                and isinstance(node.value, ast.Name) and node.value.id == "json"
+                and module.name not in JSON_NOT_STACKS):
+            found.append(f"{module.name}:{node.lineno} calls json.{node.attr}")
+    return found
+
+
+def test_only_the_stack_reader_reads_stacks():
+    """One reader of stack.json on the add-on side: the others take its StackInfo, so a format
+    change is made (and checked) in one place, and nothing rewrites what the engine wrote."""
+    modules = sorted((helpers.REPO_ROOT / "addon").glob("*.py"))
+    assert len(modules) > 10 and any(m.name == "watcher.py" for m in modules)
+    assert _stack_reading(helpers.REPO_ROOT / "addon" / "stack_reader.py")  # the check sees a reader
+    found = [where for module in modules if module.name != "stack_reader.py" for where in _stack_reading(module)]
+    assert found == []
 
 
 def test_safe_folder_name():

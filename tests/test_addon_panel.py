@@ -211,7 +211,7 @@ def scenario_layer_operators_and_request() -> dict:
         errors["no_prompt"] = str(error)
     settings.prompt = "  a quiet lake  "
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 1000, 500, 100
-    body, depths = generate.build_request(scene)
+    body = generate.build_request(scene)
     settings.layers[1].box = (0.5, 0.5, 0.4, 0.9)
     settings.layers[1].use_box = True
     try:
@@ -235,7 +235,7 @@ def scenario_layer_operators_and_request() -> dict:
         reports["empty_layer"] = str(error)
     package.unregister()
     return {"after_move": after_move, "after_remove": after_remove, "errors": errors, "body": body,
-            "depths": depths, "seed": settings.seed if hasattr(bpy.types.Scene, "multiplane") else None,
+            "seed": settings.seed if hasattr(bpy.types.Scene, "multiplane") else None,
             "reports": reports}
 
 
@@ -307,9 +307,8 @@ def test_layer_list_operators_and_request_body(python):
     assert body["prompt"] == "a quiet lake"
     assert (body["width"], body["height"]) == (1024, 512)
     assert body["layers"] == [{"prompt": "layer 0", "box": pytest.approx([0.1, 0.2, 0.6, 0.9], abs=1e-6)},
-                              {"prompt": "layer 1"}]
+                              {"prompt": "layer 1", "depth": 7.5}]  # depth 0 (spread): left out
     assert body["method"] == "joint" and body["model"] == "sdxl"
-    assert out["depths"] == [None, None, 7.5]
     assert out["seed"] != 5
     assert "no active camera" in out["reports"]["no_camera"]
     assert "Foreground layer 1 has no prompt" in out["reports"]["empty_layer"]

@@ -97,6 +97,21 @@ def test_layer_fields_use_the_engines_checks():
         StackRequest(prompt="p", layers=(limits.LayerSpec("a", name="x"), limits.LayerSpec("b", name="x"))).validated()
 
 
+def test_layer_depth_is_published_and_refused_with_the_engines_message():
+    assert LayerIn.model_json_schema()["properties"]["depth"]["exclusiveMinimum"] == 0
+    for good in (0.001, 6, 6.5, 1e6):
+        spec = JobCreate.model_validate({**BODY, "layers": [{"prompt": "a fox", "depth": good}]}).to_stack_request()
+        assert spec.layers[0].depth == good and isinstance(spec.layers[0].depth, float)
+    assert JobCreate.model_validate({**BODY, "layers": [{"prompt": "a fox"}]}).to_stack_request().layers[0].depth is None
+    for bad in (0.0, -2.5, math.inf, math.nan):
+        error = field_error(LayerIn, {"prompt": "a fox", "depth": bad})
+        assert error["loc"] == ("depth",)
+        with pytest.raises(InvalidRequest) as caught:
+            StackRequest(**BASE, layers=(limits.LayerSpec("a fox", depth=bad),)).validated()
+        assert caught.value.field == "layers[0].depth" and error["msg"] == caught.value.message
+    assert field_error(LayerIn, {"prompt": "a fox", "depth": "6"})["loc"] == ("depth",)  # strict: no text
+
+
 def test_harmonized_single_foreground_is_published():
     rule = JOB_SCHEMA["anyOf"]
     assert {"properties": {"method": {"not": {"const": "harmonized"}}}} in rule

@@ -26,8 +26,9 @@ def engine() -> Engine:
 def source(engine, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("edit")
     req = StackRequest(prompt="a forest at dusk", background="pine trees",
-                       layers=(LayerSpec("a red fox", box=(0.0, 0.25, 0.75, 1.0)), LayerSpec("a rock")),
-                       width=256, height=256, steps=2, guidance=4.0, seed=3, tta_passes=1, method="joint")
+                       layers=(LayerSpec("a red fox", box=(0.0, 0.25, 0.75, 1.0), depth=6.0), LayerSpec("a rock")),
+                       width=256, height=256, steps=2, guidance=4.0, seed=3, tta_passes=1, method="joint",
+                       name="Dusk forest", background_depth=40.0)
     engine.generate(req, "tiny", root / "src")
     return root / "src"
 
@@ -71,6 +72,21 @@ def test_regenerated_layer_attends_to_kept_layers(engine, source, tmp_path):
     engine.regenerate(source, 2, tmp_path / "c", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
     engine.regenerate(altered, 2, tmp_path / "d", new_seed=77, tta_passes=1, inter_layer_strength=0.0)
     assert read(tmp_path / "c", "layer_02.png") == read(tmp_path / "d", "layer_02.png")
+
+
+def test_the_engine_writes_depths_and_name_from_the_request_and_edits_keep_them(engine, source, tmp_path):
+    # Generate: what the request says (a layer without a depth stays null for the importer).
+    src = load_stack(source)
+    assert src.name == "Dusk forest"
+    assert [layer.depth for layer in src.layers] == [40.0, 6.0, None]
+    # Edits are new versions of the same stack: the source's depths and name come through
+    # their request, and the same writer puts them into the new stack.
+    regenerated = engine.regenerate(source, 1, tmp_path / "e", new_seed=5, tta_passes=1)
+    restyled = engine.restyle(source, "oil painting", tmp_path / "r", tta_passes=1)
+    for folder, written in ((tmp_path / "e", regenerated), (tmp_path / "r", restyled)):
+        loaded = load_stack(folder)
+        assert [layer.depth for layer in loaded.layers] == [layer.depth for layer in written.layers] == [40.0, 6.0, None]
+        assert loaded.name == written.name == "Dusk forest"
 
 
 def test_regenerate_background_keeps_foregrounds(engine, source, tmp_path):

@@ -37,6 +37,12 @@ def test_valid_request_passes():
     (dict(layers=(LayerSpec("a", box=(0.5, 0.1, 0.4, 0.9)),)), "layers[0].box"),
     (dict(layers=(LayerSpec("a", box=(0.0, 0.1, 1.2, 0.9)),)), "layers[0].box"),
     (dict(layers=(LayerSpec("a", seed=-5),)), "layers[0].seed"),
+    (dict(layers=(LayerSpec("a", depth=0.0),)), "layers[0].depth"),
+    (dict(layers=(LayerSpec("a"), LayerSpec("b", depth=-3.0))), "layers[1].depth"),
+    (dict(layers=(LayerSpec("a", depth=float("inf")),)), "layers[0].depth"),
+    (dict(layers=(LayerSpec("a", depth=float("nan")),)), "layers[0].depth"),
+    (dict(layers=(LayerSpec("a", depth=True),)), "layers[0].depth"),
+    (dict(background_depth=0), "background_depth"),
 ])
 def test_each_bad_field_is_named(kw, field):
     with pytest.raises(InvalidRequest) as err:

@@ -72,14 +72,17 @@ class SourceStack:
         raise InvalidRequest("model", "the stack does not record its model; pass model=...")
 
     def request(self, **changes) -> StackRequest:
-        """The request that made the stack (joint, its seeds and boxes), with `changes`."""
+        """The request that made the stack (joint, its seeds, boxes, depths and name), with
+        `changes`: an edit is a new version of the same stack, so it keeps its name and depths."""
         stack = self.stack
-        layers = tuple(LayerSpec(prompt=layer.prompt, seed=layer.seed, box=layer.box, name=layer.name)
+        layers = tuple(LayerSpec(prompt=layer.prompt, seed=layer.seed, box=layer.box, name=layer.name,
+                                 depth=layer.depth)
                        for layer in stack.layers[1:])
         base = dict(prompt=stack.prompt, background=stack.layers[0].prompt, layers=layers,
                     negative_prompt=stack.negative_prompt, width=stack.width, height=stack.height,
                     steps=stack.steps, guidance=stack.guidance, seed=stack.seed, method="joint",
-                    background_seed=stack.layers[0].seed)
+                    background_seed=stack.layers[0].seed, background_depth=stack.layers[0].depth,
+                    name=stack.name)
         base.update(changes)
         return StackRequest(**base)
 
