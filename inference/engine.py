@@ -170,7 +170,7 @@ class Engine:
             cancel.raise_if_cancelled()
             progress(Progress(phase="save", layers=1 + len(request.layers)))
             timings = {"load": t_load, **result.timings, "total": time.perf_counter() - t0}
-            stack = _stack_manifest(request, out_dir, loaded.describe(), result, timings, source)
+            stack = stack_manifest(request, out_dir, loaded.describe(), result.seeds, timings, source)
             from .stack import write_stack
 
             return write_stack(out_dir, stack, result.background, result.foregrounds, masks=result.masks,
@@ -186,17 +186,19 @@ def _new_stack_dir(out_dir) -> Path:
     return out_dir
 
 
-def _stack_manifest(request: StackRequest, out_dir: Path, model: dict, result, timings: dict, source=None):
+def stack_manifest(request: StackRequest, out_dir: Path, model: dict, seeds: list[int], timings: dict,
+                   source=None):
     """The LayerStack to write for `request` (file names are the stack writer's to fill in):
-    names and depths come from the request, so what a client asks for is what the stack says."""
+    names and depths come from the request, so what a client asks for is what the stack says.
+    `source`: the stack an edit started from (its background's name carries over)."""
     from .stack import LayerStack, StackLayer, layer_name
 
     background = source.layers[0].name if source is not None else layer_name(0)
     layers = [StackLayer(name=background, kind="background", prompt=request.background,
-                         seed=result.seeds[0], depth=request.background_depth)]
+                         seed=seeds[0], depth=request.background_depth)]
     for i, spec in enumerate(request.layers, start=1):
         layers.append(StackLayer(name=spec.name or layer_name(i), kind="foreground", prompt=spec.prompt,
-                                 seed=result.seeds[i], box=list(spec.box) if spec.box else None,
+                                 seed=seeds[i], box=list(spec.box) if spec.box else None,
                                  depth=spec.depth))
     return LayerStack(name=request.name or out_dir.name, method=request.method, width=request.width,
                       height=request.height, prompt=request.prompt, negative_prompt=request.negative_prompt,

@@ -76,23 +76,16 @@ class FakeEngine:
         """A flat-coloured but valid stack, through the real atomic writer."""
         import numpy as np
 
-        from inference.stack import LayerStack, StackLayer, write_stack
+        from inference.engine import stack_manifest
+        from inference.prompts import layer_seeds
+        from inference.stack import write_stack
 
         h, w = request.height, request.width
         background = np.full((h, w, 3), (40, 80, 120), dtype=np.uint8)
         foregrounds = [np.full((h, w, 4), (200, 50, 50, 128), dtype=np.uint8)
                        for _ in request.layers]
-        layers = [StackLayer(name="background", kind="background", prompt=request.background,
-                             seed=request.seed)]
-        for i, spec in enumerate(request.layers, start=1):
-            layers.append(StackLayer(name=spec.name, kind="foreground", prompt=spec.prompt,
-                                     seed=spec.seed if spec.seed is not None else i,
-                                     box=spec.box))
-        stack = LayerStack(name=request.name, method=request.method, width=w, height=h,
-                           prompt=request.prompt, negative_prompt=request.negative_prompt,
-                           seed=request.seed, steps=request.steps,
-                           guidance=float(request.guidance),
-                           model={"preset": model, "base": "fake", "files": {}}, layers=layers)
+        stack = stack_manifest(request, out_dir, {"preset": model, "base": "fake", "files": {}},
+                               layer_seeds(request), timings={})
         return write_stack(out_dir, stack, background, foregrounds, export_psd=export_psd,
                            export_ora=export_ora, cancel=cancel)
 
