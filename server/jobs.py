@@ -5,8 +5,8 @@ the engine keeps one model warm); a second worker runs model downloads so a long
 does not hold up generation. Routes never touch the engine: they submit, read snapshots,
 cancel and subscribe here; refusals are the domain errors of `errors.py`.
 
-Every state change bumps the job's `version` and hands a snapshot (a plain dict in the
-JSON form of `schemas.JobOut`) to the job's subscribers, from whichever thread made the
+Every state change bumps the job's `version` and hands a snapshot (a `schemas.JobOut`) to
+the job's subscribers, from whichever thread made the
 change; the subscribers (server-sent event streams) must not block and must not modify it
 (parts are shared).
 """
@@ -30,7 +30,7 @@ from inference.stack import cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import TERMINAL_STATES, JobCreate, RegenerateIn
+from .schemas import TERMINAL_STATES, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
@@ -88,31 +88,26 @@ class Job:
             return {"source": self.source, **self.edit.model_dump()}
         return None
 
-    def snapshot(self) -> dict:
-        """The job in the JSON form of `schemas.JobOut`."""
+    def snapshot(self) -> JobOut:
+        """The job as the API shows it (`schemas.JobOut`); snapshots are read-only."""
         p = self.progress
-        progress: dict[str, Any] = {
-            "phase": p.phase if p else None, "step": p.step if p else 0,
-            "total": p.total if p else 0, "layer": p.layer if p else None,
-            "layers": p.layers if p else 0, "message": p.message if p else "",
-            "fraction": round(self.fraction, 4), "eta_seconds": self.eta_seconds,
-        }
+        progress = ProgressOut(fraction=round(self.fraction, 4), eta_seconds=self.eta_seconds)
+        if p is not None:
+            progress = ProgressOut(phase=p.phase, step=p.step, total=p.total, layer=p.layer, layers=p.layers,
+                                   message=p.message, fraction=progress.fraction, eta_seconds=progress.eta_seconds)
         stack = None
         if self.status == "succeeded" and self.stack_dir is not None:
-            stack = {"name": self.stack_name or self.id, "path": str(self.stack_dir),
-                     "files": list(self.files)}
-        return {
-            "id": self.id, "kind": self.kind, "status": self.status, "position": self.position,
-            "model": self.model, "progress": progress, "error": self.error,
-            "cancel_requested": self.cancel.cancelled and not self.terminal,
-            "created": iso_time(self.created), "started": iso_time(self.started),
-            "finished": iso_time(self.finished), "stack": stack,
-            "request": self.request_dump,  # shared by all snapshots: they are read-only
-            "version": self.version,
-        }
+            stack = StackOut(name=self.stack_name or self.id, path=str(self.stack_dir), files=list(self.files))
+        return JobOut(id=self.id, kind=self.kind, status=self.status, position=self.position, model=self.model,
+                      progress=progress, error=self.error,
+                      cancel_requested=self.cancel.cancelled and not self.terminal,
+                      created=iso_time(self.created), started=iso_time(self.started),
+                      finished=iso_time(self.finished), stack=stack,
+                      request=self.request_dump,  # shared by all snapshots: they are read-only
+                      version=self.version)
 
 
-Subscriber = Callable[[Optional[dict]], None]
+Subscriber = Callable[[Optional[JobOut]], None]
 
 
 class JobManager:
@@ -201,7 +196,7 @@ class JobManager:
         return stopped
 
     # -- submitting ---------------------------------------------------------------------
-    def submit(self, body: JobCreate) -> dict:
+    def submit(self, body: JobCreate) -> JobOut:
         """Queue a generation job; raises InvalidRequest (bad body) or QueueFull."""
         request = body.to_stack_request()  # the engine's own validation, before queueing
         with self._lock:
@@ -211,7 +206,7 @@ class JobManager:
                       request=request, model=body.model)
             return self._enqueue(self._generate, job)
 
-    def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> dict:
+    def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> JobOut:
         """Queue regenerating one layer of a finished stack (a new job, a new stack folder)."""
         validate_layer_edit(edit.prompt, edit.seed, prompt_field="prompt", seed_field="seed",
                             prompt_required=edit.layer_index > 0)
@@ -226,7 +221,7 @@ class JobManager:
                       source=source_id, model=source.model)
             return self._enqueue(self._generate, job)
 
-    def submit_download(self, model: str) -> dict:
+    def submit_download(self, model: str) -> JobOut:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""
         if model not in preset_names():
             raise NotFound(f"unknown model {model!r}; choose one of {', '.join(preset_names())}")
@@ -262,7 +257,7 @@ class JobManager:
             if job_id not in self._jobs and not (self.output_root / job_id).exists():
                 return job_id
 
-    def _enqueue(self, lane: Lane, job: Job) -> dict:
+    def _enqueue(self, lane: Lane, job: Job) -> JobOut:
         self._jobs[job.id] = job
         lane.queue.append(job)
         job.position = len(lane.queue) - 1 + (1 if lane.current is not None else 0)
@@ -272,11 +267,11 @@ class JobManager:
         return job.snapshot()
 
     # -- reading ------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict:
+    def get(self, job_id: str) -> JobOut:
         with self._lock:
             return self._job(job_id).snapshot()
 
-    def list(self, limit: int = 100) -> list[dict]:
+    def list(self, limit: int = 100) -> list[JobOut]:
         """Newest first."""
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
@@ -309,7 +304,7 @@ class JobManager:
             raise NotFound(f"stack {job_id} has no file {name!r}")
         return resolved
 
-    def subscribe(self, job_id: str, callback: Subscriber) -> tuple[dict, Callable[[], None]]:
+    def subscribe(self, job_id: str, callback: Subscriber) -> tuple[JobOut, Callable[[], None]]:
         """(current snapshot, unsubscribe); `callback` gets every later snapshot, then None
         if the server closes first. It runs on the changing thread and must not block."""
         with self._lock:
@@ -334,7 +329,7 @@ class JobManager:
         return job
 
     # -- cancelling ---------------------------------------------------------------------
-    def cancel(self, job_id: str) -> dict:
+    def cancel(self, job_id: str) -> JobOut:
         """Cancel a queued job at once, or ask the running one to stop (within one step)."""
         with self._lock:
             job = self._job(job_id)

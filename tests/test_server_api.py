@@ -373,14 +373,14 @@ def test_progress_is_monotone_and_reaches_one(slow_api):
     api.submit(steps=2)  # keeps the worker busy while we subscribe
     job = api.submit(layers=[{"prompt": "a"}, {"prompt": "b"}], steps=3)
     first, unsubscribe = api.manager.subscribe(job["id"], lambda s: s and seen.append(s))
-    assert first["status"] == "queued"
+    assert first.status == "queued"
     api.wait(job["id"])
     unsubscribe()
-    fractions = [s["progress"]["fraction"] for s in [first, *seen]]
+    fractions = [s.progress.fraction for s in [first, *seen]]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    versions = [s["version"] for s in seen]
+    versions = [s.version for s in seen]
     assert versions == sorted(set(versions))  # one snapshot per change, in order
-    layers = {s["progress"]["layer"] for s in seen if s["progress"]["phase"] == "denoise"}
+    layers = {s.progress.layer for s in seen if s.progress.phase == "denoise"}
     assert layers == {0, 1, 2}
 
 
@@ -514,8 +514,8 @@ def test_shutdown_cancels_queued_and_running_jobs(tmp_path):
     t0 = time.monotonic()
     assert a.manager.close(timeout=2.0)
     assert time.monotonic() - t0 < 0.5
-    assert a.manager.get(running["id"])["status"] == "cancelled"
-    assert a.manager.get(queued["id"])["status"] == "cancelled"
+    assert a.manager.get(running["id"]).status == "cancelled"
+    assert a.manager.get(queued["id"]).status == "cancelled"
     assert list(a.manager.output_root.iterdir()) == []
     r = a.client.post("/v1/jobs", json=SMALL, headers=AUTH)
     assert r.status_code == 503
@@ -548,17 +548,22 @@ def test_download_without_network_fails_listing_the_files(api, monkeypatch, tmp_
 def test_event_stream_sends_keepalives_and_ends_after_terminal_status():
     import asyncio
 
+    from server.schemas import JobOut
+
     async def collect():
         updates: asyncio.Queue = asyncio.Queue()
         unsubscribed = []
-        first = {"version": 1, "status": "running"}
+        def snapshot(version: int, status: str) -> JobOut:
+            return JobOut(id="j", kind="generate", status=status, created="2026-12-01T00:00:00Z", version=version)
+
+        first = snapshot(1, "running")
         chunks = []
 
         async def feed():
             await asyncio.sleep(0.12)
-            updates.put_nowait({"version": 1, "status": "running"})  # stale: not sent again
-            updates.put_nowait({"version": 2, "status": "cancelled"})
-            updates.put_nowait({"version": 3, "status": "running"})  # after the end: ignored
+            updates.put_nowait(snapshot(1, "running"))  # stale: not sent again
+            updates.put_nowait(snapshot(2, "cancelled"))
+            updates.put_nowait(snapshot(3, "running"))  # after the end: ignored
 
         feeder = asyncio.ensure_future(feed())
         async for chunk in status_stream(first, updates, lambda: unsubscribed.append(True), 0.05):

@@ -1,6 +1,6 @@
 """/v1/jobs: submit, follow, cancel and edit jobs, and fetch their stacks' files.
 
-Job routes answer with the service's snapshots, the JSON form of `JobOut`
+Job routes answer with the service's snapshots, `JobOut` models
 (`response_model` validates and documents them).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ MEDIA_TYPES = {"png": "image/png", "json": "application/json", "psd": "image/vnd
 
 @router.post("", status_code=202, response_model=JobOut,
              responses={**QUEUE_FULL, 503: {"model": ErrorOut, "description": "shutting down"}})
-def submit_job(body: JobCreate, manager: JobManager = Depends(get_manager)) -> dict:
+def submit_job(body: JobCreate, manager: JobManager = Depends(get_manager)) -> JobOut:
     """Queue a layer stack; answers at once with the job's id and queue position."""
     return manager.submit(body)
 
@@ -38,13 +38,13 @@ def list_jobs(limit: int = Query(100, ge=1, le=1000),
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
-def get_job(job_id: str, manager: JobManager = Depends(get_manager)) -> dict:
+def get_job(job_id: str, manager: JobManager = Depends(get_manager)) -> JobOut:
     return manager.get(job_id)
 
 
 @router.delete("/{job_id}", response_model=JobOut,
                responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "the job already finished"}})
-def cancel_job(job_id: str, manager: JobManager = Depends(get_manager)) -> dict:
+def cancel_job(job_id: str, manager: JobManager = Depends(get_manager)) -> JobOut:
     """Cancel: a queued job at once; a running one stops within one denoising step
     (its status turns `cancelled` when it has stopped; `cancel_requested` until then)."""
     return manager.cancel(job_id)
@@ -53,7 +53,7 @@ def cancel_job(job_id: str, manager: JobManager = Depends(get_manager)) -> dict:
 @router.post("/{job_id}/regenerate", status_code=202, response_model=JobOut,
              responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "no finished stack"},
                         **QUEUE_FULL})
-def regenerate_layer(job_id: str, body: RegenerateIn, manager: JobManager = Depends(get_manager)) -> dict:
+def regenerate_layer(job_id: str, body: RegenerateIn, manager: JobManager = Depends(get_manager)) -> JobOut:
     """Regenerate one layer of a finished stack as a new job (kind `regenerate`): a new
     stack whose other layers are byte-identical copies, the new layer attending to them."""
     return manager.submit_regenerate(job_id, body)

@@ -20,7 +20,7 @@ def list_models(manager: JobManager = Depends(get_manager)) -> ModelList:
 
 @router.post("/{name}/download", status_code=202, response_model=JobOut,
              responses={**NOT_FOUND, 429: {"model": ErrorOut}})
-def download_model(name: str, manager: JobManager = Depends(get_manager)) -> dict:
+def download_model(name: str, manager: JobManager = Depends(get_manager)) -> JobOut:
     """Start (or join) a download of a preset's weights: a job of kind `download`,
     followed with the same /v1/jobs endpoints."""
     return manager.submit_download(name)
