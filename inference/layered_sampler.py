@@ -161,6 +161,12 @@ class LayeredSampler:
         f = vae_scale_factor(self.vae)
         self.latent_size = (settings.height // f, settings.width // f)
         self.cond = (self.groups - 1) * len(items)  # first row of the conditional half
+        roles = self.roles
+        self.background = roles.index("background") if "background" in roles else None
+        self.blended = roles.index("blended") if "blended" in roles else None
+        self.foregrounds = [i for i, r in enumerate(roles) if r == "foreground"]  # back to front
+        # The foregrounds this run generates (kept layers of an edit are only placed).
+        self.generated = [i for i in self.foregrounds if items[i].pinned is None]
 
     def __call__(self, *, progress: ProgressCallback, cancel: CancelToken, layers: int) -> LayeredResult:
         st, opt, items = self.settings, self.options, self.items
@@ -285,7 +291,7 @@ class LayeredSampler:
         """Self-mask per generated foreground: content (own-token cross attention, running
         mean) × alpha (distance of x̂0 from the empty latent), inside its box."""
         alpha = latent_alpha_proxy(x0, self.empty)
-        for item in self._generated_foregrounds():
+        for item in self.generated:
             if self.items[item].fixed_mask is not None:
                 continue
             content = self.capture.cross_map(self.cond + item, self.latent_size) \
@@ -300,7 +306,7 @@ class LayeredSampler:
     def _confine_foregrounds(self, i: int, target: torch.Tensor) -> None:
         """The box always, the self-mask from `start_self` on (given masks from the start)."""
         steps, guidance = self.settings.steps, self.settings.mask_guidance
-        for item in self._generated_foregrounds():
+        for item in self.generated:
             keep = self.boxes[item]
             fixed = self.items[item].fixed_mask is not None
             if i >= self.start_self or fixed:
@@ -313,10 +319,7 @@ class LayeredSampler:
     def _place_in_blend(self, i: int, target: torch.Tensor) -> None:
         """Early steps: pull the blended item's x̂0 toward the latent alpha-over of the
         background and the masked foregrounds (weight 1 → 0 from start to end of placement)."""
-        roles = self.roles
-        bg = roles.index("background") if "background" in roles else None
-        blend = roles.index("blended") if "blended" in roles else None
-        foregrounds = [k for k, r in enumerate(roles) if r == "foreground"]  # back to front
+        bg, blend, foregrounds = self.background, self.blended, self.foregrounds
         if blend is None or bg is None or not foregrounds or not self.start_place <= i < self.end_place:
             return
         weight = 1.0 - (i - self.start_place) / (self.end_place - self.start_place)
@@ -336,6 +339,3 @@ class LayeredSampler:
             coeff = clean_coefficient(self.scheduler, t_next, latents_next).float()
             latents_next = (latents_next.float() + coeff * delta).to(latents_next.dtype)
         return latents_next
-
-    def _generated_foregrounds(self) -> list[int]:
-        return [i for i, it in enumerate(self.items) if it.role == "foreground" and it.pinned is None]

@@ -70,6 +70,7 @@ class Job:
     stack_dir: Optional[Path] = None
     stack_name: Optional[str] = None
     files: list[str] = field(default_factory=list)
+    foregrounds: int = 0  # of the finished stack (what a regenerate may pick from)
     version: int = 0
     position: Optional[int] = None
     # the first moment real work (denoise/decode/download bytes) was reported, for the ETA
@@ -159,7 +160,8 @@ class JobManager:
                 continue
             job = Job(id=entry.name, kind="generate", created=created, status="succeeded",
                       started=created, finished=created, fraction=1.0, stack_dir=entry,
-                      stack_name=stack.name or entry.name, files=stack_files(stack))
+                      stack_name=stack.name or entry.name, files=stack_files(stack),
+                      foregrounds=foreground_count(stack))
             self._jobs[job.id] = job
             restored += 1
         return restored
@@ -215,7 +217,7 @@ class JobManager:
             source = self._job(source_id)
             if source.status != "succeeded" or source.stack_dir is None:
                 raise Conflict(f"job {source_id} has no finished stack to edit (status {source.status})")
-            validate_layer_index("layer_index", edit.layer_index, foreground_count(read_stack(source.stack_dir)))
+            validate_layer_index("layer_index", edit.layer_index, source.foregrounds)
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
                       source=source_id, model=source.model)
@@ -380,6 +382,7 @@ class JobManager:
             out_dir = generate_stack(self.engine, job, self.output_root, progress)
             written = read_stack(out_dir)
             name, files = written.name or out_dir.name, stack_files(written)
+            foregrounds = foreground_count(written)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a job state
             self._fail(job, exc)
             if not isinstance(exc, Exception):
@@ -389,7 +392,7 @@ class JobManager:
         # state (the oldest stacks beyond the limit are gone).
         self._apply_retention(keep=self.retention - 1)
         with self._lock:
-            job.stack_dir, job.stack_name, job.files = out_dir, name, files
+            job.stack_dir, job.stack_name, job.files, job.foregrounds = out_dir, name, files, foregrounds
             job.fraction, job.eta_seconds = 1.0, 0.0
             self._finish(job, "succeeded")
 

@@ -28,7 +28,7 @@ from ..errors import InvalidRequest
 from ..layered_sampler import LayeredSampler, LayeredSettings
 from ..masks import mask_to_uint8, resize_map
 from ..progress import CancelToken, ProgressCallback
-from ..prompts import combine_prompts
+from ..prompts import combine_prompts, layer_seeds
 from ..request import LayerSpec, StackRequest, validate_layer_edit, validate_layer_index, validate_prompt
 from ..sampling import job_pipeline, scale_latents, vae_scale_factor
 from . import GeneratedLayers
@@ -117,7 +117,7 @@ def regenerate_layers(loaded, source: SourceStack, request: StackRequest, layer_
                       progress: ProgressCallback, cancel: CancelToken) -> GeneratedLayers:
     """Layer `layer_index` (and the blended image) generated again; the others are the
     source's own pixels and masks."""
-    pipe, seeds = job_pipeline(loaded.pipeline), _seeds(request)
+    pipe, seeds = job_pipeline(loaded.pipeline), layer_seeds(request)
     vae, unet = pipe.vae, pipe.unet
     items = joint_items(pipe, request, seeds, vae, unet, loaded.device, unet.dtype)
     lh, lw = request.height // vae_scale_factor(vae), request.width // vae_scale_factor(vae)
@@ -145,7 +145,7 @@ def regenerate_layers(loaded, source: SourceStack, request: StackRequest, layer_
 def restyle_layers(loaded, source: SourceStack, request: StackRequest, *, progress: ProgressCallback,
                    cancel: CancelToken) -> GeneratedLayers:
     """Every layer again under the restyled prompt, each foreground guided by its stored mask."""
-    pipe, seeds = job_pipeline(loaded.pipeline), _seeds(request)
+    pipe, seeds = job_pipeline(loaded.pipeline), layer_seeds(request)
     vae = pipe.vae
     items = joint_items(pipe, request, seeds, vae, pipe.unet, loaded.device, pipe.unet.dtype)
     lh, lw = request.height // vae_scale_factor(vae), request.width // vae_scale_factor(vae)
@@ -170,10 +170,6 @@ def keep_byte_identical(src: Path, dest: Path, names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------ internals
-def _seeds(request: StackRequest) -> list[int]:
-    return [request.background_seed] + [layer.seed for layer in request.layers]
-
-
 def _guidance_mask(source: SourceStack, index: int) -> np.ndarray:
     """Foreground `index`'s stored mask, else its alpha."""
     stored = source.masks[index - 1]
