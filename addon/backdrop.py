@@ -46,6 +46,7 @@ class ImportOptions:
     )
     fit_mode: EnumProperty(
         name="Fit",
+        description="How each layer's image is fitted to the camera frame when their aspects differ",
         items=(
             ("FILL", "Fill Frame", "Stretch each layer to exactly fill the camera frame"),
             ("COVER", "Cover Frame", "Keep the layer's proportions and cover the frame, cropping the overflow"),
@@ -59,6 +60,7 @@ class ImportOptions:
     )
     interpolation: EnumProperty(
         name="Interpolation",
+        description="Texture filtering of the layer images",
         items=(
             ("Linear", "Linear", "Smooth texture filtering"),
             ("Closest", "Closest", "No filtering: sharp texels"),
@@ -100,7 +102,12 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
 
     def execute(self, context):
         scene = context.scene
-        path = bpy.path.abspath(self.filepath or scene.multiplane.stack_path)
+        if not self.filepath.strip():
+            self.report({"ERROR"}, "No stack chosen: pick a stack's stack.json (or its folder) in the file "
+                                   "browser; to import a generated stack again, use Re-import under "
+                                   "Generated Stacks")
+            return {"CANCELLED"}
+        path = bpy.path.abspath(self.filepath)
         try:
             result = importer.import_stack(context, path, self.import_settings())
         except importer.ImportFailed as error:
@@ -174,6 +181,7 @@ class MULTIPLANE_OT_parallax_move(Operator):
     )
     interpolation: EnumProperty(
         name="Easing",
+        description="How the camera speeds up and slows down between the first and the last frame",
         items=(
             ("BEZIER", "Ease In/Out", "Start and stop smoothly"),
             ("LINEAR", "Linear", "Constant speed"),

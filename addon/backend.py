@@ -273,18 +273,23 @@ class ManagedServer:
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc else None
 
+    def close_stdin(self) -> None:
+        """The server's cue to cancel its jobs and exit (never blocks); `stop()` waits for it."""
+        self._stopped = True
+        proc = self._proc
+        try:
+            if proc is not None and proc.stdin:
+                proc.stdin.close()
+        except OSError:
+            pass
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Close stdin (the server's cue to cancel jobs and exit), then terminate, then kill."""
-        self._stopped = True
+        self.close_stdin()
         proc = self._proc
         if proc is None:
             return
         if proc.poll() is None:
-            try:
-                if proc.stdin:
-                    proc.stdin.close()
-            except OSError:
-                pass
             try:
                 # A server that never announced itself does not watch stdin yet: terminate now.
                 proc.wait(timeout / 2 if self.info is not None else 0.05)
@@ -343,6 +348,20 @@ def stop_all() -> None:
         servers = list(_running)
     for server in servers:
         server.stop()
+
+
+def stop_all_in_background() -> threading.Thread:
+    """Stop every server without holding the caller (disabling the add-on runs on Blender's
+    UI thread): each process gets its cue to exit (stdin closed) at once; the waiting, and
+    terminating or killing one that does not exit, happen on a thread. Returns the thread."""
+    with _running_lock:
+        servers = list(_running)
+    for server in servers:
+        server.close_stdin()
+    thread = threading.Thread(target=lambda: [server.stop() for server in servers],
+                              name="multiplane-server-stop", daemon=True)
+    thread.start()
+    return thread
 
 
 atexit.register(stop_all)

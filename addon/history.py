@@ -25,7 +25,8 @@ NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or
 class OnHistoryItem:
     """Mix-in of the history operators: `index` says which stack (-1: the selected one)."""
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
+    index: IntProperty(name="Stack", description="Which stack of the history (-1: the selected one)",
+                        default=-1, options={"SKIP_SAVE", "HIDDEN"})
 
     def history_item(self, context):
         """The stack this operator works on, or None after an ERROR report."""
@@ -124,8 +125,10 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
                        default=1, min=0, options={"SKIP_SAVE"})
     prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
                            default="", options={"SKIP_SAVE"})
-    seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP", options={"SKIP_SAVE"})
-    seed: IntProperty(name="New Seed", default=0, min=0, options={"SKIP_SAVE"})
+    seed_mode: EnumProperty(name="Seed", description="Which seed the regenerated layer gets",
+                            items=REGENERATE_SEED_MODES, default="KEEP", options={"SKIP_SAVE"})
+    seed: IntProperty(name="New Seed", description="The layer's seed when Seed is This Seed",
+                      default=0, min=0, options={"SKIP_SAVE"})
 
     @classmethod
     def poll(cls, context):

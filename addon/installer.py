@@ -126,15 +126,15 @@ class InstallJob:
         return self.done
 
     def cancel(self) -> None:
+        """Stop the running step without holding the caller (Blender's UI thread): terminate
+        now; a thread kills the step if it has not exited after a few seconds."""
         with self._lock:
             self.cancelled = True
             proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            threading.Thread(target=_kill_if_still_running, args=(proc,), name="multiplane-install-kill",
+                             daemon=True).start()
 
     def _run(self) -> None:
         try:
@@ -192,6 +192,13 @@ class InstallJob:
             self.error = f"{label} failed (exit code {code}): {last[:200]}. Full log: {self.log_path}"
         else:
             self.fraction = (index + 1) / count
+
+
+def _kill_if_still_running(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 _current: Optional[InstallJob] = None

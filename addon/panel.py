@@ -17,7 +17,6 @@ from .watcher import WatchState, watcher
 PHASE_ICONS = {
     "installing": "IMPORT", "starting": "SORTTIME", "submitting": "URL", "queued": "SORTTIME",
     "running": "RENDER_STILL", "downloading": "IMPORT", "importing": "IMAGE_PLANE",
-    "cancelling": "CANCEL",
 }
 
 
@@ -142,6 +141,7 @@ def draw_panel(layout, context) -> None:
         box.prop(layer, "use_box")
         if layer.use_box:
             box.prop(layer, "box", text="")
+            box.prop(settings, "show_layout_boxes")
 
     column.separator()
     column.prop(settings, "method")
@@ -171,7 +171,7 @@ def draw_panel(layout, context) -> None:
         if state.phase == "succeeded" and state.imported:
             layout.label(text=f"Done: {state.imported}", icon="CHECKMARK")
         elif state.phase == "cancelled":
-            layout.label(text="Cancelled", icon="CANCEL")
+            layout.label(text=state.text or "Cancelled", icon="CANCEL")
 
     error = state.error or (install.error if install is not None and install.done and not install.cancelled else "")
     if error:

@@ -30,15 +30,15 @@ POLL_SECONDS = 0.2
 CANCEL_WAIT_SECONDS = 15.0
 UNREACHABLE_RETRIES = 5
 
-ACTIVE_PHASES = ("starting", "submitting", "queued", "running", "downloading", "importing", "cancelling")
+ACTIVE_PHASES = ("starting", "submitting", "queued", "running", "downloading", "importing")
 
 
 @dataclass
 class WatchState:
     """What the panel shows. Only the main thread writes it (in tick / start / cancel)."""
 
-    phase: str = "idle"  # idle | installing | starting | submitting | queued | running | downloading |
-    # importing | cancelling | succeeded | failed | cancelled
+    phase: str = "idle"  # idle | starting | submitting | queued | running | downloading |
+    # importing | succeeded | failed | cancelled (the install has its own state: installer.py)
     text: str = ""
     fraction: float = 0.0
     error: str = ""
@@ -126,7 +126,9 @@ class Watcher:
 
     @property
     def busy(self) -> bool:
-        return self.state.busy or (self._thread is not None and self._thread.is_alive())
+        """A job is being watched. Only the state says so: a thread left behind by Cancel
+        (still telling the server to stop) never keeps the panel busy."""
+        return self.state.busy
 
     def start(self, plan: JobPlan) -> None:
         if self.busy:
@@ -144,26 +146,37 @@ class Watcher:
         self.changed = True
 
     def cancel(self) -> str:
-        """Cancel whatever runs; returns what was cancelled (for the operator's report)."""
+        """Cancel whatever runs; returns what was cancelled ("install", "job", or "" for
+        nothing). Idempotent, and final at once in every phase: the job's worker is detached
+        (its later messages are dropped) and, if the server has the job, goes on telling the
+        server to stop it in the background, so a second Cancel or a Generate right after
+        always finds the panel free."""
         job = installer.current_install()
-        if job is not None and job.running:
+        if job is not None and job.running and not job.cancelled:
             job.cancel()
             return "install"
         if not self.busy:
             return ""
         self._cancel.set()
-        if self.state.phase in ("starting", "submitting"):
-            # Nothing on the server yet: done right away (the worker notices and stops).
-            self.state.phase, self.state.text = "cancelled", "Cancelled"
-            self._token = ""
-        else:
-            self.state.phase, self.state.text = "cancelling", "Cancelling…"
-        self.changed = True
+        on_server = bool(self.state.job_id) and self.state.phase in ("queued", "running")
+        self._detach("cancelled", f"Cancelled (the server stops job {self.state.job_id})" if on_server
+                     else "Cancelled")
         return "job"
 
+    def _detach(self, phase: str, text: str) -> None:
+        """End the watched job on the add-on's side: forget its worker and its messages."""
+        self._token = ""
+        self._thread = None
+        self.state.phase, self.state.text = phase, text
+        self.changed = True
+
     def stop(self) -> None:
-        """Tell the worker to give up (unregister): it ends without touching Blender."""
+        """The add-on is being disabled: tell the worker to give up (it ends without touching
+        Blender; a server job is cancelled) and end the watched job with a message, so after
+        re-enabling the panel says what happened instead of showing a job nobody watches."""
         self._cancel.set()
+        if self.busy:
+            self._detach("cancelled", "Stopped: the add-on was disabled while this backdrop was being generated")
 
     def clear_error(self) -> None:
         self.state.error = ""
@@ -177,6 +190,7 @@ class Watcher:
         install = installer.current_install()
         if install is not None and install.running:
             self.changed = True
+        worker_alive = self._thread is not None and self._thread.is_alive()  # before draining
         while True:
             try:
                 token, kind, payload = self._queue.get_nowait()
@@ -189,6 +203,11 @@ class Watcher:
             except Exception as error:  # a bug must not kill Blender's timer and leave us "busy"
                 self.state.phase = "failed"
                 self.state.error = f"Unexpected error while {kind}: {type(error).__name__}: {error}"
+        if self.busy and not worker_alive:
+            # Every message the worker posted has been applied, and it still looks busy:
+            # nothing will ever move it on, so never wait for a thread that is gone.
+            self.state.error = "The job's worker stopped without a result; press Generate to try again"
+            self._detach("failed", "Failed")
         if self.changed:
             self.changed = False
             _redraw()
@@ -200,12 +219,9 @@ class Watcher:
         state = self.state
         self.changed = True
         if kind == "phase":
-            if state.phase != "cancelling":
-                state.phase, state.text = payload
+            state.phase, state.text = payload
         elif kind == "job":
             state.job_id = payload.get("id", state.job_id)
-            if state.phase == "cancelling":
-                return
             text, fraction = describe_progress(payload)
             state.phase = "queued" if payload.get("status") == "queued" else "running"
             state.text, state.fraction = text, fraction
@@ -262,9 +278,11 @@ class Watcher:
             self._post(token, "job", job)
             job = self._follow(client, server, job, cancel, token)
             status = job.get("status")
-            if status == "succeeded":
+            if cancel.is_set():  # detached by Cancel: the artist no longer wants the files
+                self._post(token, "cancelled")
+            elif status == "succeeded":
                 self._post(token, "phase", ("downloading", "Fetching the layer files"))
-                folder = fetch_stack(client, job, plan.settings, server is not None)
+                folder = fetch_stack(client, job, plan.settings, server is not None, cancel)
                 self._post(token, "files", str(folder))
             elif status == "cancelled":
                 self._post(token, "cancelled")
@@ -347,10 +365,12 @@ class Watcher:
         return job
 
 
-def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
+def fetch_stack(client: ServerClient, job: dict, settings, local: bool,
+                cancelled: Optional[threading.Event] = None) -> Path:
     """Copy (local server: straight from its output root) or download the job's files into
     the add-on's own stacks folder, as the engine wrote them: the artist's depths and the
-    stack's name travelled in the request, so nothing is patched in here."""
+    stack's name travelled in the request, so nothing is patched in here. Cancel stops
+    between files and leaves no folder behind (ServerError "cancelled")."""
     stack = job.get("stack") or {}
     name = stack.get("name") or "Multiplane stack"
     files = list(stack.get("files") or [])
@@ -362,6 +382,9 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
     partial.mkdir(parents=True)
     source = Path(stack.get("path") or "")
     for file_name in files:
+        if cancelled is not None and cancelled.is_set():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ServerError("cancelled while fetching the layer files")
         if Path(file_name).name != file_name:
             raise ServerError(f"the server listed an unsafe file name {file_name!r}")
         if local and (source / file_name).is_file():
@@ -439,4 +462,4 @@ def unregister() -> None:
         bpy.app.timers.unregister(tick)
     watcher.stop()
     installer.cancel_current_install()
-    backend.stop_all()
+    backend.stop_all_in_background()  # disabling must not hold Blender while processes exit
