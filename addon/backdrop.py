@@ -12,7 +12,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, St
 from bpy.types import Operator
 from bpy_extras.io_utils import ImportHelper
 
-from . import compositor, importer, parallax
+from . import compositor, importer, parallax, viewport
 
 DEFAULTS = importer.ImportSettings()
 
@@ -78,6 +78,28 @@ class ImportOptions:
         default=DEFAULTS.render_method,
     )
 
+    shader: EnumProperty(
+        name="Shader",
+        description="How the planes are shaded (as in Import Images as Planes)",
+        items=(
+            ("EMISSION", "Emission (Unlit)", "The image's own colours, unaffected by lights: renders give them back"),
+            ("PRINCIPLED", "Principled", "A Principled BSDF coloured by the image: scene lights shade the planes"),
+            ("SHADELESS", "Shadeless", "Unlit and seen only by the camera: the planes light and reflect nothing"),
+        ),
+        default=DEFAULTS.shader,
+    )
+    emission_strength: FloatProperty(
+        name="Emission Strength",
+        description="Brightness of the Emission and Shadeless shaders (1: the image's own values)",
+        default=DEFAULTS.emission_strength, min=0.0, soft_max=10.0,
+    )
+    relative_paths: BoolProperty(
+        name="Relative Paths",
+        description="In a saved .blend, refer to the copied images relative to it (//multiplane/…), "
+                    "so the folder can move; off: absolute paths",
+        default=DEFAULTS.relative_paths,
+    )
+
     def import_settings(self) -> importer.ImportSettings:
         return importer.ImportSettings(**{f.name: getattr(self, f.name) for f in fields(importer.ImportSettings)})
 
@@ -103,7 +125,8 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
     def execute(self, context):
         scene = context.scene
         if not self.filepath.strip():
-            self.report({"ERROR"}, "No stack chosen: pick a stack's stack.json (or its folder) in the file "
+            self.report({"ERROR"}, "Cannot import the layer stack: no stack chosen. Pick a stack's stack.json "
+                                   "(or its folder) in the file "
                                    "browser; to import a generated stack again, use Re-import under "
                                    "Generated Stacks")
             return {"CANCELLED"}
@@ -121,6 +144,26 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
                               f"at {result.depths[0]:g} to {result.depths[-1]:g} from the camera; images {storage}")
         for note in result.notes:
             self.report({"WARNING"}, note)
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_show_layers_in_solid_mode(Operator):
+    """Make Solid mode show the layer images with their transparency: flat lighting and texture colour in this window's 3D Viewports and for Workbench renders (Material Preview needs nothing)"""
+
+    bl_idname = "multiplane.show_layers_in_solid_mode"
+    bl_label = "Show Layers in Solid Mode"
+    bl_options = {"REGISTER", "UNDO"}
+
+    standard_view: BoolProperty(
+        name="Standard View Transform",
+        description="Also set the scene's view transform to Standard, so the layers show their own colours",
+        default=True,
+    )
+
+    def execute(self, context):
+        changed = viewport.show_layers_in_solid_mode(context.scene, context.screen, self.standard_view)
+        self.report({"INFO"}, f"Solid mode shows the layer textures (flat lighting) in {changed} viewport(s) "
+                              "and Workbench renders")
         return {"FINISHED"}
 
 
@@ -218,6 +261,7 @@ def _menu_import(self, _context):
 
 CLASSES = (
     MULTIPLANE_OT_import_stack,
+    MULTIPLANE_OT_show_layers_in_solid_mode,
     MULTIPLANE_OT_build_compositor,
     MULTIPLANE_OT_parallax_move,
 )
