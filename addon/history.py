@@ -1,5 +1,5 @@
-"""The history of generated stacks: re-import one, open its folder, forget it, or
-regenerate one of its layers on the server that made it (a new stack; the others stay
+"""The history of generated stacks: re-import one, open its folder, or regenerate one of
+its layers on the server that made it (a new stack; the others stay
 byte-identical)."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy.types import Operator
 
 from .generate import backend_settings_or_report, random_seed, ready_to_start_or_report
-from .layer_list import clamped_index
 from .limits import MAX_PROMPT_CHARS
 from .properties import REGENERATE_SEED_MODES
 from .stack_reader import LayerInfo, read_stack
@@ -66,23 +65,6 @@ class MULTIPLANE_OT_history_open_folder(Operator, OnHistoryItem):
             self.report({"ERROR"}, f"The folder {item.path} no longer exists")
             return {"CANCELLED"}
         bpy.ops.wm.path_open(filepath=item.path)
-        return {"FINISHED"}
-
-
-class MULTIPLANE_OT_history_remove(Operator, OnHistoryItem):
-    """Forget this stack (its files stay on disk)"""
-
-    bl_idname = "multiplane.history_remove"
-    bl_label = "Remove from History"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context):
-        settings = context.scene.multiplane
-        item = self.history_item(context)
-        if item is None:
-            return {"CANCELLED"}
-        settings.history.remove(list(settings.history).index(item))
-        settings.history_index = clamped_index(settings.history_index, len(settings.history))
         return {"FINISHED"}
 
 
@@ -192,7 +174,6 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
 CLASSES = (
     MULTIPLANE_OT_history_import,
     MULTIPLANE_OT_history_open_folder,
-    MULTIPLANE_OT_history_remove,
     MULTIPLANE_OT_history_regenerate_layer,
 )
 

@@ -88,6 +88,7 @@ class MultiplaneHistoryLayer(PropertyGroup):
     regenerate-one-layer menu can name the layers without reading files at every redraw."""
 
     prompt: StringProperty(name="Prompt", description="The layer's prompt, as stack.json records it")
+    file: StringProperty(name="File", description="The layer's image (for its thumbnail)", subtype="FILE_PATH")
 
 
 class MultiplaneHistoryItem(PropertyGroup):
@@ -100,11 +101,14 @@ class MultiplaneHistoryItem(PropertyGroup):
                            "'REMOTE <url>' or 'LOCAL <output folder>'")
     layers: CollectionProperty(type=MultiplaneHistoryLayer, name="Layers",
                                description="The stack's layers, background first")
-    created: StringProperty(name="Created", description="When the stack was imported (local time)")
+    created: StringProperty(name="Created", description="When the stack was made (UTC, from its stack.json)")
     prompt: StringProperty(name="Prompt", description="The whole scene's prompt the stack was made from")
     model: StringProperty(name="Model", description="The model that made the stack")
     method: StringProperty(name="Method", description="The method that made the stack")
     request: StringProperty(name="Request", description="The submitted request, as JSON")
+    size: StringProperty(name="Size", description="The stack's width x height in pixels")
+    thumbnail: StringProperty(name="Thumbnail", description="The stack's composite image (its thumbnail)",
+                              subtype="FILE_PATH")
 
 
 class MultiplaneSceneSettings(PropertyGroup):
