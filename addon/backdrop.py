@@ -125,10 +125,10 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
     def execute(self, context):
         scene = context.scene
         if not self.filepath.strip():
-            self.report({"ERROR"}, "Cannot import the layer stack: no stack chosen. Pick a stack's stack.json "
+            self.report({"ERROR"}, "Cannot import the layer stack: no stack given. Pick a stack's stack.json "
                                    "(or its folder) in the file "
-                                   "browser; to import a generated stack again, use Re-import under "
-                                   "Generated Stacks")
+                                   "browser; to import a generated stack again, use Import in the "
+                                   "Stacks Library")
             return {"CANCELLED"}
         path = bpy.path.abspath(self.filepath)
         try:

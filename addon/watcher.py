@@ -21,9 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from . import backend, installer, limits
+from . import backend, installer, library
 from .client import ServerClient, ServerError
-from .stack_reader import MANIFEST_FILE, StackReadError, read_stack, safe_folder_name
+from .stack_reader import MANIFEST_FILE, StackReadError, safe_folder_name
 
 TICK_SECONDS = 0.1
 POLL_SECONDS = 0.2
@@ -47,6 +47,8 @@ class WatchState:
     scene_name: str = ""
     started: float = 0.0
     imported: str = ""  # name of the backdrop collection made from the last stack
+    previews: dict = field(default_factory=dict)  # live previews: layer name → PNG file (while running)
+    preview_step: int = 0
 
     @property
     def busy(self) -> bool:
@@ -167,7 +169,7 @@ class Watcher:
         """End the watched job on the add-on's side: forget its worker and its messages."""
         self._token = ""
         self._thread = None
-        self.state.phase, self.state.text = phase, text
+        self.state.phase, self.state.text, self.state.previews = phase, text, {}
         self.changed = True
 
     def stop(self) -> None:
@@ -225,14 +227,17 @@ class Watcher:
             text, fraction = describe_progress(payload)
             state.phase = "queued" if payload.get("status") == "queued" else "running"
             state.text, state.fraction = text, fraction
+        elif kind == "previews":
+            state.previews, state.preview_step = payload
         elif kind == "files":
+            state.previews = {}
             state.phase, state.text, state.fraction = "importing", "Importing the planes", 1.0
             state.stack_dir = payload
             self._import(Path(payload))
         elif kind == "failed":
-            state.phase, state.text, state.error = "failed", "Failed", payload
+            state.phase, state.text, state.error, state.previews = "failed", "Failed", payload, {}
         elif kind == "cancelled":
-            state.phase, state.text = "cancelled", "Cancelled"
+            state.phase, state.text, state.previews = "cancelled", "Cancelled", {}
 
     def _import(self, folder: Path) -> None:
         import bpy
@@ -277,6 +282,7 @@ class Watcher:
             job = self._submit(client, plan)
             self._post(token, "job", job)
             job = self._follow(client, server, job, cancel, token)
+            shutil.rmtree(preview_folder(job["id"]), ignore_errors=True)  # the stack has the real images
             status = job.get("status")
             if cancel.is_set():  # detached by Cancel: the artist no longer wants the files
                 self._post(token, "cancelled")
@@ -338,6 +344,7 @@ class Watcher:
     def _follow(self, client: ServerClient, server, job: dict, cancel: threading.Event, token: str) -> dict:
         job_id = job["id"]
         version = -1
+        seen_previews = 0
         cancel_sent_at = None
         failures = 0
         while job.get("status") not in ("succeeded", "failed", "cancelled"):
@@ -362,7 +369,37 @@ class Watcher:
             if job.get("version", 0) != version:
                 version = job.get("version", 0)
                 self._post(token, "job", job)
+                seen_previews = self._fetch_previews(client, job, seen_previews, token)
         return job
+
+    def _fetch_previews(self, client: ServerClient, job: dict, seen: int, token: str) -> int:
+        """Download a running job's new live previews (small PNGs) into a scratch folder and
+        hand their paths to the panel; returns the preview version now shown. A failed fetch
+        only skips this refresh."""
+        previews = job.get("previews") or {}
+        if not previews or previews.get("version", 0) == seen or job.get("status") != "running":
+            return seen
+        folder = preview_folder(job["id"])
+        paths = {}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in sorted(previews.get("layers") or (), key=lambda n: (n == "blended", n != "background", n)):
+                if safe_folder_name(name) != name:
+                    continue  # never a path from the server
+                path = folder / f"{name}-{previews['version']}.png"
+                path.write_bytes(client.preview(job["id"], name))
+                paths[name] = str(path)
+        except (ServerError, OSError):
+            return seen
+        self._post(token, "previews", (paths, int(previews.get("step") or 0)))
+        return previews["version"]
+
+
+def preview_folder(job_id: str) -> Path:
+    """Where a job's live previews are kept while it runs (a scratch folder, never a stack)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "multiplane-previews" / safe_folder_name(job_id)
 
 
 def fetch_stack(client: ServerClient, job: dict, settings, local: bool,
@@ -391,6 +428,7 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool,
             shutil.copyfile(source / file_name, partial / file_name)
         else:
             client.download_file(job["id"], file_name, partial / file_name)
+    library.write_job_record(partial, job["id"], server_identity(settings))  # regenerate from any .blend
     shutil.rmtree(destination, ignore_errors=True)
     partial.replace(destination)
     return destination
@@ -399,6 +437,9 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool,
 def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     """Remember a generated stack on the scene (newest first in the panel)."""
     history = scene.multiplane.history
+    for index in reversed(range(len(history))):  # the same folder again (the library listed it)
+        if history[index].path == str(folder):
+            history.remove(index)
     item = history.add()
     item.path = str(folder)
     item.job_id = job_id
@@ -406,16 +447,10 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     for key, value in fields.items():
         if hasattr(item, key):
             setattr(item, key, value)
-    if not item.name:
-        item.name = folder.name
     try:
-        layers = read_stack(folder, check_images=False).layers
+        library.fill_history_item(item, library.entry_for(folder))
     except StackReadError:  # just imported, so not expected: the item then lists no layers
-        layers = ()
-    for layer in layers:
-        entry = item.layers.add()
-        entry.name = layer.name
-        entry.prompt = layer.prompt[:limits.MAX_PROMPT_CHARS]
+        item.name = item.name or folder.name
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 

@@ -254,6 +254,15 @@ class StackOut(BaseModel):
     files: list[str]
 
 
+class PreviewsOut(BaseModel):
+    """Live previews of a running job: GET .../previews/{name} serves each as a small PNG
+    (latent resolution, a cheap latent → RGB map; foregrounds over a checkerboard)."""
+
+    step: int = Field(description="the denoising step they show (of the progress' total)")
+    version: int = Field(description="bumped whenever any preview changes")
+    layers: list[str] = Field(description="names: background, layer_01…, blended")
+
+
 class JobOut(BaseModel):
     id: str
     kind: JobKind
@@ -269,6 +278,7 @@ class JobOut(BaseModel):
     started: Optional[str] = None
     finished: Optional[str] = None
     stack: Optional[StackOut] = None
+    previews: Optional[PreviewsOut] = Field(default=None, description="while it runs, once the first exists")
     request: Optional[dict] = Field(default=None, description="the submitted body (generate jobs)")
     version: int = Field(default=0, description="bumped on every change of this job")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 STAGES = ("queued", "download", "load", "denoise", "decode", "save")
+PREVIEW_LAYERS = ("layer_01", "blended", "background")  # as a server may list them
 
 
 def _progress(stage: str) -> dict:
@@ -71,8 +72,20 @@ class FakeServerClient:
             return {**base, "status": "succeeded", "stack": {"name": "Fake Stack", "files": files, "path": ""}}
         stage = STAGES[self._stage]
         status = "queued" if stage == "queued" else "running"
-        return {**base, "status": status, "position": 1 if status == "queued" else None,
-                "progress": _progress(stage)}
+        snapshot = {**base, "status": status, "position": 1 if status == "queued" else None,
+                    "progress": _progress(stage)}
+        if STAGES.index(stage) >= STAGES.index("denoise"):
+            snapshot["previews"] = {"step": 3, "version": self._stage, "layers": list(PREVIEW_LAYERS)}
+        return snapshot
+
+    def preview(self, job_id: str, name: str, timeout: float = 5.0) -> bytes:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 6), (10 * len(name), 80, 160)).save(buffer, format="PNG")
+        return buffer.getvalue()
 
     def download_file(self, job_id: str, name: str, destination: Path, timeout: float = 60.0) -> Path:
         if self.hold_here == "fetch":

@@ -209,4 +209,4 @@ def test_dead_worker_and_disable_reenable_leave_a_working_panel(tmp_path, python
     assert out["generate_after_reenable"] == "FINISHED" and out["finished_after_reenable"]
     assert out["final"] == ["succeeded", ""]
     assert out["server_told_to_cancel"] == 1  # the job was cancelled on the server too
-    assert out["import_empty"].startswith("ERROR: ") and "no stack chosen" in out["import_empty"]
+    assert out["import_empty"].startswith("ERROR: ") and "no stack given" in out["import_empty"]
