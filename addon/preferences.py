@@ -132,6 +132,9 @@ def status_text(context=None) -> tuple[str, str]:
     if state == "failed":
         return server.error or "Local server failed", "ERROR"
     if settings.python is None:
+        last = installer.current_install()
+        if last is not None and last.error and not last.cancelled:
+            return f"No inference environment: the install failed (log: {last.log_path})", "ERROR"
         return "No inference environment: click Install Inference Environment", "ERROR"
     if not settings.python.is_file():
         return f"Python not found: {settings.python} (fix it in the preferences)", "ERROR"
@@ -303,7 +306,8 @@ class MULTIPLANE_OT_install_environment(Operator):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         ensure_timer()
-        self.report({"INFO"}, f"Installing the inference environment into {job.venv}; log: {job.log_path}")
+        torch = f"; torch: {job.torch.reason}" if job.torch else ""
+        self.report({"INFO"}, f"Installing the inference environment into {job.venv}{torch}; log: {job.log_path}")
         return {"FINISHED"}
 
 

@@ -19,6 +19,7 @@ BENCHMARKS = (
     "bench.server_latency",
     "bench.import_stack",
     "bench.watcher_tick",
+    "bench.previews",
 )
 
 
