@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench.import_stack",
     "bench.watcher_tick",
     "bench.previews",
+    "bench.addon_disable",
 )
 
 
