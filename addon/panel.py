@@ -182,20 +182,8 @@ def draw_history(layout, settings, busy: bool) -> None:
         draw_regenerate(layout, settings, item, busy)
 
 
-def draw_panel(layout, context) -> None:
-    scene = context.scene
-    settings = scene.multiplane
-    state = watcher.state
-    install = installer.current_install()
-    busy = watcher.busy or (install is not None and install.running)
-
-    column = layout.column()
-    column.enabled = not busy
-    column.prop(settings, "stack_name")
-    column.prop(settings, "prompt")
-    column.prop(settings, "negative_prompt")
-    column.prop(settings, "background_prompt")
-
+def draw_layer_list(column, settings) -> None:
+    """The foreground layers, their buttons, and the selected layer's prompt, depth and box."""
     column.label(text="Foreground Layers (back to front)")
     row = column.row()
     row.template_list("MULTIPLANE_UL_layers", "", settings, "layers", settings, "layer_index", rows=3)
@@ -214,6 +202,23 @@ def draw_panel(layout, context) -> None:
         if layer.use_box:
             box.prop(layer, "box", text="")
             box.prop(settings, "show_layout_boxes")
+
+
+def draw_panel(layout, context) -> None:
+    scene = context.scene
+    settings = scene.multiplane
+    state = watcher.state
+    install = installer.current_install()
+    busy = watcher.busy or (install is not None and install.running)
+
+    column = layout.column()
+    column.enabled = not busy
+    column.prop(settings, "stack_name")
+    column.prop(settings, "prompt")
+    column.prop(settings, "negative_prompt")
+    column.prop(settings, "background_prompt")
+
+    draw_layer_list(column, settings)
 
     column.separator()
     column.prop(settings, "method")
