@@ -43,11 +43,11 @@ def run() -> dict:
             counter = iter(range(10**6))
 
             def off():
-                engine.generate(request, "tiny", root / f"off-{next(counter)}")
+                engine.generate(request, "tiny", root / f"{method}-off-{next(counter)}")
 
             def on():
                 with collect_previews(collector):
-                    engine.generate(request, "tiny", root / f"on-{next(counter)}")
+                    engine.generate(request, "tiny", root / f"{method}-on-{next(counter)}")
 
             on()  # warm-up (and the transparent pixel's latent is encoded once)
             published.clear()
