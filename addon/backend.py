@@ -384,7 +384,7 @@ def stop_all_in_background() -> threading.Thread:
     UI thread): each process gets its cue to exit (stdin closed) at once; the waiting, and
     terminating or killing one that does not exit, happen on a thread. Returns the thread."""
     with _running_lock:
-        servers = list(_running)
+        servers = [server for server in _running if not server._stopped]  # not already stopping
     for server in servers:
         server.close_stdin()
     thread = threading.Thread(target=lambda: [server.stop() for server in servers],
