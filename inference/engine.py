@@ -26,6 +26,7 @@ class EngineSettings:
     allow_download: bool = True
     offload: bool = False
     vae_tiling: bool = False
+    max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
 
 
 def quiet_libraries() -> None:
@@ -81,6 +82,7 @@ class Engine:
         progress(Progress(phase="load", message=f"loading {model}"))
         self._loaded = load_model(resolved, self.device, default_dtype(self.device),
                                   offload=self.settings.offload, vae_tiling=self.settings.vae_tiling)
+        self._loaded.max_batch = self.settings.max_batch
         self._loaded_spec = model
         return self._loaded
 

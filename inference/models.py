@@ -561,6 +561,7 @@ class LoadedModel:
     device: object
     dtype: object
     offloaded: bool = False
+    max_batch: Optional[int] = None  # rows per UNet call of a layered run; None = what fits
     _description: Optional[dict] = None
     _adapters: dict = field(default_factory=dict)
 
