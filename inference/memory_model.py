@@ -11,8 +11,9 @@ The engine uses this to size the UNet chunks of a layered run (`rows_that_fit`),
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -108,7 +109,13 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 # ------------------------------------------------------------------ the UNet's activations
 _ACTIVATION_CACHE: dict = {}
-FREE_MEMORY_SHARE = 0.9  # of the free memory a chunk may use (allocator rounding, fragmentation)
+HEADROOM = 1 * GIB  # kept free beside the modelled peak (allocator rounding, kernel workspaces)
+TILE_LATENT = 64  # latent cells per VAE tile (512 px) when a decode does not fit
+
+
+def usable_memory(free: int) -> int:
+    """Of `free` bytes, what the modelled activations may take: all but max(10 %, HEADROOM)."""
+    return int(free - max(0.1 * free, HEADROOM))
 
 
 def unet_meta_inputs(config, batch: int, latent_size: tuple[int, int], dtype, context_tokens: int = 77) -> dict:
@@ -179,4 +186,37 @@ def unet_rows_that_fit(unet, latent_size: tuple[int, int], device, *, context_to
     if offloaded and next(unet.parameters()).device.type != torch.device(device).type:
         free -= sum(weight_bytes([unet]).values())
     per_row, fixed = unet_activation_model(unet.config, latent_size, dtype, context_tokens)
-    return max(1, int((FREE_MEMORY_SHARE * free - fixed) // max(per_row, 1)))
+    return max(1, int((usable_memory(free) - fixed) // max(per_row, 1)))
+
+
+def vae_decode_peak(vae, latent_shape: tuple[int, ...], dtype) -> int:
+    """Activation peak of one untiled `vae.decode` of latents `latent_shape` (meta trace, cached)."""
+    key = ("vae", repr(sorted(dict(vae.config).items())), tuple(latent_shape), dtype)
+    if key not in _ACTIVATION_CACHE:
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(dict(vae.config)).to(dtype)
+        z = torch.empty(*latent_shape, device="meta", dtype=dtype)
+        _ACTIVATION_CACHE[key] = traced_peak(lambda: model.decode(z, return_dict=False)[0])
+    return _ACTIVATION_CACHE[key]
+
+
+@contextlib.contextmanager
+def tiled_decode_when_short(vae, latents: torch.Tensor, dtype) -> Iterator[bool]:
+    """Tile `vae`'s decode (diffusers' tiled decode, TILE_LATENT-cell tiles, blended overlaps)
+    for the block when the untiled decode would not fit the device's free memory; yields
+    whether it tiles. A VAE already tiling (EngineSettings.vae_tiling) is left as it is."""
+    shape = tuple(latents.shape)
+    small = max(shape[-2:]) <= TILE_LATENT
+    free = None if small or getattr(vae, "use_tiling", True) else free_memory(latents.device)
+    if free is None or vae_decode_peak(vae, shape, dtype) <= usable_memory(free):
+        yield False
+        return
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    saved = (vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size)
+    vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size = True, TILE_LATENT, TILE_LATENT * f
+    try:
+        yield True
+    finally:
+        vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size = saved

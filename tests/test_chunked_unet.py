@@ -130,7 +130,9 @@ def test_rows_that_fit_follow_free_memory(loaded, monkeypatch):
     unet = loaded.pipeline.unet
     per_row, fixed = memory_model.unet_activation_model(unet.config, (32, 32), unet.dtype)
     assert per_row > 0
-    monkeypatch.setattr(memory_model, "free_memory", lambda device: int((fixed + 3.5 * per_row) / 0.9))
+    free = int(fixed + 3.5 * per_row + memory_model.HEADROOM)
+    assert memory_model.usable_memory(free) == int(fixed + 3.5 * per_row)
+    monkeypatch.setattr(memory_model, "free_memory", lambda device: free)
     assert memory_model.unet_rows_that_fit(unet, (32, 32), "cpu") == 3
     monkeypatch.setattr(memory_model, "free_memory", lambda device: 0)
     assert memory_model.unet_rows_that_fit(unet, (32, 32), "cpu") == 1
@@ -160,3 +162,24 @@ def test_live_bytes_counts_allocations_and_frees():
         return torch.empty(256, device="meta")
 
     assert traced_peak(work) == 12 * 1024
+
+
+def test_vae_decode_tiles_only_when_it_does_not_fit(loaded, monkeypatch):
+    from inference import memory_model
+    from inference.sampling import decode_rgb
+
+    vae = loaded.pipeline.vae
+    calls = []
+    original = type(vae).tiled_decode
+    monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    latents = torch.randn(1, 4, 80, 80, generator=torch.Generator().manual_seed(0))
+    before = (vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size)
+    whole, _ = decode_rgb(vae, latents)
+    assert calls == []  # plenty of free memory
+    monkeypatch.setattr(memory_model, "free_memory", lambda device: 0)
+    tiled, _ = decode_rgb(vae, latents)
+    assert calls and tiled.shape == whole.shape
+    assert (vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size) == before  # put back
+    assert (tiled - whole).abs().mean() < 0.1  # blended tiles: close to the untiled decode
+    small, _ = decode_rgb(vae, latents[:, :, :32, :32])
+    assert len(calls) == 1  # small latents never tile
