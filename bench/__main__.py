@@ -16,6 +16,7 @@ BENCHMARKS = (
     "bench.transparent_decode",
     "bench.joint",
     "bench.real_size_flops",
+    "bench.memory_model",
     "bench.server_latency",
     "bench.import_stack",
     "bench.watcher_tick",

@@ -28,6 +28,15 @@ class EngineSettings:
     vae_tiling: bool = False
     max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
 
+    def __post_init__(self):
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            from .errors import InvalidRequest
+
+            raise InvalidRequest("max_batch", f"must be a positive integer (UNet rows per call), "
+                                              f"got {self.max_batch!r}; leave it unset to size chunks "
+                                              "from the free memory")
+
 
 def quiet_libraries() -> None:
     """Our own progress events replace the libraries' progress bars and log chatter."""
