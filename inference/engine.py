@@ -27,6 +27,7 @@ class EngineSettings:
     offload: bool = False
     vae_tiling: bool = False
     max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
+    dtype: Optional[str] = None  # "float32", "bfloat16", "float16"; None = the device's default
 
     def __post_init__(self):
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
@@ -78,7 +79,7 @@ class Engine:
         """Return the loaded model for `model`, loading it (and freeing the previous) if needed."""
         if self._loaded is not None and self._loaded_spec == model:
             return self._loaded
-        from .devices import default_dtype
+        from .devices import run_dtype
         from .models import load_model, resolve_model
 
         self.unload()
@@ -89,7 +90,7 @@ class Engine:
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(Progress(phase="load", message=f"loading {model}"))
-        self._loaded = load_model(resolved, self.device, default_dtype(self.device),
+        self._loaded = load_model(resolved, self.device, run_dtype(self.device, self.settings.dtype),
                                   offload=self.settings.offload, vae_tiling=self.settings.vae_tiling)
         self._loaded.max_batch = self.settings.max_batch
         self._loaded_spec = model

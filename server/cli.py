@@ -88,6 +88,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--offload", action="store_true", help="model CPU offload (low GPU memory)")
     p.add_argument("--vae-tiling", action="store_true", help="tile the VAE decode (low memory)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float16 on GPUs, "
+                                                 "float32 on the CPU; bfloat16 halves CPU memory)")
     p.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
@@ -167,7 +169,7 @@ def cmd_generate(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
-                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch))
+                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:

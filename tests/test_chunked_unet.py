@@ -183,3 +183,26 @@ def test_vae_decode_tiles_only_when_it_does_not_fit(loaded, monkeypatch):
     assert (tiled - whole).abs().mean() < 0.1  # blended tiles: close to the untiled decode
     small, _ = decode_rgb(vae, latents[:, :, :32, :32])
     assert len(calls) == 1  # small latents never tile
+
+
+def test_bfloat16_on_the_cpu_runs_joint_end_to_end(tmp_path):
+    """`--dtype bfloat16` (half the resident bytes on a CPU): a joint stack of varied images."""
+    from inference.stack import load_layer_images, load_stack
+
+    engine = Engine(EngineSettings(device="cpu", allow_download=False, dtype="bfloat16"))
+    assert engine.load("tiny").pipeline.unet.dtype == torch.bfloat16
+    engine.generate(request(steps=2), "tiny", tmp_path / "s")
+    stack = load_stack(tmp_path / "s")
+    for image in load_layer_images(stack, tmp_path / "s"):
+        assert np.asarray(image).std() > 0
+
+
+def test_dtype_choice_is_checked():
+    from inference.devices import run_dtype
+    from inference.errors import InvalidRequest
+
+    assert run_dtype("cpu") == torch.float32 and run_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(InvalidRequest, match="dtype: .*float16 is not supported on the CPU"):
+        run_dtype("cpu", "float16")
+    with pytest.raises(InvalidRequest, match="dtype: unknown dtype 'half'"):
+        run_dtype("cpu", "half")
