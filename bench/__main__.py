@@ -17,6 +17,8 @@ BENCHMARKS = (
     "bench.joint",
     "bench.real_size_flops",
     "bench.memory_model",
+    "bench.patch_load",
+    "bench.speed_levers",
     "bench.server_latency",
     "bench.import_stack",
     "bench.watcher_tick",
