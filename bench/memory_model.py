@@ -119,8 +119,7 @@ def rows_that_fit(free: int, per_row: int, fixed: int) -> int:
 def plan(card: float, weights: dict, act: dict, *, offload: bool, patched_copies: bool) -> dict:
     """Peak device bytes of a joint run on a `card`-GiB GPU, rows and tiling by the engine's rules."""
     rows_act = act["unet_call_rows"]
-    per_row = rows_act[10] - rows_act[5]
-    fixed = max(rows_act[5] - 5 * per_row, 0)
+    per_row, fixed = rows_act[10] - rows_act[5], max(2 * rows_act[5] - rows_act[10], 0)
     w = dict(weights)
     copies = w.pop("transparency_patched_copies") if patched_copies else 0
     w.pop("transparency_patched_copies", None)
@@ -201,18 +200,17 @@ def run() -> dict:
             "vae_decode_fp32_tiled_512px": round(act["vae_decode_fp32_tiled"] / GIB, 3),
             "transparent_decoder_pass": round(act["transparent_decoder_pass"] / GIB, 3)},
         "device_peak": {
-            "unchunked_all_resident": plan(80, weights, act, offload=False, patched_copies=True),
-            "auto_chunking_12gib_card": plan(12, weights, act, offload=False, patched_copies=True),
-            "auto_chunking_12gib_card_without_patched_copies": plan(12, weights, act, offload=False,
-                                                                    patched_copies=False),
-            "model_offload_8gib_card": plan(8, weights, act, offload=True, patched_copies=True),
+            "before_unchunked_with_patched_copies": plan(80, weights, act, offload=False, patched_copies=True),
+            "unchunked_all_resident": plan(80, weights, act, offload=False, patched_copies=False),
+            "auto_chunking_12gib_card": plan(12, weights, act, offload=False, patched_copies=False),
+            "auto_chunking_10gib_card": plan(10, weights, act, offload=False, patched_copies=False),
+            "model_offload_8gib_card": plan(8, weights, act, offload=True, patched_copies=False),
         },
         "chunked_vs_unchunked_flops": round(act["flops_chunked_halves"] / act["flops_unchunked"], 4),
         "memory_model_check": measured_vs_traced(),
         "notes": f"peaks include a {CUDA_CONTEXT / GIB} GiB CUDA context and the engine keeps "
-                 f"max(10 %, {HEADROOM / GIB} GiB) of free memory unused when it sizes chunks; today the "
-                 "transparency patch keeps patched attention copies beside the factors on the device "
-                 "('without_patched_copies' is the peak once one representation is kept)",
+                 f"max(10 %, {HEADROOM / GIB} GiB) of free memory unused when it sizes chunks; 'before' is "
+                 "the transparency patch as it was (patched attention copies beside the factors)",
         "targets": "auto chunking <= 10 GiB (12 GiB cards), model offload <= 7 GiB (8 GiB cards), "
                    "chunked <= 1.15x unchunked FLOPs",
     }

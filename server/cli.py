@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
     serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
+    serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                       help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     return parser
 
 
@@ -222,7 +225,8 @@ def cmd_serve(args) -> int:
     return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
-                      retention=args.retention) or EXIT_OK
+                      retention=args.retention,
+                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
