@@ -119,7 +119,8 @@ def rows_that_fit(free: int, per_row: int, fixed: int) -> int:
 def plan(card: float, weights: dict, act: dict, *, offload: bool, patched_copies: bool) -> dict:
     """Peak device bytes of a joint run on a `card`-GiB GPU, rows and tiling by the engine's rules."""
     rows_act = act["unet_call_rows"]
-    per_row, fixed = rows_act[10] - rows_act[5], max(2 * rows_act[5] - rows_act[10], 0)
+    per_row = (rows_act[10] - rows_act[5]) // 5
+    fixed = max(rows_act[5] - 5 * per_row, 0)
     w = dict(weights)
     copies = w.pop("transparency_patched_copies") if patched_copies else 0
     w.pop("transparency_patched_copies", None)

@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from bench.common import best_time
 from bench.real_size_flops import sdxl_unet
 from inference.memory_model import GIB
 from inference.sdxl_transparency import PATCH_RANK, FactorCache, expected_delta_shapes, factor_low_rank
-
-
-def _seconds(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def patch_work() -> dict:
@@ -43,11 +34,11 @@ def patch_work() -> dict:
         cache = FactorCache(Path(tmp), lambda path: "sha256:bench")
         for (out_f, in_f), count in shapes.items():
             delta = torch.randn(out_f, PATCH_RANK, generator=g) @ torch.randn(PATCH_RANK, in_f, generator=g) * 1e-3
-            factor_s += count * _seconds(lambda: factor_low_rank(delta, PATCH_RANK), repeats=1)
+            factor_s += count * best_time(lambda: factor_low_rank(delta, PATCH_RANK), 1, warm_up=False)
             name = "m.to_q.weight"
             base = {name: torch.zeros(out_f, in_f)}
             cache.save(Path(tmp) / "delta", {name: factor_low_rank(delta, PATCH_RANK)}, base)
-            read_s += count * _seconds(lambda: cache.load(Path(tmp) / "delta", base))
+            read_s += count * best_time(lambda: cache.load(Path(tmp) / "delta", base), 3)
     elements = sum(count * o * i for (o, i), count in shapes.items())
     factor_elements = sum(count * PATCH_RANK * (o + i) for (o, i), count in shapes.items())
     resident = {
@@ -72,7 +63,7 @@ def cpu_bf16() -> dict:
         b, xi, ci = block.to(dtype), x.to(dtype), ctx.to(dtype)
         with torch.inference_mode():
             b(xi, encoder_hidden_states=ci)  # warm-up
-            times[str(dtype).removeprefix("torch.")] = _seconds(lambda: b(xi, encoder_hidden_states=ci))
+            times[str(dtype).removeprefix("torch.")] = best_time(lambda: b(xi, encoder_hidden_states=ci), 3, warm_up=False)
     return {"sdxl_block_seconds": {k: round(v, 3) for k, v in times.items()},
             "bf16_over_fp32_time": round(times["bfloat16"] / times["float32"], 3),
             "bf16_over_fp32_bytes": 0.5}
