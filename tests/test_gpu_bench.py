@@ -21,10 +21,11 @@ def test_driver_runs_every_scenario_on_the_tiny_model(tmp_path):
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and report["device"] == "cpu" and report["steps"] == 1
     assert set(report["results"]) == {"plain_1_image", "plain_batch_5", "independent_bg_3fg", "joint_bg_3fg",
-                                      "joint_forced_chunking"}
+                                      "joint_forced_chunking", "joint_channels_last"}
     assert all(r["seconds"] > 0 and r["peak_vram_gib"] is None for r in report["results"].values())
     assert set(report["ratios"]) == {"independent_vs_4_plain_images", "joint_vs_plain_batch_5",
-                                     "joint_vs_independent", "forced_chunking_vs_joint"}
+                                     "joint_vs_independent", "forced_chunking_vs_joint",
+                                     "channels_last_vs_joint"}
     assert all(v > 0 for v in report["ratios"].values())
 
 

@@ -2,7 +2,8 @@
 
 Scenarios (same loaded pipeline, same prompts): plain diffusers 1 image; plain batch of 5;
 our `independent` background + 3 foregrounds; `joint` background + 3 foregrounds (10 UNet
-rows per step); `joint` with forced chunking (`max_batch` 5: one guidance half per call).
+rows per step); `joint` with forced chunking (`max_batch` 5: one guidance half per call);
+`joint` with the UNet channels-last (a lever: kept if it pays).
 Each is warmed up once at 2 steps, then timed: seconds, denoise it/s, peak VRAM
 (`torch.cuda.max_memory_allocated`), and the ratios. `--tiny --device cpu` runs the same
 driver on the tiny model (the test suite's smoke run); `bash bench/gpu/run.sh` is the one
@@ -66,17 +67,23 @@ def scenarios(engine, model: str, size: int, steps: int, work: Path) -> dict[str
         return lambda n: pipe(prompt=[PROMPT] * images, width=size, height=size, num_inference_steps=n,
                               guidance_scale=5.0, output_type="np")
 
-    def ours(method: str, max_batch: Optional[int] = None) -> Callable[[int], None]:
+    def ours(method: str, max_batch: Optional[int] = None, channels_last: bool = False) -> Callable[[int], None]:
         def run(n: int) -> None:
+            import torch
+
             loaded.max_batch = max_batch
+            if channels_last:  # a lever under test: the UNet's convolutions channels-last
+                pipe.unet.to(memory_format=torch.channels_last)
             try:
                 engine.generate(stack_request(method, size, n), model, work / f"{method}-{next(counter)}")
             finally:
                 loaded.max_batch = None
+                pipe.unet.to(memory_format=torch.contiguous_format)
         return run
 
     return {"plain_1_image": plain(1), "plain_batch_5": plain(5), "independent_bg_3fg": ours("independent"),
-            "joint_bg_3fg": ours("joint"), "joint_forced_chunking": ours("joint", max_batch=5)}
+            "joint_bg_3fg": ours("joint"), "joint_forced_chunking": ours("joint", max_batch=5),
+            "joint_channels_last": ours("joint", channels_last=True)}
 
 
 def ratios(results: dict) -> dict:
@@ -84,7 +91,8 @@ def ratios(results: dict) -> dict:
     return {"independent_vs_4_plain_images": round(s["independent_bg_3fg"] / (4 * s["plain_1_image"]), 3),
             "joint_vs_plain_batch_5": round(s["joint_bg_3fg"] / s["plain_batch_5"], 3),
             "joint_vs_independent": round(s["joint_bg_3fg"] / s["independent_bg_3fg"], 3),
-            "forced_chunking_vs_joint": round(s["joint_forced_chunking"] / s["joint_bg_3fg"], 3)}
+            "forced_chunking_vs_joint": round(s["joint_forced_chunking"] / s["joint_bg_3fg"], 3),
+            "channels_last_vs_joint": round(s["joint_channels_last"] / s["joint_bg_3fg"], 3)}
 
 
 def run(model: str, device: str, size: int, steps: int, dtype: Optional[str] = None) -> dict:
