@@ -308,8 +308,11 @@ class LayeredSampler:
         """
         rows = model_input.shape[0]
         max_rows = self._max_rows(rows)
-        chunks = [list(range(rows))] if max_rows >= rows else pack_chunks(
+        chunks = [] if max_rows >= rows else pack_chunks(
             self.family.chunk_units(self.state, rows // self.groups, self.groups), max_rows)
+        if len(chunks) <= 1:
+            return self.unet(model_input, t, encoder_hidden_states=self.context, added_cond_kwargs=self.added,
+                             return_dict=False)[0]
         # The state describes one row per item; SD 1.5's frame triples have their own processors.
         select = self.state.select_rows if self.layout.rows is None else (lambda rows=None: None)
         eps = None
@@ -320,8 +323,6 @@ class LayeredSampler:
                 part = self.unet(model_input[index], t, encoder_hidden_states=self.context[index],
                                  added_cond_kwargs=None if self.added is None else
                                  {k: v[index] for k, v in self.added.items()}, return_dict=False)[0]
-                if len(chunks) == 1:
-                    return part
                 eps = part.new_empty((rows, *part.shape[1:])) if eps is None else eps
                 eps[index] = part
         finally:
