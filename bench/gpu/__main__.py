@@ -86,6 +86,22 @@ def scenarios(engine, model: str, size: int, steps: int, work: Path) -> dict[str
             "joint_channels_last": ours("joint", channels_last=True)}
 
 
+def predicted_unet_peaks(engine, model: str, size: int) -> dict:
+    """The memory model's device peak of one denoising step (weights on the device now plus
+    the traced activations of the rows per call), for the joint scenarios; CUDA only."""
+    import torch
+
+    from inference.memory_model import unet_activation_model
+
+    if engine.device.type != "cuda":
+        return {}
+    unet = engine.load(model).pipeline.unet
+    per_row, fixed = unet_activation_model(unet.config, (size // 8, size // 8), unet.dtype)
+    resident = torch.cuda.memory_allocated(engine.device)
+    rows = {"joint_bg_3fg": 10, "joint_forced_chunking": 5, "joint_channels_last": 10}
+    return {name: round((resident + fixed + n * per_row) / 2 ** 30, 2) for name, n in rows.items()}
+
+
 def ratios(results: dict) -> dict:
     s = {k: v["seconds"] for k, v in results.items()}
     return {"independent_vs_4_plain_images": round(s["independent_bg_3fg"] / (4 * s["plain_1_image"]), 3),
@@ -105,6 +121,7 @@ def run(model: str, device: str, size: int, steps: int, dtype: Optional[str] = N
     engine.load(model)
     load_s = time.perf_counter() - t
     meter = Meter(engine.device)
+    predicted = predicted_unet_peaks(engine, model, size)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in scenarios(engine, model, size, steps, Path(tmp)).items():
@@ -114,6 +131,8 @@ def run(model: str, device: str, size: int, steps: int, dtype: Optional[str] = N
             results[name] = entry
             print(f"{name}: {entry}", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
+    for name, peak in predicted.items():  # the memory model against max_memory_allocated
+        results[name]["memory_model_unet_step_gib"] = peak
     return {"model": model, "device": str(engine.device), "gpu": gpu, "size": size, "steps": steps,
             "dtype": str(engine.load(model).dtype).removeprefix("torch."), "load_seconds": round(load_s, 2),
             "torch": torch.__version__, "results": results, "ratios": ratios(results)}
