@@ -197,15 +197,15 @@ def _surface_shader(tree: bpy.types.NodeTree, texture: bpy.types.Node, settings:
         links.new(texture.outputs["Color"], principled.inputs["Base Color"])
         return principled.outputs["BSDF"]
     emission = nodes.new("ShaderNodeEmission")
-    emission.location = (-150, -200)
+    emission.location = (-160, -200)
     emission.inputs["Strength"].default_value = settings.emission_strength
     links.new(texture.outputs["Color"], emission.inputs["Color"])
     if settings.shader != "SHADELESS":
         return emission.outputs["Emission"]
     light_path = nodes.new("ShaderNodeLightPath")
-    light_path.location = (-150, -400)
+    light_path.location = (-160, -400)
     unseen = nodes.new("ShaderNodeBsdfTransparent")
-    unseen.location = (-150, -60)
+    unseen.location = (-160, -60)
     camera_only = nodes.new("ShaderNodeMixShader")
     camera_only.location = (100, -200)
     links.new(light_path.outputs["Is Camera Ray"], camera_only.inputs["Fac"])
