@@ -57,8 +57,13 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
                "responses": AUTH_ERRORS}
     app.include_router(jobs.router, **private)
     app.include_router(models.router, **private)
-    app.add_middleware(HostGuard, hosts=hosts)
+    app.add_middleware(HostGuard, hosts=hosts, token=token, public_paths=public_paths(app))
     return app
+
+
+def public_paths(app: FastAPI) -> tuple[str, ...]:
+    """What answers without a token: health, the API description and its docs page."""
+    return (f"{API_PREFIX}/health", app.openapi_url, "/docs", f"{DOCS_ASSETS}/")
 
 
 async def service_error(_request: Request, exc: Exception) -> JSONResponse:

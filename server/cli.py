@@ -212,13 +212,14 @@ def cmd_restyle(args) -> int:
         args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, engine_factory=None) -> int:
+    """`engine_factory(device)`: an engine per device (tests); default the real Engine."""
     from .process import run_server
 
     return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
-                      retention=args.retention) or EXIT_OK
+                      retention=args.retention, engine_factory=engine_factory) or EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

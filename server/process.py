@@ -141,13 +141,13 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                output_root: Optional[Path] = None, device: str = "auto",
                models_dir: Optional[Path] = None, token: Optional[str] = None,
                max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
-               engine=None, watch_stdin: Optional[bool] = None,
+               engine_factory=None, watch_stdin: Optional[bool] = None,
                keepalive_seconds: Optional[float] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
-    file named in the ready line. `engine`: any object with the Engine interface (tests);
-    default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
+    file named in the ready line. `engine_factory(device)`: makes an object with the Engine
+    interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
     Raises InvalidRequest for a bad device, port or option before anything is announced.
     """
     from .app import create_app
@@ -162,7 +162,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     cleanup_temp(output_root)
 
     # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
-    engine, info = engine_and_info(engine, device, models_dir)
+    engine, info = engine_and_info(engine_factory, device, models_dir)
     token_value, token_file, parent = token_and_parent(token, parent_pid)
 
     # 3. The socket (bound here, so the port is known before serving), the job service, the app.
@@ -224,12 +224,12 @@ def check_options(host: str, port: int, max_queue: int, retention: int) -> None:
                     "can use this machine's GPU", host)
 
 
-def engine_and_info(engine, device: str, models_dir: Optional[Path]):
-    """(engine, ServerInfo): the given engine (tests), else a real one on `device`."""
+def engine_and_info(engine_factory, device: str, models_dir: Optional[Path]):
+    """(engine, ServerInfo): the factory's engine (tests), else a real one on `device`."""
     from .state import ServerInfo
 
     info = ServerInfo(version=server_version())
-    if engine is None:
+    if engine_factory is None:
         from inference.devices import describe_device, select_device
         from inference.engine import Engine, EngineSettings
 
@@ -237,6 +237,7 @@ def engine_and_info(engine, device: str, models_dir: Optional[Path]):
         engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
         info.device = describe_device(selected)
     else:
+        engine = engine_factory(device)
         info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
     info.torch = _package_version("torch")
     info.diffusers = _package_version("diffusers")

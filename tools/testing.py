@@ -19,15 +19,22 @@ FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "method": "independen
 
 
 class ServerProcess:
-    """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON."""
+    """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON.
+
+    `fake_step_seconds`: run it over fake engines (`tools.fake_server`) whose steps take this
+    long, for tests that need the process but no model."""
 
     def __init__(self, root: Path, *, token: str | None = TOKEN, parent_pid: int | None = None,
-                 stdin=subprocess.PIPE, device: str = "cpu", extra_args: tuple[str, ...] = ()):
+                 stdin=subprocess.PIPE, device: str = "cpu", extra_args: tuple[str, ...] = (),
+                 fake_step_seconds: float | None = None):
         env = {k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}
         if token:
             env["MULTIPLANE_TOKEN"] = token
-        cmd = [sys.executable, "-m", "server", "serve", "--port", "0", "--output-root", str(root),
-               "--device", device, *extra_args]
+        cmd = [sys.executable, "-m", "server", "serve"]
+        if fake_step_seconds is not None:  # the real process over fake engines (tools/fake_server.py)
+            cmd = [sys.executable, "-m", "tools.fake_server"]
+            env["MULTIPLANE_FAKE_STEP_SECONDS"] = str(fake_step_seconds)
+        cmd += ["--port", "0", "--output-root", str(root), "--device", device, *extra_args]
         if parent_pid:
             cmd += ["--parent-pid", str(parent_pid)]
         self.root = Path(root)
