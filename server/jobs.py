@@ -30,7 +30,8 @@ from inference.stack import cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import TERMINAL_STATES, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut
+from .schemas import (TERMINAL_STATES, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut,
+                      model_path_problem)
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
@@ -199,8 +200,12 @@ class JobManager:
 
     # -- submitting ---------------------------------------------------------------------
     def submit(self, body: JobCreate) -> JobOut:
-        """Queue a generation job; raises InvalidRequest (bad body) or QueueFull."""
+        """Queue a generation job; raises InvalidRequest (bad body), NotFound (no such model
+        path here) or QueueFull."""
         request = body.to_stack_request()  # the engine's own validation, before queueing
+        missing = model_path_problem(body.model)
+        if missing:
+            raise NotFound(missing)
         with self._lock:
             self._check_open()
             self._check_room()

@@ -140,3 +140,73 @@ def test_declared_oversized_body_is_refused_token_first(server, with_token, stat
     response.closed.wait(10)
     sock.close()
     assert response.status == status, response.data[:300]
+
+
+# -- 2. no 5xx on any input --------------------------------------------------------------
+
+JOB = '"prompt": "a lake", "model": "tiny", "width": 256, "height": 256, "steps": 1'
+ATTACKS = [  # (a body JSON parsers accept but strict JSON and UTF-8 do not, the field)
+    (f'{{{JOB}, "guidance": NaN}}', ["body", "guidance"]),
+    (f'{{{JOB}, "guidance": Infinity}}', ["body", "guidance"]),
+    (f'{{{JOB}, "guidance": -Infinity}}', ["body", "guidance"]),
+    (f'{{{JOB}, "guidance": 1e999}}', ["body", "guidance"]),
+    (f'{{{JOB}, "seed": 1e999}}', ["body", "seed"]),
+    (f'{{{JOB}, "inter_layer_strength": NaN}}', ["body", "inter_layer_strength"]),
+    (f'{{{JOB}, "layers": [{{"prompt": "a", "box": [0, 0, NaN, 1]}}]}}', ["body", "layers", 0, "box"]),
+    (f'{{{JOB}, "layers": [{{"prompt": "a", "depth": 1e999}}]}}', ["body", "layers", 0, "depth"]),
+    ('{"prompt": "\\ud800"}', ["body", "prompt"]),
+    (f'{{{JOB}, "negative_prompt": "x\\udfff"}}', ["body", "negative_prompt"]),
+    (f'{{{JOB}, "name": "\\udc80"}}', ["body", "name"]),
+    (f'{{{JOB}, "layers": [{{"prompt": "a\\ud83d"}}]}}', ["body", "layers", 0, "prompt"]),
+    (f'{{{JOB}, "model": "\\ud800"}}', ["body", "model"]),
+    (f'{{{JOB}, "\\ud800": 1}}', ["body"]),
+]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, as any strict client does."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("body,loc", ATTACKS, ids=[a[0][-40:] for a in ATTACKS])
+def test_numbers_and_text_json_cannot_carry_are_422s_naming_the_field(server, body, loc):
+    r = server.client.post("/v1/jobs", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    r.content.decode("utf-8")  # strict UTF-8
+    errors = strict_json(r.text)["detail"]
+    assert loc in [e["loc"] for e in errors], errors
+    assert all(e["msg"] for e in errors)
+
+
+def test_regenerate_body_attacks_are_422s_too(server):
+    for body, field in (('{"layer_index": NaN}', "layer_index"), ('{"layer_index": 1e999}', "layer_index"),
+                        ('{"layer_index": 0, "prompt": "\\ud800"}', "prompt")):
+        r = server.client.post("/v1/jobs/nope/regenerate", content=body.encode(),
+                               headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and ["body", field] in [e["loc"] for e in strict_json(r.text)["detail"]]
+
+
+def test_bad_bodies_keep_the_connection_alive(server):
+    """Every attack on one keep-alive connection: each answered, none resets it."""
+    import http.client
+
+    host, port = address(server)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
+    conn.request("GET", "/v1/health")
+    conn.getresponse().read()
+    sock = conn.sock
+    for body, _ in ATTACKS:
+        conn.request("POST", "/v1/jobs", body=body.encode(), headers=headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 422 and not response.will_close
+        assert conn.sock is sock, "the server closed the connection"
+    conn.request("POST", "/v1/jobs", body=json.dumps(FAST).encode(), headers=headers)
+    response = conn.getresponse()
+    assert response.status == 202, response.read()
+    response.read()
+    assert conn.sock is sock
+    conn.close()
