@@ -213,13 +213,17 @@ def cmd_restyle(args) -> int:
 
 
 def cmd_serve(args, engine_factory=None) -> int:
-    """`engine_factory(device)`: an engine per device (tests); default the real Engine."""
-    from .process import run_server
+    """`engine_factory(device)`: an engine per device (tests); default the real Engine.
+    Start-up failures raise InvalidRequest (one line, exit 2); after serving, the process
+    ends at once (`process.exit_process`)."""
+    from .process import exit_process, run_server
 
-    return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
+    code = run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
                       retention=args.retention, engine_factory=engine_factory) or EXIT_OK
+    exit_process(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

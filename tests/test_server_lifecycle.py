@@ -2,6 +2,7 @@
 and a kill -9 mid-job followed by a restart (real engine, tiny model)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,20 @@ def test_exits_when_stdin_closes(tmp_path):
         s.stop()
 
 
+def test_sigterm_when_idle_exits_within_a_second(tmp_path):
+    s = ServerProcess(tmp_path / "stacks")
+    try:
+        assert s.client.get("/v1/health").status_code == 200  # a keep-alive connection is open
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait_exit(5) == 0
+        # Documented: <= 1 s idle. Loosely bounded here (a busy machine must not fail it);
+        # bench/server_latency.py measures it.
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        s.stop()
+
+
 def test_sigterm_mid_job_exits_cleanly(tmp_path):
     root = tmp_path / "stacks"
     s = ServerProcess(root, token=None)
@@ -52,7 +67,7 @@ def test_sigterm_mid_job_exits_cleanly(tmp_path):
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         assert s.wait_exit(5) == 0
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 3.0  # documented: <= one step + 1 s
         assert list(root.iterdir()) == []  # no stack, no temp folder
         assert not Path(s.ready["token_file"]).exists()
     finally:
@@ -86,9 +101,14 @@ def test_kill_9_mid_job_then_restart_serves_finished_stacks(tmp_path):
         s2.stop()
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _serve(args, tmp_path, timeout=60):
+    """`serve` with the output root first: a later --output-root in `args` wins (argparse)."""
+    env = {k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}
     return subprocess.run([sys.executable, "-m", "server", "serve", "--output-root",
-                           str(tmp_path / "stacks"), *args], cwd=Path(__file__).resolve().parents[1],
+                           str(tmp_path / "stacks"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -98,9 +118,17 @@ def test_missing_device_fails_before_ready_with_a_message(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     proc = _serve(["--port", "0", "--device", "cuda"], tmp_path)
-    assert proc.returncode == 2
+    line = one_line_failure(proc)
+    assert "device" in line and "cuda" in line
+
+
+def one_line_failure(proc) -> str:
+    """A start-up failure: exit 2, nothing on stdout, exactly one line on stderr (no traceback)."""
+    assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""  # no ready line
-    assert "device" in proc.stderr and "cuda" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
 
 
 def test_port_in_use_fails_before_ready_with_a_message(tmp_path):
@@ -111,5 +139,34 @@ def test_port_in_use_fails_before_ready_with_a_message(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         proc = _serve(["--port", str(port), "--device", "cpu"], tmp_path)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert f"127.0.0.1:{port}" in proc.stderr
+    assert f"127.0.0.1:{port}" in one_line_failure(proc)
+
+
+def test_unwritable_output_root_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _serve(["--port", "0", "--device", "cpu", "--output-root", str(blocker / "stacks")], tmp_path)
+    line = one_line_failure(proc)
+    assert "output_root" in line and str(blocker) in line
+    if os.geteuid() != 0:  # root writes through any mode bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        proc = _serve(["--port", "0", "--device", "cpu", "--output-root", str(locked)], tmp_path)
+        assert "cannot write" in one_line_failure(proc)
+    proc = _serve(["--port", "0", "--device", "cpu", "--output-root", "/proc/multiplane-stacks"], tmp_path)
+    assert "output_root" in one_line_failure(proc)
+
+
+def test_bad_models_folder_is_one_line(tmp_path):
+    for bad in (tmp_path / "missing", Path(__file__)):
+        proc = _serve(["--port", "0", "--device", "cpu", "--models-dir", str(bad)], tmp_path)
+        line = one_line_failure(proc)
+        assert "models_dir" in line and str(bad) in line
+
+
+def test_bad_token_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server", "serve", "--port", "0", "--device", "cpu",
+                           "--output-root", str(tmp_path / "stacks")], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "MULTIPLANE_TOKEN": "short"})
+    assert "token" in one_line_failure(proc) and "16 characters" in proc.stderr
