@@ -29,6 +29,7 @@ from inference.request import StackRequest, validate_layer_edit, validate_layer_
 from inference.stack import cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
+from .journal import JobJournal, interrupted
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
 from .schemas import (TERMINAL_STATES, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut,
                       model_path_problem)
@@ -76,6 +77,7 @@ class Job:
     position: Optional[int] = None
     # the first moment real work (denoise/decode/download bytes) was reported, for the ETA
     work_start: Optional[tuple[float, float]] = None
+    restored_request: Optional[dict] = None  # the request of a job read back from the journal
 
     @property
     def terminal(self) -> bool:
@@ -88,7 +90,20 @@ class Job:
             return self.body.model_dump()
         if self.edit is not None:
             return {"source": self.source, **self.edit.model_dump()}
-        return None
+        return self.restored_request
+
+    def journal_record(self) -> dict:
+        """What the journal keeps of the job (`journal.py`): enough to list it again."""
+        return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
+                "started": self.started, "finished": self.finished, "error": self.error,
+                "model": self.model, "source": self.source, "request": self.request_dump}
+
+    @classmethod
+    def from_journal(cls, record: dict) -> "Job":
+        return cls(id=record["id"], kind=record.get("kind", "generate"), created=float(record["created"]),
+                   status=record["status"], started=record.get("started"), finished=record.get("finished"),
+                   error=record.get("error"), model=record.get("model"), source=record.get("source"),
+                   restored_request=record.get("request"), fraction=1.0 if record["status"] == "succeeded" else 0.0)
 
     def snapshot(self) -> JobOut:
         """The job as the API shows it (`schemas.JobOut`); snapshots are read-only."""
@@ -136,6 +151,7 @@ class JobManager:
         self._closing = False
         self._started = False
         self._last_created = 0.0
+        self._journal: Optional[JobJournal] = None
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +159,8 @@ class JobManager:
         self.output_root.mkdir(parents=True, exist_ok=True)
         cleanup_temp(self.output_root)
         self.restore()
+        self._journal = JobJournal(self.output_root)
+        self._restore_journal()
         self._apply_retention()  # the limit may have been lowered since the last run
         self._generate.thread.start()
         self._download.thread.start()
@@ -166,6 +184,22 @@ class JobManager:
             self._jobs[job.id] = job
             restored += 1
         return restored
+
+    def _restore_journal(self) -> None:
+        """Jobs of the last run that left no stack: as they ended, or failed as interrupted
+        (`journal.interrupted`); a stack folder with the same id wins (it finished)."""
+        with self._lock:
+            for record in self._journal.load():
+                if record["id"] in self._jobs or not JOB_ID_PATTERN.match(record["id"]):
+                    continue
+                try:
+                    job = Job.from_journal(interrupted(record))
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping a jobs journal record %r: %s", record.get("id"), exc)
+                    continue
+                self._jobs[job.id] = job
+                self._last_created = max(self._last_created, job.created)
+            self._journal_changed()
 
     def begin_shutdown(self, reason: str = "server shutting down") -> None:
         """Refuse new jobs, cancel queued ones and ask the running ones to stop."""
@@ -196,6 +230,8 @@ class JobManager:
             subscribers = [cb for cbs in self._subscribers.values() for cb in cbs]
         for cb in subscribers:  # streams still open end now
             cb(None)
+        if self._journal is not None:
+            self._journal.close()  # the last states (cancelled by the shutdown) on disk
         return stopped
 
     # -- submitting ---------------------------------------------------------------------
@@ -211,7 +247,8 @@ class JobManager:
             self._check_room()
             job = Job(id=self._new_id(), kind="generate", created=self._now(), body=body,
                       request=request, model=body.model)
-            return self._enqueue(self._generate, job)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> JobOut:
         """Queue regenerating one layer of a finished stack (a new job, a new stack folder)."""
@@ -226,7 +263,8 @@ class JobManager:
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
                       source=source_id, model=source.model)
-            return self._enqueue(self._generate, job)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_download(self, model: str) -> JobOut:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""
@@ -240,7 +278,14 @@ class JobManager:
                 if other is not None and other.model == model:
                     return other.snapshot()  # already on its way
             job = Job(id=self._new_id(), kind="download", created=self._now(), model=model)
-            return self._enqueue(self._download, job)
+            snapshot = self._enqueue(self._download, job)
+        return self._recorded(snapshot)
+
+    def _recorded(self, snapshot: JobOut) -> JobOut:
+        """`snapshot` once the journal has its job on disk (the lock is not held)."""
+        if not self._journal.flush():
+            log.warning("the jobs journal is slow to write; job %s is queued anyway", snapshot.id)
+        return snapshot
 
     def _check_open(self) -> None:
         if self._closing:
@@ -271,6 +316,7 @@ class JobManager:
         self._changed(job)
         lane.cond.notify()
         self._prune_history()
+        self._journal_changed()
         return job.snapshot()
 
     # -- reading ------------------------------------------------------------------------
@@ -363,6 +409,7 @@ class JobManager:
             job.started = time.time()
             job.position = 0
             self._changed(job)
+            self._journal_changed()
             self._update_positions(lane)
             return True
 
@@ -438,6 +485,13 @@ class JobManager:
         if status != "succeeded":
             job.eta_seconds = None
         self._changed(job)
+        self._journal_changed()
+
+    def _journal_changed(self) -> None:
+        """Hand the journal every job a stack folder does not record (lock held)."""
+        if self._journal is not None:
+            self._journal.record([j.journal_record() for j in self._jobs.values()
+                                  if not (j.status == "succeeded" and j.stack_dir is not None)])
 
     def _update_positions(self, lane: Lane) -> None:
         ahead = 1 if lane.current is not None and not lane.current.terminal else 0

@@ -21,6 +21,7 @@ from server.jobs import JobManager
 from server.progress import DENOISE_SHARE, SAVE_START, overall_fraction
 from server.security import allowed_hosts
 from tools.fake_engine import BrokenEngine, FakeEngine
+from tools.testing import output_entries
 
 PORT = 45123
 TOKEN = "test-token-0123456789abcdef"
@@ -337,7 +338,7 @@ def test_cancel_running_job_stops_within_a_step(slow_api):
     assert done["status"] == "cancelled" and done["stack"] is None
     assert time.monotonic() - t0 < 0.5  # one fake step is 0.05 s
     assert done["progress"]["step"] < 100
-    assert list(slow_api.manager.output_root.iterdir()) == []  # no folder, no temp folder
+    assert output_entries(slow_api.manager.output_root) == []  # no folder, no temp folder
     r = slow_api.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
     assert r.status_code == 409
 
@@ -475,7 +476,7 @@ def test_retention_removes_the_oldest_stacks(tmp_path):
         ids = []
         for i in range(4):
             ids.append(a.wait(a.submit(prompt=f"p{i}")["id"])["id"])
-        folders = sorted(p.name for p in a.manager.output_root.iterdir())
+        folders = output_entries(a.manager.output_root)
         assert folders == sorted(ids[2:])
         listed = [j["id"] for j in a.client.get("/v1/jobs", headers=AUTH).json()["jobs"]]
         assert listed == [ids[3], ids[2]]
@@ -501,7 +502,7 @@ def test_restart_lists_finished_stacks_and_serves_them(tmp_path):
         assert restored["stack"]["files"] == job["stack"]["files"]
         r = b.client.get(f"/v1/jobs/{job['id']}/files/layer_01.png", headers=AUTH)
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert sorted(p.name for p in root.iterdir()) == sorted([job["id"], "not-a-stack"])
+        assert output_entries(root) == sorted([job["id"], "not-a-stack"])
     finally:
         b.close()
 
@@ -529,7 +530,7 @@ def test_shutdown_cancels_queued_and_running_jobs(tmp_path):
     assert time.monotonic() - t0 < 0.5
     assert a.manager.get(running["id"]).status == "cancelled"
     assert a.manager.get(queued["id"]).status == "cancelled"
-    assert list(a.manager.output_root.iterdir()) == []
+    assert output_entries(a.manager.output_root) == []
     r = a.client.post("/v1/jobs", json=SMALL, headers=AUTH)
     assert r.status_code == 503
     a.client.close()

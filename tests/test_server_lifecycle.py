@@ -1,5 +1,6 @@
-"""The server process dies with the add-on: parent death, stdin closing, SIGTERM mid-job,
-and a kill -9 mid-job followed by a restart (real engine, tiny model)."""
+"""The server process dies with the add-on: parent death, stdin closing, SIGTERM idle and
+mid-job, a kill -9 mid-job followed by a restart (real engine, tiny model), and every start-up
+failure as one line and exit code 2."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.testing import ServerProcess
+from tools.testing import ServerProcess, output_entries
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_exits_when_stdin_closes(tmp_path):
         s.proc.stdin.close()
         assert s.wait_exit(5) == 0
         assert time.monotonic() - t0 < 2.0
-        assert list((tmp_path / "stacks").iterdir()) == []
+        assert output_entries(tmp_path / "stacks") == []
     finally:
         s.stop()
 
@@ -68,7 +69,7 @@ def test_sigterm_mid_job_exits_cleanly(tmp_path):
         s.proc.send_signal(signal.SIGTERM)
         assert s.wait_exit(5) == 0
         assert time.monotonic() - t0 < 3.0  # documented: <= one step + 1 s
-        assert list(root.iterdir()) == []  # no stack, no temp folder
+        assert output_entries(root) == []  # no stack, no temp folder
         assert not Path(s.ready["token_file"]).exists()
     finally:
         s.stop()
@@ -90,13 +91,16 @@ def test_kill_9_mid_job_then_restart_serves_finished_stacks(tmp_path):
     (root / ".half.tmp-0123abcd" / "background.png").write_bytes(b"partial")
     s2 = ServerProcess(root)
     try:
-        jobs = s2.client.get("/v1/jobs").json()["jobs"]
-        assert [j["id"] for j in jobs] == [finished["id"]]
-        assert jobs[0]["status"] == "succeeded" and jobs[0]["stack"]["name"] == "Survivor"
+        jobs = {j["id"]: j for j in s2.client.get("/v1/jobs").json()["jobs"]}
+        assert set(jobs) == {finished["id"], doomed["id"]}
+        assert jobs[finished["id"]]["status"] == "succeeded"
+        assert jobs[finished["id"]]["stack"]["name"] == "Survivor"
+        assert jobs[doomed["id"]]["status"] == "failed"
+        assert jobs[doomed["id"]]["error"] == "interrupted: the server stopped while this job was running"
         for name in finished["stack"]["files"]:
             r = s2.client.get(f"/v1/jobs/{finished['id']}/files/{name}")
             assert r.status_code == 200 and r.content == (root / finished["id"] / name).read_bytes()
-        assert sorted(p.name for p in root.iterdir()) == [finished["id"]]
+        assert output_entries(root) == [finished["id"]]
     finally:
         s2.stop()
 

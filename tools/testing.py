@@ -18,6 +18,13 @@ FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "method": "independen
         "width": 256, "height": 256, "steps": 2, "tta_passes": 1}
 
 
+def output_entries(root: Path) -> list[str]:
+    """What is in a server's output root besides its jobs journal, sorted."""
+    from server.journal import JOURNAL_FILE
+
+    return sorted(p.name for p in Path(root).iterdir() if p.name != JOURNAL_FILE)
+
+
 class ServerProcess:
     """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON.
 
