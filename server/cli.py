@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
     serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer to this Host name (a LAN name, a proxy's public name, "
+                            "NAME:PORT for a tunnel); repeat for more; also $MULTIPLANE_ALLOW_HOSTS")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS: PEM certificate")
+    serve.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: PEM private key")
     return parser
 
 
@@ -221,7 +226,9 @@ def cmd_serve(args, engine_factory=None) -> int:
     code = run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
-                      retention=args.retention, engine_factory=engine_factory) or EXIT_OK
+                      retention=args.retention, engine_factory=engine_factory,
+                      allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
+                      tls_key=args.tls_key) or EXIT_OK
     exit_process(code)
     return code
 

@@ -116,13 +116,16 @@ class ParentWatch:
             return False
 
 
-def uvicorn_server(app):
+def uvicorn_server(app, tls: Optional[tuple[Path, Path]] = None):
     """uvicorn.Server for `app` without its habit of re-raising the caught signal after
-    shutdown (we clean up and return an exit code instead)."""
+    shutdown (we clean up and return an exit code instead). `tls`: (certificate, key) files,
+    served by uvicorn's own TLS."""
     import uvicorn
 
+    cert, key = tls if tls else (None, None)
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=0.3, lifespan="off")
+                            timeout_graceful_shutdown=0.3, lifespan="off",
+                            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -148,21 +151,26 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                models_dir: Optional[Path] = None, token: Optional[str] = None,
                max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
                engine_factory=None, watch_stdin: Optional[bool] = None,
-               keepalive_seconds: Optional[float] = None) -> int:
+               keepalive_seconds: Optional[float] = None, allow_hosts: tuple[str, ...] = (),
+               tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
     file named in the ready line. `engine_factory(device)`: makes an object with the Engine
     interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
-    Raises InvalidRequest for a bad device, port or option before anything is announced.
+    `allow_hosts`: more Host names to answer to (`security.allowed_hosts`); `tls_cert` and
+    `tls_key`: serve HTTPS. Raises InvalidRequest for a bad device, port or option before
+    anything is announced.
     """
     from .app import create_app
     from .events import SSE_KEEPALIVE_SECONDS
-    from .security import allowed_hosts, remove_token_file
+    from .security import remove_token_file
 
     # 1. stdout is for the ready line only; options are checked before anything starts.
     announce = keep_stdout_for_ready_line()
     check_options(host, port, max_queue, retention)
+    tls = check_tls(tls_cert, tls_key)
+    hosts = checked_hosts(host, allow_hosts)
     output_root = writable_output_root(output_root)
     models_dir = readable_models_dir(models_dir)
     cleanup_temp(output_root)
@@ -177,14 +185,15 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     manager = JobManager(engine, output_root, models_dir=models_dir, max_queue=max_queue,
                          retention=retention)
     manager.start()
-    app = create_app(manager, token=token_value, hosts=allowed_hosts(host, bound_port), info=info,
+    app = create_app(manager, token=token_value, hosts=hosts(bound_port), info=info,
                      keepalive_seconds=keepalive_seconds or SSE_KEEPALIVE_SECONDS)
-    server = uvicorn_server(app)
+    server = uvicorn_server(app, tls)
 
     # 4. Serve: announce once listening, then watch every reason to stop.
     stop = StopWatch(server, manager, parent, stdin_is_pipe() if watch_stdin is None else watch_stdin)
     url_host = f"[{host}]" if ":" in host else host
-    ready = {"event": "ready", "url": f"http://{url_host}:{bound_port}", "pid": os.getpid(),
+    scheme = "https" if tls else "http"
+    ready = {"event": "ready", "url": f"{scheme}://{url_host}:{bound_port}", "pid": os.getpid(),
              "version": info.version, "token_file": str(token_file) if token_file else None}
     try:
         asyncio.run(serve(server, sock, lambda: announce_ready(announce, ready, stop)))
@@ -227,7 +236,45 @@ def check_options(host: str, port: int, max_queue: int, retention: int) -> None:
         raise InvalidRequest("port", f"must be in 0..65535, got {port}")
     if host not in LOOPBACK_HOSTS:
         log.warning("listening on %s, not loopback: anyone who can reach it and has the token "
-                    "can use this machine's GPU", host)
+                    "can use this machine's GPU (serve HTTPS with --tls-cert/--tls-key, or keep "
+                    "loopback and use an SSH tunnel: docs/addon.md)", host)
+
+
+def check_tls(cert: Optional[Path], key: Optional[Path]) -> Optional[tuple[Path, Path]]:
+    """(certificate, key) when both are given and load; InvalidRequest naming the option."""
+    import ssl
+
+    from inference.errors import InvalidRequest
+
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise InvalidRequest("tls_cert" if not cert else "tls_key",
+                             "--tls-cert and --tls-key go together (a PEM certificate and its key)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidRequest("tls_cert", f"cannot load the certificate {cert} with the key {key}: "
+                                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    return Path(cert), Path(key)
+
+
+def checked_hosts(host: str, allow_hosts: tuple[str, ...]):
+    """port → the Host names to accept (the port is known only once bound); the names of
+    --allow-host and $MULTIPLANE_ALLOW_HOSTS are checked now."""
+    from functools import partial
+
+    from inference.errors import InvalidRequest
+
+    from .security import allow_hosts_from_env, allowed_hosts, check_host_name
+
+    names = (*allow_hosts, *allow_hosts_from_env())
+    for name in names:
+        try:
+            check_host_name(name)
+        except ValueError as exc:
+            raise InvalidRequest("allow_host", str(exc)) from None
+    return partial(allowed_hosts, host, extra_names=names)
 
 
 def writable_output_root(output_root: Optional[Path]) -> Path:

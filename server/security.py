@@ -58,13 +58,38 @@ def remove_token_file(path: Optional[Path]) -> None:
         pass
 
 
-def allowed_hosts(bound_host: str, port: int) -> frozenset[str]:
-    """Host header values accepted: loopback names and the bound address, with our port."""
+ALLOW_HOSTS_ENV = "MULTIPLANE_ALLOW_HOSTS"  # comma-separated, like repeated --allow-host
+
+
+def allowed_hosts(bound_host: str, port: int, extra_names: Iterable[str] = ()) -> frozenset[str]:
+    """Host header values accepted: loopback names and the bound address, with our port, and
+    each name of `extra_names` (--allow-host): a LAN name, an SSH tunnel's local end, the
+    public name a proxy forwards. "NAME" is accepted bare (a proxy on the default port sends
+    no port) and with our port; "NAME:PORT" exactly."""
     names = set(LOOPBACK_NAMES)
     host = bound_host.strip()
     if host and host not in ("0.0.0.0", "::", "[::]"):
         names.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
-    return frozenset(f"{name}:{port}".lower() for name in names)
+    accepted = {f"{name}:{port}".lower() for name in names}
+    for name in extra_names:
+        name = check_host_name(name)
+        has_port = name.rsplit(":", 1)[-1].isdigit() and (not name.startswith("[") or "]:" in name)
+        accepted |= {name} if has_port else {name, f"{name}:{port}"}
+    return frozenset(accepted)
+
+
+def check_host_name(name: str) -> str:
+    """A Host header value as given to --allow-host: a name or address, optionally :port."""
+    value = name.strip().lower()
+    if not value or any(c in value for c in "/ \t@?#") or value.count(":") > 1 and not value.startswith("["):
+        raise ValueError(f"--allow-host {name!r} must be a host name or address, optionally with "
+                         f":port (e.g. gpu.lan, gpu.example.com, 127.0.0.1:9000, [fe80::1]); no "
+                         f"scheme or path")
+    return value
+
+
+def allow_hosts_from_env() -> list[str]:
+    return [n for n in (os.environ.get(ALLOW_HOSTS_ENV) or "").split(",") if n.strip()]
 
 
 class HostGuard:

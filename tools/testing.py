@@ -29,12 +29,14 @@ class ServerProcess:
     """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON.
 
     `fake_step_seconds`: run it over fake engines (`tools.fake_server`) whose steps take this
-    long, for tests that need the process but no model."""
+    long, for tests that need the process but no model. `env`: more environment variables;
+    `verify`: the client's TLS verification (an ssl.SSLContext for a self-signed server)."""
 
     def __init__(self, root: Path, *, token: str | None = TOKEN, parent_pid: int | None = None,
                  stdin=subprocess.PIPE, device: str = "cpu", extra_args: tuple[str, ...] = (),
-                 fake_step_seconds: float | None = None):
-        env = {k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}
+                 fake_step_seconds: float | None = None, env: dict[str, str] | None = None,
+                 verify=True):
+        env = {**{k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}, **(env or {})}
         if token:
             env["MULTIPLANE_TOKEN"] = token
         cmd = [sys.executable, "-m", "server", "serve"]
@@ -53,7 +55,7 @@ class ServerProcess:
         self.ready = json.loads(self._read_line(timeout=60))
         self.url = self.ready["url"]
         self.token = token or Path(self.ready["token_file"]).read_text()
-        self.client = httpx.Client(base_url=self.url, timeout=30,
+        self.client = httpx.Client(base_url=self.url, timeout=30, verify=verify,
                                    headers={"Authorization": f"Bearer {self.token}"})
 
     def _read_line(self, timeout: float) -> str:
