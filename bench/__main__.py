@@ -17,6 +17,7 @@ BENCHMARKS = (
     "bench.joint",
     "bench.real_size_flops",
     "bench.server_latency",
+    "bench.server_limits",
     "bench.import_stack",
     "bench.watcher_tick",
 )

@@ -122,9 +122,13 @@ def uvicorn_server(app, tls: Optional[tuple[Path, Path]] = None):
     served by uvicorn's own TLS."""
     import uvicorn
 
+    from .connections import KEEPALIVE_SECONDS, MAX_REQUEST_HEAD_BYTES, GuardedH11Protocol
+
     cert, key = tls if tls else (None, None)
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=0.3, lifespan="off",
+                            timeout_graceful_shutdown=0.3, lifespan="off", http=GuardedH11Protocol,
+                            timeout_keep_alive=KEEPALIVE_SECONDS,
+                            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
                             ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None)
 
     class Server(uvicorn.Server):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from server.security import MAX_BODY_BYTES
-from tools.testing import FAST, ServerProcess
+from tools.testing import FAST, ServerProcess, closed_by_server, open_half_requests
 
 pytestmark = pytest.mark.slow
 
@@ -210,3 +210,71 @@ def test_bad_bodies_keep_the_connection_alive(server):
     response.read()
     assert conn.sock is sock
     conn.close()
+
+
+# -- 3. slow and many clients -------------------------------------------------------------
+
+HALF_OPEN = 1000
+
+
+def test_half_open_connections_are_closed_while_health_answers(tmp_path):
+    from server.connections import MAX_CONNECTIONS, REQUEST_READ_SECONDS
+
+    s = ServerProcess(tmp_path / "stacks", fake_step_seconds=0.0)
+    try:
+        host, port = address(s)
+        socks = open_half_requests(host, port, HALF_OPEN)
+        time.sleep(0.5)
+        held = [c for c in psutil.Process(s.ready["pid"]).net_connections("tcp")
+                if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+        assert len(held) <= MAX_CONNECTIONS + 2, f"the server holds {len(held)} connections"
+        still_open = set(socks)
+        answers = []
+        started = time.monotonic()
+        # Loose on purpose (a busy machine): the deadline is REQUEST_READ_SECONDS.
+        while still_open and time.monotonic() - started < 3 * REQUEST_READ_SECONDS + 10:
+            for sock in list(still_open):  # one more header line a second: never a full request
+                if closed_by_server(sock):
+                    still_open.discard(sock)
+                    continue
+                try:
+                    sock.send(b"X-Slow: 1\r\n")
+                except OSError:
+                    still_open.discard(sock)
+            r = httpx.get(f"{s.url}/v1/health", timeout=10)  # a newcomer always gets in
+            answers.append(r.status_code)
+            time.sleep(1.0)
+        assert not still_open, f"{len(still_open)} half-open connections still open"
+        assert answers and set(answers) == {200}, answers
+        assert s.proc.poll() is None and httpx.get(f"{s.url}/v1/health", timeout=10).status_code == 200
+        for sock in socks:
+            sock.close()
+    finally:
+        s.stop()
+
+
+def test_a_slow_body_is_cut_off_and_an_idle_connection_closed(tmp_path):
+    """A request whose body trickles in, and a connection that never sends a byte."""
+    from server.connections import REQUEST_READ_SECONDS
+
+    s = ServerProcess(tmp_path / "stacks", fake_step_seconds=0.0)
+    try:
+        host, port = address(s)
+        silent = socket.create_connection((host, port))
+        trickle = socket.create_connection((host, port))
+        trickle.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 1000\r\n"
+                        f"Authorization: Bearer {s.token}\r\nContent-Type: application/json\r\n\r\n{{".encode())
+        silent.settimeout(3 * REQUEST_READ_SECONDS + 10)
+        assert silent.recv(100) == b""  # closed, not answered
+        trickle.setblocking(False)
+        started = time.monotonic()
+        while not closed_by_server(trickle) and time.monotonic() - started < 3 * REQUEST_READ_SECONDS + 10:
+            try:
+                trickle.send(b" ")  # one byte a second: the body never completes in time
+            except OSError:
+                break
+            time.sleep(1.0)
+        assert closed_by_server(trickle) or trickle.fileno() == -1
+        assert s.client.get("/v1/jobs").json()["jobs"] == []  # the cut-off request queued nothing
+    finally:
+        s.stop()

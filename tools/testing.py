@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import socket
 import subprocess
 import sys
 import time
@@ -156,3 +157,25 @@ def sse_events(server: ServerProcess, job_id: str, on_event=None,
     return events
 
 
+def open_half_requests(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` connections, each having sent only a request line."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.setblocking(False)
+        try:
+            sock.send(b"GET /v1/health HTTP/1.1\r\n")
+        except OSError:
+            pass
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Has the server closed this non-blocking socket (end-of-file or a reset)?"""
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
