@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output-root", type=Path, default=None)
     serve.add_argument("--models-dir", type=Path, default=None)
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--devices", default=None, metavar="auto|cuda:0,cuda:1",
+                       help="one worker (and warm model) per device, jobs to the first free one; "
+                            "auto = every CUDA GPU when there are several")
     serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
     serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
     serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -228,7 +231,7 @@ def cmd_serve(args, engine_factory=None) -> int:
                       models_dir=args.models_dir, max_queue=args.max_queue,
                       retention=args.retention, engine_factory=engine_factory,
                       allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
-                      tls_key=args.tls_key) or EXIT_OK
+                      tls_key=args.tls_key, devices=args.devices) or EXIT_OK
     exit_process(code)
     return code
 

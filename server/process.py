@@ -156,14 +156,15 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
                engine_factory=None, watch_stdin: Optional[bool] = None,
                keepalive_seconds: Optional[float] = None, allow_hosts: tuple[str, ...] = (),
-               tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None) -> int:
+               tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
+               devices: Optional[str] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
     file named in the ready line. `engine_factory(device)`: makes an object with the Engine
     interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
     `allow_hosts`: more Host names to answer to (`security.allowed_hosts`); `tls_cert` and
-    `tls_key`: serve HTTPS. Raises InvalidRequest for a bad device, port or option before
+    `tls_key`: serve HTTPS. `devices`: one worker per device (`resolve_devices`). Raises InvalidRequest for a bad device, port or option before
     anything is announced.
     """
     from .app import create_app
@@ -180,13 +181,13 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     cleanup_temp(output_root)
 
     # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
-    engine, info = engine_and_info(engine_factory, device, models_dir)
+    engines, info = engines_and_info(engine_factory, resolve_devices(devices, device), models_dir)
     token_value, token_file, parent = token_and_parent(token, parent_pid)
 
     # 3. The socket (bound here, so the port is known before serving), the job service, the app.
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    manager = JobManager(engine, output_root, models_dir=models_dir, max_queue=max_queue,
+    manager = JobManager(engines, output_root, models_dir=models_dir, max_queue=max_queue,
                          retention=retention)
     manager.start()
     app = create_app(manager, token=token_value, hosts=hosts(bound_port), info=info,
@@ -327,24 +328,50 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def engine_and_info(engine_factory, device: str, models_dir: Optional[Path]):
-    """(engine, ServerInfo): the factory's engine (tests), else a real one on `device`."""
+def engines_and_info(engine_factory, devices: list[str], models_dir: Optional[Path]):
+    """([engine per device], ServerInfo): the factory's engines (tests), else real ones; a
+    bad or missing device raises InvalidRequest here, before the ready line."""
     from .state import ServerInfo
 
     info = ServerInfo(version=server_version())
-    if engine_factory is None:
-        from inference.devices import describe_device, select_device
-        from inference.engine import Engine, EngineSettings
+    engines = []
+    for device in devices:
+        if engine_factory is None:
+            from inference.devices import describe_device, select_device
+            from inference.engine import Engine, EngineSettings
 
-        selected = select_device(device)
-        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
-        info.device = describe_device(selected)
-    else:
-        engine = engine_factory(device)
-        info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
+            selected = select_device(device)
+            engines.append(Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None)))
+            info.devices.append(describe_device(selected))
+        else:
+            engines.append(engine_factory(device))
+            info.devices.append({"device": str(getattr(engines[-1], "device", device)), "type": "test"})
+    info.device = info.devices[0]
     info.torch = _package_version("torch")
     info.diffusers = _package_version("diffusers")
-    return engine, info
+    return engines, info
+
+
+def resolve_devices(devices: Optional[str], device: str) -> list[str]:
+    """The devices to run workers on: `--devices` ("auto": every CUDA GPU when there are
+    several, else `--device`; or a list "cuda:0,cuda:1"), else just `--device`. A GPU may
+    appear once (a second worker would load a second model into the same memory)."""
+    from inference.errors import InvalidRequest
+
+    if not devices:
+        return [device]
+    if devices.strip().lower() == "auto":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] if count > 1 else [device]
+    names = [name.strip().lower() for name in devices.split(",")]
+    if not all(names):
+        raise InvalidRequest("devices", f"{devices!r} has an empty entry; give auto or a list like cuda:0,cuda:1")
+    repeated = sorted({n for n in names if names.count(n) > 1 and n != "cpu"})
+    if repeated:
+        raise InvalidRequest("devices", f"{', '.join(repeated)} appears twice; give each GPU once")
+    return names
 
 
 def token_and_parent(token: Optional[str], parent_pid: Optional[int]):

@@ -305,6 +305,8 @@ class JobOut(BaseModel):
     finished: Optional[str] = None
     stack: Optional[StackOut] = None
     request: Optional[dict] = Field(default=None, description="the submitted body (generate jobs)")
+    device: Optional[str] = Field(default=None, description="the device that runs (ran) it; null "
+                                                            "until it starts, and for downloads")
     version: int = Field(default=0, description="bumped on every change of this job")
 
 
@@ -326,6 +328,17 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+class DeviceOut(BaseModel):
+    """One generation worker: its device, its warm model and the job it runs."""
+
+    device: str
+    type: Optional[str] = Field(default=None, description="cuda, mps, cpu (or test)")
+    name: Optional[str] = Field(default=None, description="e.g. the GPU's name")
+    total_memory_bytes: Optional[int] = None
+    loaded_model: Optional[str] = None
+    running: Optional[str] = Field(default=None, description="id of the job it runs")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
@@ -334,7 +347,10 @@ class HealthOut(BaseModel):
     diffusers: Optional[str] = None
     loaded_model: Optional[str] = None
     queue_length: int = Field(description="generate jobs waiting (the running one not counted)")
-    running: Optional[str] = Field(default=None, description="id of the running generate job")
+    running: Optional[str] = Field(default=None, description="id of the running generate job "
+                                                             "(the first one, with several devices)")
+    devices: list[DeviceOut] = Field(default_factory=list,
+                                     description="one entry per generation worker (--devices)")
 
 
 class ErrorOut(BaseModel):
