@@ -162,10 +162,11 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
     file named in the ready line. `engine_factory(device)`: makes an object with the Engine
-    interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
-    `allow_hosts`: more Host names to answer to (`security.allowed_hosts`); `tls_cert` and
-    `tls_key`: serve HTTPS. `devices`: one worker per device (`resolve_devices`). Raises InvalidRequest for a bad device, port or option before
-    anything is announced.
+    interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default =
+    stdin is a pipe. `allow_hosts`: more Host names to answer to (`security.allowed_hosts`);
+    `tls_cert` and `tls_key`: serve HTTPS. `devices`: one worker per device
+    (`resolve_devices`). Raises InvalidRequest for any bad option, device, folder or port
+    before anything is announced.
     """
     from .app import create_app
     from .events import SSE_KEEPALIVE_SECONDS
@@ -196,10 +197,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
 
     # 4. Serve: announce once listening, then watch every reason to stop.
     stop = StopWatch(server, manager, parent, stdin_is_pipe() if watch_stdin is None else watch_stdin)
-    url_host = f"[{host}]" if ":" in host else host
-    scheme = "https" if tls else "http"
-    ready = {"event": "ready", "url": f"{scheme}://{url_host}:{bound_port}", "pid": os.getpid(),
-             "version": info.version, "token_file": str(token_file) if token_file else None}
+    ready = ready_line(host, bound_port, tls is not None, info.version, token_file)
     try:
         asyncio.run(serve(server, sock, lambda: announce_ready(announce, ready, stop)))
     finally:
@@ -216,6 +214,12 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def ready_line(host: str, port: int, tls: bool, version: str, token_file: Optional[Path]) -> dict:
+    url_host = f"[{host}]" if ":" in host else host
+    return {"event": "ready", "url": f"{'https' if tls else 'http'}://{url_host}:{port}", "pid": os.getpid(),
+            "version": version, "token_file": str(token_file) if token_file else None}
 
 
 def keep_stdout_for_ready_line():

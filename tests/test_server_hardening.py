@@ -64,12 +64,13 @@ class RawResponse:
         return json.loads(self.data.split(b"\r\n\r\n", 1)[1])
 
 
-def stream_chunked_body(server, headers: dict[str, str], total: int) -> tuple[RawResponse, int]:
+def stream_chunked_body(server, headers: dict[str, str], total: int,
+                        host_header: str | None = None) -> tuple[RawResponse, int]:
     """POST /v1/jobs with a chunked body of `total` bytes, stopping when the server answers or
     closes; returns the response and how many body bytes went out before that."""
     host, port = address(server)
     sock = socket.create_connection((host, port))
-    head = [f"POST /v1/jobs HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+    head = [f"POST /v1/jobs HTTP/1.1", f"Host: {host_header or f'{host}:{port}'}", "Content-Type: application/json",
             "Transfer-Encoding: chunked", *(f"{k}: {v}" for k, v in headers.items())]
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
     response = RawResponse(sock)
@@ -115,13 +116,16 @@ class PeakRss:
 
 # -- 1. body limit on the stream, token first ------------------------------------------
 
-@pytest.mark.parametrize("with_token,status", [(False, 401), (True, 413)])
-def test_300_mb_chunked_body_is_refused_early_and_costs_no_memory(server, with_token, status):
+@pytest.mark.parametrize("with_token,foreign_host,status", [(False, False, 401), (True, False, 413),
+                                                            (True, True, 421)])
+def test_300_mb_chunked_body_is_refused_early_and_costs_no_memory(server, with_token, foreign_host, status):
     headers = {"Authorization": f"Bearer {server.token}"} if with_token else {}
     with PeakRss(server.ready["pid"]) as rss:
-        response, sent = stream_chunked_body(server, headers, STREAMED_BYTES)
+        response, sent = stream_chunked_body(server, headers, STREAMED_BYTES,
+                                             "rebound.evil.example" if foreign_host else None)
     assert response.status == status, response.data[:300]
-    assert ("token" if status == 401 else str(MAX_BODY_BYTES)) in response.body()["detail"]
+    expected = {401: "token", 413: str(MAX_BODY_BYTES), 421: "Host header"}[status]
+    assert expected in response.body()["detail"]
     # Answered long before the body ended: the server stopped reading (kernel buffers on
     # loopback hold a few MB at most).
     assert sent < 64 * 2**20, f"{sent / 2**20:.0f} MB went out before the answer"
