@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from addon.client import ServerClient, ServerError, normalize_fingerprint, plain_http_warning
-from tools.testing import REPO, ServerProcess
+from tools.testing import REPO, ServerProcess, self_signed_certificate
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +51,7 @@ def test_a_malformed_allowed_host_is_a_one_line_start_up_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path, str]:
-    """A self-signed certificate for 127.0.0.1 made with the openssl CLI: (cert, key, SHA-256)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    openssl = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
-                             check=True, capture_output=True, text=True).stdout
-    fingerprint = openssl.strip().split("=", 1)[1]  # AB:CD:... as the artist would paste it
+    cert, key, fingerprint = self_signed_certificate(tmp_path_factory.mktemp("tls"))
     der = ssl.PEM_cert_to_DER_cert(cert.read_text())
     assert normalize_fingerprint(fingerprint) == hashlib.sha256(der).hexdigest()
     return cert, key, fingerprint

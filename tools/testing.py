@@ -179,3 +179,16 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with the openssl CLI:
+    (cert.pem, key.pem, its SHA-256 fingerprint as openssl prints it, "AB:CD:...")."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    printed = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+    return cert, key, printed.strip().split("=", 1)[1]
