@@ -14,6 +14,7 @@ nobody asked for now, and the add-on resubmits with one click.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -97,7 +98,11 @@ class JobJournal:
                 self._cond.notify_all()
 
     def _write(self, records: list[dict]) -> None:
-        data = json.dumps({"version": JOURNAL_VERSION, "jobs": records}, ensure_ascii=True).encode()
+        try:
+            data = json.dumps({"version": JOURNAL_VERSION, "jobs": records}, ensure_ascii=True).encode()
+        except (TypeError, ValueError) as exc:  # never expected: requests are validated JSON
+            log.error("cannot encode the jobs journal: %s", exc)
+            return
         temp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
             write_bytes(temp, data)
@@ -105,3 +110,5 @@ class JobJournal:
             fsync_dir(self.path.parent)
         except OSError as exc:  # a full disk must not stop the jobs; say so
             log.error("cannot write the jobs journal %s: %s", self.path, exc)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
