@@ -20,10 +20,11 @@ FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "method": "independen
 
 
 def output_entries(root: Path) -> list[str]:
-    """What is in a server's output root besides its jobs journal, sorted."""
+    """What is in a server's output root besides its jobs journal (and the journal's temp
+    file, there for an instant while it is rewritten), sorted."""
     from server.journal import JOURNAL_FILE
 
-    return sorted(p.name for p in Path(root).iterdir() if p.name != JOURNAL_FILE)
+    return sorted(p.name for p in Path(root).iterdir() if not p.name.startswith(JOURNAL_FILE))
 
 
 class ServerProcess:
