@@ -3,8 +3,10 @@
 The server listens on loopback, but any local process, and any web page the user opens
 (through DNS rebinding: a hostile name that resolves to 127.0.0.1), can reach a loopback
 port. So every endpoint but /v1/health needs the token the add-on got from us, the Host
-header must name this server (a rebinding page sends its own host name), and there is no
-CORS: browsers never let another origin read our answers.
+header must name this server (a rebinding page sends its own host name; names for LANs,
+tunnels and proxies are added with --allow-host), and there is no CORS: browsers never let
+another origin read our answers. All three are checked on the request head, before any
+body byte is read, and bodies are counted as they arrive (`HostGuard`).
 """
 from __future__ import annotations
 

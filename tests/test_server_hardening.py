@@ -228,10 +228,15 @@ def test_half_open_connections_are_closed_while_health_answers(tmp_path):
     try:
         host, port = address(s)
         socks = open_half_requests(host, port, HALF_OPEN)
-        time.sleep(0.5)
-        held = [c for c in psutil.Process(s.ready["pid"]).net_connections("tcp")
-                if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED]
-        assert len(held) <= MAX_CONNECTIONS + 2, f"the server holds {len(held)} connections"
+        # The cap holds long before the read deadline: at most MAX_CONNECTIONS stay with the
+        # server (a few may be mid-close at any instant, so poll until they are gone).
+        held = HALF_OPEN
+        polled_until = time.monotonic() + REQUEST_READ_SECONDS / 2
+        while held > MAX_CONNECTIONS + 2 and time.monotonic() < polled_until:
+            held = sum(1 for c in psutil.Process(s.ready["pid"]).net_connections("tcp")
+                       if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+            time.sleep(0.1)
+        assert held <= MAX_CONNECTIONS + 2, f"the server holds {held} connections"
         still_open = set(socks)
         answers = []
         started = time.monotonic()
