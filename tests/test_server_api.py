@@ -591,3 +591,24 @@ def test_event_stream_sends_keepalives_and_ends_after_terminal_status():
     assert events[0].startswith("id: 1\nevent: status\ndata: ") and events[0].endswith("\n\n")
     assert chunks.count(": keep-alive\n\n") >= 1
     assert unsubscribed == [True]
+
+
+def test_several_engines_run_jobs_side_by_side_in_arrival_order(tmp_path):
+    """--devices in-process: one worker per engine, the queue's head to the first free one."""
+    engines = [FakeEngine(step_seconds=0.02), FakeEngine(step_seconds=0.02)]
+    for i, engine in enumerate(engines):
+        engine.device = f"fake:{i}"
+    a = Api(tmp_path / "out", engine=engines)
+    try:
+        jobs = [a.submit(prompt=f"job {i}", steps=3) for i in range(6)]
+        done = [a.wait(j["id"]) for j in jobs]
+        assert all(j["status"] == "succeeded" for j in done)
+        starts = [j["started"] for j in done]
+        assert starts == sorted(starts)
+        assert {j["device"] for j in done} == {"fake:0", "fake:1"}
+        assert sorted(engines[0].calls + engines[1].calls) == sorted(f"job {i}" for i in range(6))
+        health = a.client.get("/v1/health").json()
+        assert [d["device"] for d in health["devices"]] == ["fake:0", "fake:1"]
+        assert all(d["running"] is None and d["loaded_model"] == "tiny" for d in health["devices"])
+    finally:
+        a.close()
