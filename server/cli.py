@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "NAME:PORT for a tunnel); repeat for more; also $MULTIPLANE_ALLOW_HOSTS")
     serve.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS: PEM certificate")
     serve.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: PEM private key")
+    serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                       help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     return parser
 
 
@@ -96,6 +99,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--offload", action="store_true", help="model CPU offload (low GPU memory)")
     p.add_argument("--vae-tiling", action="store_true", help="tile the VAE decode (low memory)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float16 on GPUs, "
+                                                 "float32 on the CPU; bfloat16 halves CPU memory)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                   help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -173,7 +180,7 @@ def cmd_generate(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
-                                   vae_tiling=args.vae_tiling))
+                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:
@@ -231,7 +238,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                       models_dir=args.models_dir, max_queue=args.max_queue,
                       retention=args.retention, engine_factory=engine_factory,
                       allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
-                      tls_key=args.tls_key, devices=args.devices) or EXIT_OK
+                      tls_key=args.tls_key, devices=args.devices,
+                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
     exit_process(code)
     return code
 

@@ -157,12 +157,13 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                engine_factory=None, watch_stdin: Optional[bool] = None,
                keepalive_seconds: Optional[float] = None, allow_hosts: tuple[str, ...] = (),
                tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
-               devices: Optional[str] = None) -> int:
+               devices: Optional[str] = None, engine_options: Optional[dict] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
     file named in the ready line. `engine_factory(device)`: makes an object with the Engine
-    interface (tests); default a real `inference.engine.Engine`. `watch_stdin`: default =
+    interface (tests); default a real `inference.engine.Engine`, with `engine_options`
+    (EngineSettings fields such as max_batch, dtype). `watch_stdin`: default =
     stdin is a pipe. `allow_hosts`: more Host names to answer to (`security.allowed_hosts`);
     `tls_cert` and `tls_key`: serve HTTPS. `devices`: one worker per device
     (`resolve_devices`). Raises InvalidRequest for any bad option, device, folder or port
@@ -182,7 +183,8 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     cleanup_temp(output_root)
 
     # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
-    engines, info = engines_and_info(engine_factory, resolve_devices(devices, device), models_dir)
+    engines, info = engines_and_info(engine_factory, resolve_devices(devices, device), models_dir,
+                                     engine_options)
     token_value, token_file, parent = token_and_parent(token, parent_pid)
 
     # 3. The socket (bound here, so the port is known before serving), the job service, the app.
@@ -332,7 +334,8 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def engines_and_info(engine_factory, devices: list[str], models_dir: Optional[Path]):
+def engines_and_info(engine_factory, devices: list[str], models_dir: Optional[Path],
+                     options: Optional[dict] = None):
     """([engine per device], ServerInfo): the factory's engines (tests), else real ones; a
     bad or missing device raises InvalidRequest here, before the ready line."""
     from .state import ServerInfo
@@ -345,7 +348,8 @@ def engines_and_info(engine_factory, devices: list[str], models_dir: Optional[Pa
             from inference.engine import Engine, EngineSettings
 
             selected = select_device(device)
-            engines.append(Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None)))
+            engines.append(Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None,
+                                                 **(options or {}))))
             info.devices.append(describe_device(selected))
         else:
             engines.append(engine_factory(device))

@@ -135,6 +135,12 @@ def one_line_failure(proc) -> str:
     return lines[0]
 
 
+def test_bad_max_batch_fails_before_ready_naming_the_option(tmp_path):
+    proc = _serve(["--port", "0", "--device", "cpu", "--max-batch", "0"], tmp_path)
+    line = one_line_failure(proc)
+    assert "max_batch" in line and "positive integer" in line
+
+
 def test_port_in_use_fails_before_ready_with_a_message(tmp_path):
     import socket
 
