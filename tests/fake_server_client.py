@@ -35,7 +35,7 @@ class FakeServerClient:
     stack_folder: Optional[Path] = None
     cancelled_jobs: list = []
 
-    def __init__(self, url: str, token: str = "", timeout: float = 5.0):
+    def __init__(self, url: str, token: str = "", timeout: float = 5.0, **_tls):
         self.url, self.hold_here = url, type(self).hold
         self._stage = -1
         self._job_id = ""

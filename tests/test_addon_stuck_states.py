@@ -35,7 +35,8 @@ def _setup(output: str):
     prefs.backend, prefs.server_url, prefs.server_token = "REMOTE", "http://127.0.0.1:9", "t" * 20
     prefs.stacks_dir = str(Path(output) / "stacks")
     fake.FakeServerClient.stack_folder = helpers.make_stack(Path(output) / "template", name="Fake Stack")
-    watcher_module.ServerClient = fake.FakeServerClient
+    watcher_module.ServerClient = fake.FakeServerClient  # the local server's client
+    preferences.ServerClient = fake.FakeServerClient  # "Connect to Server": BackendSettings.remote_client
     scene = bpy.context.scene
     helpers.add_camera(scene)
     scene.render.resolution_x, scene.render.resolution_y = 256, 256
