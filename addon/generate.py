@@ -77,6 +77,8 @@ def build_request(scene) -> dict:
         "tta_passes": int(settings.tta_passes),
         "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
+    if settings.export_exr:
+        body["export_exr"] = True
     return body
 
 

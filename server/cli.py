@@ -90,6 +90,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="tile the VAE decode (low memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
+    p.add_argument("--exr", action="store_true",
+                   help="also write a multilayer OpenEXR stack.exr (linear, premultiplied) for compositors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -170,7 +172,7 @@ def cmd_generate(args) -> int:
     cancel = CancelToken()
     try:
         stack = engine.generate(request, args.model, out, progress=bar, cancel=cancel,
-                                export_psd=args.psd, export_ora=args.ora)
+                                export_psd=args.psd, export_ora=args.ora, export_exr=args.exr)
     except KeyboardInterrupt:
         cancel.cancel("interrupted")
         raise

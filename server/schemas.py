@@ -158,6 +158,9 @@ class JobCreate(_Closed):
     name: str = Field(default="", description="stack display name", **NAME)
     export_psd: bool = False
     export_ora: bool = False
+    export_exr: bool = Field(default=False, description="also write stack.exr: one multilayer OpenEXR "
+                                                        "(a linear, premultiplied layer per stack layer "
+                                                        "and the composite) for compositors")
 
     engine_checks = {
         "prompt": REQUIRED_PROMPT_CHECK, "negative_prompt": limits.validate_prompt,

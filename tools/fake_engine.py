@@ -36,7 +36,7 @@ class FakeEngine:
 
     def generate(self, request: StackRequest, model: str, out_dir: Path, *, progress=None,
                  cancel: Optional[CancelToken] = None, export_psd: bool = False,
-                 export_ora: bool = False):
+                 export_ora: bool = False, export_exr: bool = False):
         request = request.validated()
         progress = progress or ignore_progress
         cancel = cancel or CancelToken()
@@ -57,7 +57,8 @@ class FakeEngine:
                 progress(Progress(phase="decode", step=1, total=1, layer=layer, layers=plan.layers))
             cancel.raise_if_cancelled()
             progress(Progress(phase="save", layers=plan.layers))
-            return self._write(request, model, out_dir, export_psd, export_ora, cancel)
+            return self._write(request, model, out_dir, dict(export_psd=export_psd, export_ora=export_ora,
+                                                                 export_exr=export_exr), cancel)
 
     def _denoise(self, steps: int, layer: Optional[int], layers: int, progress, cancel) -> None:
         """One denoising run, as the methods report it (layer None: all layers at once)."""
@@ -71,8 +72,7 @@ class FakeEngine:
         if self.fail_with is not None:
             raise self.fail_with
 
-    def _write(self, request: StackRequest, model: str, out_dir: Path, export_psd: bool,
-               export_ora: bool, cancel: CancelToken):
+    def _write(self, request: StackRequest, model: str, out_dir: Path, exports: dict, cancel: CancelToken):
         """A flat-coloured but valid stack, through the real atomic writer."""
         import numpy as np
 
@@ -86,8 +86,7 @@ class FakeEngine:
                        for _ in request.layers]
         stack = stack_manifest(request, out_dir, {"preset": model, "base": "fake", "files": {}},
                                layer_seeds(request), timings={})
-        return write_stack(out_dir, stack, background, foregrounds, export_psd=export_psd,
-                           export_ora=export_ora, cancel=cancel)
+        return write_stack(out_dir, stack, background, foregrounds, cancel=cancel, **exports)
 
 
 class BrokenEngine(FakeEngine):

@@ -9,15 +9,17 @@ only when a PSD is written), so the server can list, validate and serve stacks w
 - `writer`: `write_stack`, all-or-nothing through a hidden temp folder
 - `reader`: `load_stack` and friends, naming the file and field of the first problem
 - `folder`: an output folder of stacks: listing, cleaning up after interrupted writes
-- `export`: layered PSD and OpenRaster files for painting programs
+- `export`: layered PSD and OpenRaster files for painting programs, the multilayer EXR of a stack
+- `exr`: the multilayer OpenEXR for compositors (linear, premultiplied, half float)
 """
 from .composite import alpha_over, check_image_array
-from .export import export_ora, export_psd, ora_bytes
+from .export import export_exr, export_ora, export_psd, ora_bytes
 from .folder import cleanup_temp, list_stacks
 from .manifest import (
     BACKGROUND_NAME,
     BLENDED_FILE,
     COMPOSITE_FILE,
+    EXR_FILE,
     FORMAT,
     FORMAT_VERSION,
     KINDS,
@@ -37,9 +39,9 @@ from .reader import load_layer_images, load_png, load_stack
 from .writer import StackExists, write_stack
 
 __all__ = [
-    "BACKGROUND_NAME", "BLENDED_FILE", "COMPOSITE_FILE", "FORMAT", "FORMAT_VERSION",
+    "BACKGROUND_NAME", "BLENDED_FILE", "COMPOSITE_FILE", "EXR_FILE", "FORMAT", "FORMAT_VERSION",
     "KINDS", "MANIFEST_FILE", "ORA_FILE", "PSD_FILE", "Box", "LayerStack", "StackExists",
-    "StackLayer", "alpha_over", "check_image_array", "cleanup_temp", "created_timestamp", "export_ora",
+    "StackLayer", "alpha_over", "check_image_array", "cleanup_temp", "created_timestamp", "export_exr", "export_ora",
     "export_psd", "layer_file_name", "layer_name", "list_stacks", "load_layer_images", "load_png",
     "load_stack", "mask_file_name", "ora_bytes", "scratch_path", "write_stack",
 ]

@@ -26,6 +26,7 @@ COMPOSITE_FILE = "composite.png"
 BLENDED_FILE = "blended.png"
 PSD_FILE = "stack.psd"
 ORA_FILE = "stack.ora"
+EXR_FILE = "stack.exr"
 KINDS = ("background", "foreground")
 
 # The hidden sibling a stack (or an export) is written into before it is renamed into place.
