@@ -22,7 +22,7 @@ from inference.errors import InvalidRequest
 from .errors import Conflict, NotFound, QueueFull, ServiceError, ShuttingDown
 from .events import SSE_KEEPALIVE_SECONDS
 from .jobs import JobManager
-from .routers import health, jobs, models
+from .routers import health, imports, jobs, models
 from .schemas import ErrorOut
 from .security import BearerAuth, HostGuard
 from .state import ServerInfo
@@ -57,6 +57,7 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
                "responses": AUTH_ERRORS}
     app.include_router(jobs.router, **private)
     app.include_router(models.router, **private)
+    app.include_router(imports.router, **private)
     app.add_middleware(HostGuard, hosts=hosts)
     return app
 

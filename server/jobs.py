@@ -26,11 +26,11 @@ from typing import Any, Callable, Optional
 from inference.models import preset_names
 from inference.progress import CancelToken, Progress, WorkPlan
 from inference.request import StackRequest, validate_layer_edit, validate_layer_index
-from inference.stack import cleanup_temp, list_stacks
+from inference.stack import IMPORTED_METHOD, cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import TERMINAL_STATES, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut
+from .schemas import TERMINAL_STATES, ImportIn, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
@@ -52,7 +52,7 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
 @dataclass(eq=False)
 class Job:
     id: str
-    kind: str  # "generate", "regenerate" or "download"
+    kind: str  # "generate", "regenerate", "download" or "import"
     created: float
     body: Optional[JobCreate] = None
     request: Optional[StackRequest] = None  # generate: the body as the engine's request
@@ -75,6 +75,7 @@ class Job:
     position: Optional[int] = None
     # the first moment real work (denoise/decode/download bytes) was reported, for the ETA
     work_start: Optional[tuple[float, float]] = None
+    warnings: list[str] = field(default_factory=list)  # import: what the file could not carry over
 
     @property
     def terminal(self) -> bool:
@@ -105,7 +106,7 @@ class Job:
                       created=iso_time(self.created), started=iso_time(self.started),
                       finished=iso_time(self.finished), stack=stack,
                       request=self.request_dump,  # shared by all snapshots: they are read-only
-                      version=self.version)
+                      version=self.version, warnings=list(self.warnings))
 
 
 Subscriber = Callable[[Optional[JobOut]], None]
@@ -158,10 +159,12 @@ class JobManager:
             except OSError as exc:
                 log.warning("not listing %s: %s", entry, exc)
                 continue
-            job = Job(id=entry.name, kind="generate", created=created, status="succeeded",
-                      started=created, finished=created, fraction=1.0, stack_dir=entry,
+            imported = stack.method == IMPORTED_METHOD
+            job = Job(id=entry.name, kind="import" if imported else "generate", created=created,
+                      status="succeeded", started=created, finished=created, fraction=1.0, stack_dir=entry,
                       stack_name=stack.name or entry.name, files=stack_files(stack),
-                      foregrounds=foreground_count(stack))
+                      foregrounds=foreground_count(stack),
+                      warnings=list((stack.imported or {}).get("warnings", [])) if imported else [])
             self._jobs[job.id] = job
             restored += 1
         return restored
@@ -217,11 +220,39 @@ class JobManager:
             source = self._job(source_id)
             if source.status != "succeeded" or source.stack_dir is None:
                 raise Conflict(f"job {source_id} has no finished stack to edit (status {source.status})")
+            if source.kind == "import":
+                raise Conflict(f"job {source_id} is an imported layered file: it has no model or prompts to "
+                               f"regenerate a layer from; edit it in the painting program and import it again")
             validate_layer_index("layer_index", edit.layer_index, source.foregrounds)
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
                       source=source_id, model=source.model)
             return self._enqueue(self._generate, job)
+
+    def import_layers(self, body: ImportIn) -> JobOut:
+        """Import a layered PSD/ORA file as a new stack, right away (no model, no queue: it
+        takes seconds at most): a finished job of kind "import"; InvalidRequest for a bad file."""
+        from inference.stack.layered_import import import_layered
+
+        with self._lock:
+            self._check_open()
+            job = Job(id=self._new_id(), kind="import", created=self._now(), status="running")
+            job.started = job.created
+            self._jobs[job.id] = job  # reserves the id (and its folder name)
+        out_dir = self.output_root / job.id
+        try:
+            written = import_layered(body.path, out_dir, name=body.name, export_exr=body.export_exr)
+        except BaseException:
+            with self._lock:
+                del self._jobs[job.id]
+            raise
+        self._apply_retention(keep=self.retention - 1)
+        with self._lock:
+            job.stack_dir, job.stack_name, job.files = out_dir, written.name, stack_files(written)
+            job.foregrounds, job.warnings = foreground_count(written), list(written.imported["warnings"])
+            job.fraction = 1.0
+            self._finish(job, "succeeded")
+            return job.snapshot()
 
     def submit_download(self, model: str) -> JobOut:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""

@@ -22,7 +22,7 @@ from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "regenerate", "download"]
+JobKind = Literal["generate", "regenerate", "download", "import"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
 MAX_NAME_CHARS = limits.MAX_NAME_CHARS
@@ -236,6 +236,24 @@ class RegenerateIn(_Closed):
         return self
 
 
+class ImportIn(_Closed):
+    """Body of POST /v1/imports: a layered file on the server's machine to import as a stack."""
+
+    path: str = Field(max_length=4096, description="absolute path of a .psd or .ora file on the server's "
+                                                   "machine (bottom layer = background)")
+    name: str = Field(default="", description="the stack's display name (default: the file's name)", **NAME)
+    export_exr: bool = Field(default=False, description="also write the multilayer OpenEXR stack.exr")
+
+    engine_checks = {"name": limits.validate_name}
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not Path(value).expanduser().is_absolute():
+            raise ValueError(f"path {value!r} must be absolute (the server's working folder is not the client's)")
+        return str(Path(value).expanduser())
+
+
 class ProgressOut(BaseModel):
     """Where a job is. `fraction` is the whole job's share done (see progress.overall_fraction)."""
 
@@ -274,6 +292,8 @@ class JobOut(BaseModel):
     stack: Optional[StackOut] = None
     request: Optional[dict] = Field(default=None, description="the submitted body (generate jobs)")
     version: int = Field(default=0, description="bumped on every change of this job")
+    warnings: list[str] = Field(default_factory=list,
+                                description="import jobs: what the stack could not carry over from the file")
 
 
 class JobList(BaseModel):

@@ -22,6 +22,7 @@ from .manifest import (
     EXR_FILE,
     FORMAT,
     FORMAT_VERSION,
+    IMPORTED_METHOD,
     KINDS,
     MANIFEST_FILE,
     ORA_FILE,
@@ -40,7 +41,7 @@ from .writer import StackExists, write_stack
 
 __all__ = [
     "BACKGROUND_NAME", "BLENDED_FILE", "COMPOSITE_FILE", "EXR_FILE", "FORMAT", "FORMAT_VERSION",
-    "KINDS", "MANIFEST_FILE", "ORA_FILE", "PSD_FILE", "Box", "LayerStack", "StackExists",
+    "IMPORTED_METHOD", "KINDS", "MANIFEST_FILE", "ORA_FILE", "PSD_FILE", "Box", "LayerStack", "StackExists",
     "StackLayer", "alpha_over", "check_image_array", "cleanup_temp", "created_timestamp", "export_exr", "export_ora",
     "export_psd", "layer_file_name", "layer_name", "list_stacks", "load_layer_images", "load_png",
     "load_stack", "mask_file_name", "ora_bytes", "scratch_path", "write_stack",

@@ -125,7 +125,7 @@ _PIXEL_KINDS = ("pixel", "type", "shape", "smartobject")
 
 
 def _read_psd_layer(layer, document: LayeredDocument) -> None:
-    name, warnings = layer.name, document.warnings
+    name, warnings = clean_name(layer.name), document.warnings
     if not layer.visible:
         warnings.append(f"hidden layer {name!r} skipped")
         return
@@ -151,17 +151,30 @@ def _read_psd_layer(layer, document: LayeredDocument) -> None:
     document.layers.append(ImportedLayer(name, pixels, alpha_bounds(pixels)))
 
 
+def _has_mask_pixels(layer) -> bool:
+    """A layer mask that masks something (some writers store an empty 0x0 mask record)."""
+    mask = layer.mask if layer.has_mask() else None
+    if mask is None or mask.disabled:
+        return False
+    left, top, right, bottom = mask.bbox
+    return right > left and bottom > top
+
+
 def _psd_layer_pixels(layer, width: int, height: int) -> Optional[np.ndarray]:
     """A plain pixel layer's own stored pixels placed at its offset (exact), anything else
     (groups, masks, effects, type and shapes) rendered by psd-tools' compositor."""
-    if layer.kind == "pixel" and not layer.has_mask() and not layer.has_effects():
+    if layer.kind == "pixel" and not _has_mask_pixels(layer) and not layer.has_effects():
         image = layer.topil()
         if image is None:
             return None
         pixels = place_on_canvas(image, layer.left, layer.top, width, height)
         return with_opacity(pixels, layer.opacity / 255.0)
     image = layer.composite(viewport=(0, 0, width, height))
-    return None if image is None else place_on_canvas(image, 0, 0, width, height)
+    if image is None:
+        return None
+    pixels = place_on_canvas(image, 0, 0, width, height)
+    pixels[pixels[..., 3] == 0] = 0  # psd-tools fills transparent pixels with white
+    return pixels
 
 
 # --------------------------------------------------------------------------- OpenRaster
@@ -213,7 +226,7 @@ def _opacity(element) -> float:
 
 def _read_ora_element(element, archive: zipfile.ZipFile, document: LayeredDocument, dx: int, dy: int) -> None:
     """One child of the top <stack>: a layer, or a nested stack flattened into one layer."""
-    name = element.get("name") or ""
+    name = clean_name(element.get("name") or "")
     if element.tag not in ("layer", "stack"):
         document.warnings.append(f"<{element.tag}> element {name!r} skipped: only layers and stacks hold pixels")
         return
@@ -281,6 +294,9 @@ def read_layered(path: str | Path) -> LayeredDocument:
     if not path.is_file():
         raise InvalidRequest(FIELD, f"{path} does not exist (or is not a file)")
     document = read_psd(path) if kind == "psd" else read_ora(path)
+    for layer in [layer for layer in document.layers if layer.bounds is None]:
+        document.warnings.append(f"layer {layer.name!r} is fully transparent; skipped")
+        document.layers.remove(layer)
     if not document.layers:
         raise InvalidRequest(FIELD, f"{path.name} has no visible pixel layer to import")
     if len(document.layers) > MAX_IMPORT_LAYERS:
@@ -289,12 +305,19 @@ def read_layered(path: str | Path) -> LayeredDocument:
     return document
 
 
+def clean_name(name: str) -> str:
+    """A layer name as the editor showed it: Photoshop ends some Unicode names with a NUL, and
+    control characters and runs of white space never belong in a name."""
+    printable = "".join(ch for ch in name if ch.isprintable() or ch.isspace())
+    return " ".join(printable.split())
+
+
 def unique_names(names: list[str]) -> list[str]:
     """Layer names as a stack needs them: non-empty, at most MAX_NAME_CHARS, unique."""
     taken: set[str] = set()
     result = []
     for index, name in enumerate(names):
-        base = " ".join(name.split())[:MAX_NAME_CHARS] or layer_name(index)
+        base = clean_name(name)[:MAX_NAME_CHARS] or layer_name(index)
         candidate, count = base, 1
         while candidate in taken:
             count += 1
