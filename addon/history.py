@@ -18,6 +18,8 @@ from .properties import REGENERATE_SEED_MODES
 from .stack_reader import LayerInfo, read_stack
 from .watcher import JobPlan, describe_server_identity, ensure_timer, server_identity, watcher
 
+IMPORTED = ("This stack was imported from a layered file: it has no model or prompts to regenerate a "
+            "layer from; edit the file in the painting program and import it again")
 NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
              "version): regenerating one layer needs the job on the server that made it")
 
@@ -136,6 +138,9 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         if not item.job_id:
             cls.poll_message_set(NO_JOB_ID)
             return False
+        if item.method == "imported":
+            cls.poll_message_set(IMPORTED)
+            return False
         return True
 
     def execute(self, context):
@@ -143,8 +148,8 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
-        if not item.job_id:
-            self.report({"ERROR"}, NO_JOB_ID)
+        if not item.job_id or item.method == "imported":
+            self.report({"ERROR"}, IMPORTED if item.job_id else NO_JOB_ID)
             return {"CANCELLED"}
         if not ready_to_start_or_report(self, scene):
             return {"CANCELLED"}
