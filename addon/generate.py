@@ -77,8 +77,9 @@ def build_request(scene) -> dict:
         "tta_passes": int(settings.tta_passes),
         "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
-    if settings.export_exr:
-        body["export_exr"] = True
+    for export in ("export_psd", "export_exr"):
+        if getattr(settings, export):
+            body[export] = True
     return body
 
 

@@ -172,7 +172,9 @@ def draw_panel(layout, context) -> None:
     seed_row.operator(generate.MULTIPLANE_OT_randomize_seed.bl_idname, text="", icon="FILE_REFRESH")
     column.prop(settings, "randomize_seed")
     column.prop(settings, "tta_passes")
-    column.prop(settings, "export_exr")
+    row = column.row(align=True)
+    row.prop(settings, "export_psd")
+    row.prop(settings, "export_exr")
 
     layout.separator()
     if busy:

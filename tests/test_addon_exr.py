@@ -167,3 +167,32 @@ def test_compositor_from_the_exr_renders_the_linear_composite(exr_stack, python,
         output = load_rgb(Path(result["path"]))
         assert np.abs(output - _expected_linear(layers, run["behind"], cg=run["cg"])).max() <= 1.0
     assert "Cannot build the compositor: the stack 'Plain Stack' has no multilayer EXR" in results[-1]["error"]
+
+
+def blender_export_options() -> dict:
+    import bpy
+
+    from addon import generate
+
+    helpers.reset_blender()
+    helpers.register_addon()
+    scene = bpy.context.scene
+    settings = scene.multiplane
+    settings.prompt = "a harbour at night"
+    bodies = {"default": generate.build_request(scene)}
+    settings.export_exr = True
+    bodies["exr"] = generate.build_request(scene)
+    settings.export_psd = True
+    bodies["both"] = generate.build_request(scene)
+    return bodies
+
+
+def test_panel_export_options_reach_the_request(python):
+    from server.schemas import JobCreate
+
+    bodies = run_in_blender(__file__, "blender_export_options", python=python)
+    assert "export_exr" not in bodies["default"] and "export_psd" not in bodies["default"]
+    assert bodies["exr"]["export_exr"] is True and "export_psd" not in bodies["exr"]
+    assert bodies["both"]["export_exr"] is True and bodies["both"]["export_psd"] is True
+    job = JobCreate.model_validate(bodies["both"])  # the server takes the body as sent
+    assert job.export_exr and job.export_psd
