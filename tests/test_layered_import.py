@@ -204,6 +204,20 @@ def test_hand_built_openraster_with_offsets_groups_and_opacity(tmp_path):
     assert tuple(top[57, 77]) == (250, 250, 0, 128) and top[:55].max() == 0  # cropped, half opacity
 
 
+DOT = np.full((2, 2, 4), 255, np.uint8)
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
 def _file(folder: Path, name: str, data: bytes) -> Path:
     (folder / name).write_bytes(data)
     return folder / name
@@ -215,8 +229,14 @@ def _file(folder: Path, name: str, data: bytes) -> Path:
     (lambda d: _file(d, "broken.psd", b"8BPS garbage"), "not a readable Photoshop file"),
     (lambda d: _file(d, "broken.ora", b"not a zip"), "not an OpenRaster file"),
     (lambda d: openraster(d / "empty.ora", 20, 20, []), "has no visible pixel layer"),
-    (lambda d: openraster(d / "hidden.ora", 20, 20, [OraNode("a", np.zeros((2, 2, 4), np.uint8) + 255,
-                                                             visible=False)]), "has no visible pixel layer"),
+    (lambda d: openraster(d / "hidden.ora", 20, 20, [OraNode("a", DOT, visible=False)]), "has no visible pixel layer"),
+    (lambda d: openraster(d / "huge.ora", 9000, 10, [OraNode("a", DOT)]), "the document is 9000x10 pixels"),
+    (lambda d: openraster(d / "many.ora", 8, 8, [OraNode(f"l{i}", DOT) for i in range(65)]),
+     "has 65 visible layers; at most 64"),
+    (lambda d: _file(d, "nosrc.ora", _zip({"mimetype": b"image/openraster", "stack.xml": (
+        b'<image w="8" h="8"><stack><layer name="a" src="data/gone.png"/></stack></image>')})),
+     "layer 'a' names 'data/gone.png', which is not in the archive"),
+    (lambda d: _file(d, "noxml.ora", _zip({"mimetype": b"image/openraster"})), "it has no stack.xml"),
 ])
 def test_bad_files_are_refused_by_name_and_nothing_is_written(tmp_path, make, message):
     path = make(tmp_path)
@@ -279,3 +299,34 @@ def test_api_import_is_a_finished_job_with_files_and_warnings(source, tmp_path):
         assert restored["kind"] == "import" and restored["warnings"] == job["warnings"]
     finally:
         again.close()
+
+
+def test_the_imported_key_is_checked_like_every_manifest_field(source):
+    from inference.errors import StackFormatError
+
+    folder, _images = source
+    data = load_stack(folder).to_dict()
+    assert "imported" not in data  # generated stacks do not carry the key
+    good = {"source": "a.psd", "format": "psd", "warnings": ["w"]}
+    assert LayerStack.from_dict({**data, "imported": good}).imported == good
+    for bad, field in (("x", "imported"), ({**good, "format": "tiff"}, "imported.format"),
+                       ({**good, "warnings": "w"}, "imported.warnings"), ({"format": "psd", "warnings": []},
+                                                                          "imported.source"),
+                       ({**good, "warnings": [1]}, "imported.warnings[0]")):
+        with pytest.raises(StackFormatError, match=re.escape(f"stack.json: {field}:")):
+            LayerStack.from_dict({**data, "imported": bad})
+
+
+def test_the_addon_reader_sees_exports_and_import_warnings(source, tmp_path):
+    from addon.stack_reader import read_stack
+
+    folder, _images = source
+    edited = tmp_path / "edited.psd"
+    _edit_like_an_editor(folder / "stack.psd", edited)
+    import_layered(edited, tmp_path / "back", export_exr=True)
+    info = read_stack(tmp_path / "back")
+    assert (info.width, info.height) == (WIDTH, HEIGHT)
+    assert info.exports == ("stack.exr",) and info.exr_path == tmp_path / "back" / "stack.exr"
+    assert info.import_warnings == ("hidden layer 'ellipse' skipped",)
+    plain = read_stack(folder)
+    assert plain.exr_path is None and plain.import_warnings == () and plain.exports == ("stack.psd", "stack.ora")

@@ -48,27 +48,38 @@ def exr_layer_names(names: Sequence[str]) -> list[str]:
     return [*result, COMPOSITE_LAYER]
 
 
-def srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
-    """The sRGB transfer function inverted (IEC 61966-2-1), uint8 in, float64 0..1 out."""
-    v = encoded.astype(np.float64) / 255.0
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+# The sRGB transfer function inverted (IEC 61966-2-1) for each 8-bit code: a table lookup
+# keeps the per-pixel work (and memory) small.
+_CODES = np.arange(256, dtype=np.float64) / 255.0
+SRGB_TO_LINEAR = np.where(_CODES <= 0.04045, _CODES / 12.92, ((_CODES + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
 def linear_premultiplied(image: np.ndarray) -> np.ndarray:
-    """An 8-bit stack layer (RGB opaque or straight RGBA, sRGB-encoded) as float64 linear
+    """An 8-bit stack layer (RGB opaque or straight RGBA, sRGB-encoded) as float32 linear
     premultiplied RGBA."""
-    rgb = srgb_to_linear(image[..., :3])
-    alpha = image[..., 3:4].astype(np.float64) / 255.0 if image.shape[2] == 4 else np.ones(rgb.shape[:2] + (1,))
-    return np.concatenate([rgb * alpha, alpha], axis=2)
+    height, width = image.shape[:2]
+    result = np.empty((height, width, 4), np.float32)
+    result[..., :3] = SRGB_TO_LINEAR[image[..., :3]]
+    if image.shape[2] == 4:
+        result[..., 3] = image[..., 3] * np.float32(1.0 / 255.0)
+        result[..., :3] *= result[..., 3:4]
+    else:
+        result[..., 3] = 1.0
+    return result
+
+
+def over_in_place(result: np.ndarray, front: np.ndarray) -> None:
+    """result <- front over result, both premultiplied (the Porter-Duff "over")."""
+    result *= 1.0 - front[..., 3:4]
+    result += front
 
 
 def linear_composite(layers: Sequence[np.ndarray]) -> np.ndarray:
     """Premultiplied "over" in linear light, back to front: what Blender's compositor and a
-    renderer compute from the layers (float64 linear RGBA, opaque)."""
+    renderer compute from the layers (float32 linear RGBA, opaque)."""
     result = linear_premultiplied(layers[0])
     for layer in layers[1:]:
-        front = linear_premultiplied(layer)
-        result = front + result * (1.0 - front[..., 3:4])
+        over_in_place(result, linear_premultiplied(layer))
     return result
 
 
@@ -78,6 +89,12 @@ def frame_pixels(frame: Box, width: int, height: int) -> tuple[tuple[int, int], 
     left, top = int(round(x0 * width)), int(round(y0 * height))
     right, bottom = max(left + 1, int(round(x1 * width))), max(top + 1, int(round(y1 * height)))
     return (left, top), (right - 1, bottom - 1)
+
+
+def _add_channels(channels: dict, name: str, plane: np.ndarray) -> None:
+    half = plane.astype(np.float16)
+    for index, channel in enumerate(CHANNELS):
+        channels[f"{name}.{channel}"] = np.ascontiguousarray(half[..., index])
 
 
 def write_exr(out_path: str | Path, layers: Sequence[StackLayer], images: Sequence[np.ndarray],
@@ -94,12 +111,17 @@ def write_exr(out_path: str | Path, layers: Sequence[StackLayer], images: Sequen
         check_image_array(image, f"images[{i}] ({layers[i].name})", (height, width), 3 if i == 0 else 4)
     frame = tuple(float(v) for v in (frame or FULL_FRAME))
     names = exr_layer_names([layer.name for layer in layers])
-    planes = [linear_premultiplied(image) for image in images] + [linear_composite(images)]
+    # One layer at a time (float32, kept only as half), the composite built alongside.
     channels = {}
-    for name, plane in zip(names, planes):
-        half = plane.astype(np.float16)
-        for index, channel in enumerate(CHANNELS):
-            channels[f"{name}.{channel}"] = np.ascontiguousarray(half[..., index])
+    composite = None
+    for name, image in zip(names, images):
+        plane = linear_premultiplied(image)
+        _add_channels(channels, name, plane)
+        if composite is None:
+            composite = plane
+        else:
+            over_in_place(composite, plane)
+    _add_channels(channels, names[-1], composite)
     header = {
         "compression": OpenEXR.ZIP_COMPRESSION,
         "type": OpenEXR.scanlineimage,

@@ -33,6 +33,7 @@ from .writer import write_stack
 SUFFIXES = {".psd": "psd", ".psb": "psd", ".ora": "ora"}
 MAX_IMPORT_SIDE = 8192  # pixels per side: a full-canvas RGBA layer is then at most 256 MiB
 MAX_IMPORT_LAYERS = 64
+MAX_IMPORT_BYTES = 2 << 30  # the full-canvas RGBA layers held at once
 FIELD = "path"  # the request field bad input is reported against (CLI argument, API body)
 
 
@@ -96,6 +97,17 @@ def _check_canvas(width: int, height: int) -> None:
                                     f"{MAX_IMPORT_SIDE} pixels per side (scale it down in the editor)")
 
 
+def _check_layer_budget(visible: int, width: int, height: int, file_name: str) -> None:
+    """Before any pixel is decoded: the visible top-level layers fit the limits."""
+    if visible > MAX_IMPORT_LAYERS:
+        raise InvalidRequest(FIELD, f"{file_name} has {visible} visible layers; at most {MAX_IMPORT_LAYERS} "
+                                    "(merge or hide some in the editor)")
+    if visible * width * height * 4 > MAX_IMPORT_BYTES:
+        raise InvalidRequest(FIELD, f"{file_name}: {visible} layers of {width}x{height} pixels need "
+                                    f"{visible * width * height * 4 / 2**30:.1f} GiB; at most "
+                                    f"{MAX_IMPORT_BYTES / 2**30:.0f} GiB (fewer layers or a smaller canvas)")
+
+
 # --------------------------------------------------------------------------- PSD
 
 
@@ -116,8 +128,15 @@ def read_psd(path: Path) -> LayeredDocument:
         document.warnings.append(f"the document's colour mode is {mode}: converted to RGB (colours may shift)")
     if psd.depth != 8:
         document.warnings.append(f"the document has {psd.depth}-bit channels: reduced to 8 bits")
+    _check_layer_budget(sum(1 for layer in psd if layer.visible), width, height, path.name)
     for layer in psd:  # top level, bottom to top
-        _read_psd_layer(layer, document)
+        try:
+            _read_psd_layer(layer, document)
+        except InvalidRequest:
+            raise
+        except Exception as error:  # a damaged layer: name it rather than fail with a traceback
+            raise InvalidRequest(FIELD, f"{path.name}: layer {clean_name(layer.name)!r} cannot be read "
+                                        f"({type(error).__name__}: {error})") from None
     return document
 
 
@@ -202,7 +221,10 @@ def read_ora(path: Path) -> LayeredDocument:
         top = root.find("stack")
         if top is None:
             raise InvalidRequest(FIELD, f"{path.name}: stack.xml has no <stack> element")
-        for element in reversed(list(top)):
+        children = list(top)
+        _check_layer_budget(sum(1 for child in children if child.get("visibility", "visible") != "hidden"),
+                            document.width, document.height, path.name)
+        for element in reversed(children):
             _read_ora_element(element, archive, document, 0, 0)
     return document
 
@@ -299,9 +321,6 @@ def read_layered(path: str | Path) -> LayeredDocument:
         document.layers.remove(layer)
     if not document.layers:
         raise InvalidRequest(FIELD, f"{path.name} has no visible pixel layer to import")
-    if len(document.layers) > MAX_IMPORT_LAYERS:
-        raise InvalidRequest(FIELD, f"{path.name} has {len(document.layers)} visible layers; at most "
-                                    f"{MAX_IMPORT_LAYERS} (merge or hide some in the editor)")
     return document
 
 
