@@ -167,10 +167,3 @@ def test_api_job_with_export_exr_serves_the_file(tmp_path):
     finally:
         api.close()
 
-
-def test_cli_generate_has_an_exr_switch():
-    from server.cli import build_parser
-
-    args = build_parser().parse_args(["generate", "--prompt", "p", "--out", "x", "--exr"])
-    assert args.exr is True
-    assert build_parser().parse_args(["generate", "--prompt", "p", "--out", "x"]).exr is False
