@@ -138,11 +138,12 @@ class MULTIPLANE_OT_build_compositor(Operator):
         name="Layers From",
         description="Which files of the stack the compositor reads",
         items=(
+            ("AUTO", "Automatic", "The stack's multilayer EXR when it has one, else the layer PNGs"),
             ("PNG", "Layer PNGs", "One Image node per layer (the images the planes show)"),
             ("EXR", "Multilayer EXR", "One Image node on the stack's stack.exr, one output per layer "
                                       "(generate with 'Multilayer EXR' on)"),
         ),
-        default="PNG",
+        default="AUTO",
     )
 
     def execute(self, context):
@@ -155,7 +156,7 @@ class MULTIPLANE_OT_build_compositor(Operator):
         except compositor.CompositorFailed as error:
             self.report({"ERROR"}, f"Cannot build the compositor: {error}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Compositor ({self.source}): " + " < ".join(reversed(result.order))
+        self.report({"INFO"}, f"Compositor (from {result.source}): " + " < ".join(reversed(result.order))
                     + " (front to back)")
         return {"FINISHED"}
 

@@ -36,6 +36,7 @@ class CompositorResult:
     image_nodes: list
     alpha_over_nodes: list
     order: list[str]  # what goes in, back to front: layer names and "render"
+    source: str = "PNG"  # what the layers were read from: "PNG" or "EXR"
 
 
 def chain_order(layer_names: list[str], behind: int) -> list[str]:
@@ -54,8 +55,9 @@ def build_compositor(scene: bpy.types.Scene, collection: bpy.types.Collection, b
                      hide_planes: bool = True, source: str = "PNG") -> CompositorResult:
     """(Re)build the Multiplane part of the scene's compositor for the backdrop `collection`.
 
-    `source`: "PNG", an Image node per layer (the planes' images), or "EXR", one Image node
-    on the stack's multilayer `stack.exr` whose outputs are the layers. Nodes made here are
+    `source`: "PNG", an Image node per layer (the planes' images), "EXR", one Image node
+    on the stack's multilayer `stack.exr` whose outputs are the layers, or "AUTO": the EXR
+    when the stack has one, else the PNGs. Nodes made here are
     named "Multiplane ..." and replaced on every call; other nodes in the tree are left
     alone, only the output's input link is taken over.
     """
@@ -64,12 +66,14 @@ def build_compositor(scene: bpy.types.Scene, collection: bpy.types.Collection, b
         raise CompositorFailed(f"collection {collection.name!r} has no Multiplane layer planes; import a stack first")
     names = [str(plane.get("multiplane_layer")) for plane in planes]
     order = chain_order(names, behind)
+    if source == "AUTO":
+        source = "EXR" if _has_exr(collection) else "PNG"
     if source == "EXR":
         exr_image, exr_names = _stack_exr(collection, names)
     elif source == "PNG":
         images = _plane_images(planes)
     else:
-        raise CompositorFailed(f"source must be 'PNG' or 'EXR', got {source!r}")
+        raise CompositorFailed(f"source must be 'AUTO', 'PNG' or 'EXR', got {source!r}")
 
     tree, output_socket = compat.compositor_tree(scene, GROUP_NAME)
     _remove_own_nodes(tree)
@@ -94,7 +98,7 @@ def build_compositor(scene: bpy.types.Scene, collection: bpy.types.Collection, b
     if hide_planes:
         collection.hide_render = True
     return CompositorResult(tree=tree, render_layers=render_layers, image_nodes=image_nodes,
-                            alpha_over_nodes=alpha_over_nodes, order=order)
+                            alpha_over_nodes=alpha_over_nodes, order=order, source=source)
 
 
 def _plane_images(planes: list) -> list:
@@ -105,6 +109,14 @@ def _plane_images(planes: list) -> list:
             raise CompositorFailed(f"plane {plane.name!r} has no image in its material; re-import the stack")
         images.append(image)
     return images
+
+
+def _has_exr(collection: bpy.types.Collection) -> bool:
+    try:
+        path = read_stack(str(collection.get(PROP_STACK_FOLDER) or ""), check_images=False).exr_path
+    except StackReadError:
+        return False
+    return path is not None and path.is_file()
 
 
 def _stack_exr(collection: bpy.types.Collection, names: list[str]) -> tuple[bpy.types.Image, dict[str, str]]:

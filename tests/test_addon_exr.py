@@ -62,6 +62,13 @@ def blender_exr_passes(exr_path: str, out_dir: str) -> dict:
     return result
 
 
+def _image_node_count(scene) -> int:
+    from addon import compat
+
+    tree = scene.compositing_node_group if compat.uses_compositor_node_group() else scene.node_tree
+    return sum(1 for n in tree.nodes if n.bl_idname == "CompositorNodeImage")
+
+
 def blender_exr_compositor(stack_dir: str, plain_stack_dir: str, out_dir: str, runs: list[dict]) -> list[dict]:
     import bpy
 
@@ -86,8 +93,13 @@ def blender_exr_compositor(stack_dir: str, plain_stack_dir: str, out_dir: str, r
         results.append({"path": path, "image_nodes": len(image_nodes),
                         "image_type": image_nodes[0].image.type if image_nodes else None,
                         "overs": sum(1 for n in tree.nodes if n.bl_idname == "CompositorNodeAlphaOver")})
-    # A stack written without an EXR: a clear report, nothing half built.
+    # The default (Automatic) takes the EXR when the stack has one, the PNGs when not.
+    bpy.ops.multiplane.build_compositor(behind=1)
+    results.append({"auto_exr": _image_node_count(scene)})
     bpy.ops.multiplane.import_stack(filepath=plain_stack_dir)
+    bpy.ops.multiplane.build_compositor(behind=1)
+    results.append({"auto_png": _image_node_count(scene)})
+    # A stack written without an EXR: a clear report, nothing half built.
     try:
         bpy.ops.multiplane.build_compositor(behind=1, source="EXR")
         results.append({"error": ""})
@@ -166,6 +178,7 @@ def test_compositor_from_the_exr_renders_the_linear_composite(exr_stack, python,
         assert result["overs"] == len(layers)
         output = load_rgb(Path(result["path"]))
         assert np.abs(output - _expected_linear(layers, run["behind"], cg=run["cg"])).max() <= 1.0
+    assert results[-3] == {"auto_exr": 1} and results[-2] == {"auto_png": len(layers)}
     assert "Cannot build the compositor: the stack 'Plain Stack' has no multilayer EXR" in results[-1]["error"]
 
 
