@@ -249,9 +249,11 @@ class ImportIn(_Closed):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not Path(value).expanduser().is_absolute():
+        if "\x00" in value:
+            raise ValueError("path must not contain NUL characters")
+        if not Path(value).is_absolute():
             raise ValueError(f"path {value!r} must be absolute (the server's working folder is not the client's)")
-        return str(Path(value).expanduser())
+        return value
 
 
 class ProgressOut(BaseModel):

@@ -286,7 +286,10 @@ def test_api_import_is_a_finished_job_with_files_and_warnings(source, tmp_path):
         assert refused.status_code == 409 and "imported layered file" in refused.json()["detail"]
         for body, text in (({"path": "relative.psd"}, "must be absolute"),
                            ({"path": str(tmp_path / "gone.psd")}, "does not exist"),
-                           ({"path": str(edited), "extra": 1}, "Extra inputs")):
+                           ({"path": str(edited), "extra": 1}, "Extra inputs"),
+                           ({"path": "/tmp/a\u0000b.psd"}, "NUL"),
+                           ({"path": "/" + "x" * 300 + ".psd"}, "does not exist"),
+                           ({"path": str(edited), "name": "n" * 101}, "at most 100 characters")):
             bad = api.client.post("/v1/imports", json=body, headers=AUTH)
             assert bad.status_code == 422 and text in str(bad.json()["detail"]), bad.text
         assert api.client.post("/v1/imports", json={"path": str(edited)}).status_code == 401

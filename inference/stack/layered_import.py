@@ -279,11 +279,16 @@ def _ora_layer_pixels(element, archive: zipfile.ZipFile, document: LayeredDocume
                                     "which is not in the archive") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if max(image.size) > MAX_IMPORT_SIDE:
+                raise InvalidRequest(FIELD, f"{Path(where).name}: {source} is {image.size[0]}x{image.size[1]} "
+                                            f"pixels; layers take at most {MAX_IMPORT_SIDE} per side")
             image.load()
             left = dx + _int_attribute(element, "x", Path(where), 0)
             top = dy + _int_attribute(element, "y", Path(where), 0)
             return place_on_canvas(image, left, top, document.width, document.height)
-    except OSError as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, InvalidRequest):
+            raise
         raise InvalidRequest(FIELD, f"{Path(where).name}: {source} is not a readable image ({error})") from None
 
 
@@ -313,7 +318,11 @@ def read_layered(path: str | Path) -> LayeredDocument:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise InvalidRequest(FIELD, f"{path.name}: choose a .psd or .ora file (got {path.suffix or 'no suffix'})")
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name the file system cannot even look up
+        is_file = False
+    if not is_file:
         raise InvalidRequest(FIELD, f"{path} does not exist (or is not a file)")
     document = read_psd(path) if kind == "psd" else read_ora(path)
     for layer in [layer for layer in document.layers if layer.bounds is None]:
