@@ -237,6 +237,9 @@ def _file(folder: Path, name: str, data: bytes) -> Path:
         b'<image w="8" h="8"><stack><layer name="a" src="data/gone.png"/></stack></image>')})),
      "layer 'a' names 'data/gone.png', which is not in the archive"),
     (lambda d: _file(d, "noxml.ora", _zip({"mimetype": b"image/openraster"})), "it has no stack.xml"),
+    (lambda d: _file(d, "badpng.ora", _zip({"stack.xml": b'<image w="8" h="8"><stack><layer name="a" '
+                                                         b'src="data/a.png"/></stack></image>',
+                                            "data/a.png": b"not a png"})), "data/a.png is not a readable image"),
 ])
 def test_bad_files_are_refused_by_name_and_nothing_is_written(tmp_path, make, message):
     path = make(tmp_path)
