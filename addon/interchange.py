@@ -13,18 +13,20 @@ from bpy.types import Operator
 from bpy_extras.io_utils import ImportHelper
 
 from .generate import backend_settings_or_report, ready_to_start_or_report
-from .importer import PROP_STACK_NAME, find_backdrop
+from .importer import PROP_DEPTH, PROP_LAYER, PROP_STACK_NAME, backdrop_planes, find_backdrop
 from .limits import MAX_NAME_CHARS
 from .watcher import JobPlan, ensure_timer, watcher
 
 LAYERED_SUFFIXES = (".psd", ".psb", ".ora")
 
 
-def build_import_request(path: str, backdrop_name: str, replace_backdrop: bool, export_exr: bool) -> dict:
+def build_import_request(path: str, backdrop_name: str, replace_backdrop: bool, export_exr: bool,
+                         depths: dict[str, float] | None = None) -> dict:
     """The POST /v1/imports body; ValueError (artist-facing) for a file that cannot be one.
 
     With `replace_backdrop` the new stack takes the backdrop's stack name, so its planes
-    replace that backdrop's in place (layers missing from the file are removed)."""
+    replace that backdrop's in place (layers missing from the file are removed), and its
+    planes' `depths` (layer name → distance), so the layers kept stay where they are."""
     if not path or not os.path.isfile(path):
         raise ValueError(f"Choose a layered file to import: {path or 'nothing'} is not a file")
     if not path.lower().endswith(LAYERED_SUFFIXES):
@@ -32,6 +34,8 @@ def build_import_request(path: str, backdrop_name: str, replace_backdrop: bool, 
     body = {"path": os.path.abspath(path), "export_exr": bool(export_exr)}
     if replace_backdrop and backdrop_name:
         body["name"] = backdrop_name[:MAX_NAME_CHARS]
+        if depths:
+            body["depths"] = {name: float(depth) for name, depth in depths.items()}
     return body
 
 
@@ -56,9 +60,11 @@ class MULTIPLANE_OT_import_layered_file(Operator, ImportHelper):
             return {"CANCELLED"}
         backdrop = find_backdrop(scene)
         backdrop_name = str(backdrop.get(PROP_STACK_NAME, "")) if backdrop is not None else ""
+        depths = {str(plane[PROP_LAYER]): float(plane[PROP_DEPTH]) for plane in backdrop_planes(backdrop)
+                  if plane.get(PROP_DEPTH)} if backdrop is not None else {}
         try:
             body = build_import_request(bpy.path.abspath(self.filepath), backdrop_name, self.replace_backdrop,
-                                        self.export_exr)
+                                        self.export_exr, depths)
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}

@@ -241,7 +241,8 @@ class JobManager:
             self._jobs[job.id] = job  # reserves the id (and its folder name)
         out_dir = self.output_root / job.id
         try:
-            written = import_layered(body.path, out_dir, name=body.name, export_exr=body.export_exr)
+            written = import_layered(body.path, out_dir, name=body.name, export_exr=body.export_exr,
+                                     depths=body.depths)
         except BaseException:
             with self._lock:
                 del self._jobs[job.id]

@@ -20,6 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from inference import request as limits
 from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
+from inference.stack.layered_import import MAX_IMPORT_LAYERS
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["generate", "regenerate", "download", "import"]
@@ -243,8 +244,26 @@ class ImportIn(_Closed):
                                                    "machine (bottom layer = background)")
     name: str = Field(default="", description="the stack's display name (default: the file's name)", **NAME)
     export_exr: bool = Field(default=False, description="also write the multilayer OpenEXR stack.exr")
+    depths: Optional[dict[str, float]] = Field(
+        default=None, description="layer name → depth to keep (the backdrop this import replaces); layers "
+                                  "not named get depths between their neighbours'",
+        **_published(maxProperties=MAX_IMPORT_LAYERS,
+                     additionalProperties={"type": "number", "exclusiveMinimum": 0}))
 
     engine_checks = {"name": limits.validate_name}
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, depths: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if depths is not None and len(depths) > MAX_IMPORT_LAYERS:
+            raise PydanticCustomError("value_error", f"at most {MAX_IMPORT_LAYERS} layers, got {len(depths)}")
+        for name, depth in (depths or {}).items():
+            try:
+                limits.validate_name("depths", name)
+                limits.validate_depth("depths", depth)
+            except InvalidRequest as error:  # named by the layer, in the usual 422 shape
+                raise PydanticCustomError("value_error", f"layer {name[:40]!r}: {error.message}") from None
+        return depths
 
     @field_validator("path")
     @classmethod

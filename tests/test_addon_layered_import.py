@@ -35,7 +35,10 @@ def scenario_round_trip(stack_dir: str, edited_psd: str, broken_psd: str, output
     helpers.setup_exact_render(scene, WIDTH, HEIGHT, samples=1)
     bpy.ops.multiplane.import_stack(filepath=stack_dir)
     before = scene.multiplane.backdrop
-    out = {"before": sorted(o.get("multiplane_layer") for o in before.objects)}
+    out = {"before": sorted(o.get("multiplane_layer") for o in before.objects),
+           "depths_before": {o["multiplane_layer"]: o["multiplane_depth"] for o in before.objects},
+           "distance_before": {o["multiplane_layer"]: (o.matrix_world.translation - scene.camera.location).length
+                               for o in before.objects}}
     out["start"] = sorted(bpy.ops.multiplane.import_layered_file(filepath=edited_psd, export_exr=True))
     out["run"] = _tick_until(_finished)
     collection = scene.multiplane.backdrop
@@ -43,6 +46,9 @@ def scenario_round_trip(stack_dir: str, edited_psd: str, broken_psd: str, output
                                                           if c.name.startswith("Backdrop: ")]) == 1
     planes = sorted(collection.objects, key=lambda o: o["multiplane_layer_index"])
     out["after"] = [o["multiplane_layer"] for o in planes]
+    out["depths_after"] = {o["multiplane_layer"]: o["multiplane_depth"] for o in planes}
+    out["distance_after"] = {o["multiplane_layer"]: (o.matrix_world.translation - scene.camera.location).length
+                             for o in planes}
     out["stack_dir"] = watcher.state.stack_dir
     out["warnings"] = list(watcher.state.warnings)
     out["pixels"] = {}
@@ -107,6 +113,10 @@ def test_psd_round_trip_replaces_the_backdrop_in_place(files, tmp_path, python):
     assert out["before"] == sorted(NAMES)
     assert out["same_collection"], "the imported stack replaced the backdrop in place"
     assert out["after"] == ["background", "disc", "rect"]  # the hidden layer's plane is gone
+    for name in out["after"]:  # the kept layers stay where they were
+        assert out["depths_after"][name] == pytest.approx(out["depths_before"][name])
+        assert out["distance_after"][name] == pytest.approx(out["distance_before"][name])
+    assert len(set(out["depths_before"].values())) == len(NAMES)
     assert out["warnings"] == ["hidden layer 'ellipse' skipped"]
     assert out["history"] == {"count": 1, "method": "imported", "path": out["stack_dir"], "name": STACK_NAME,
                               "job_id": True}

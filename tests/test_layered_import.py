@@ -336,3 +336,42 @@ def test_the_addon_reader_sees_exports_and_import_warnings(source, tmp_path):
     assert info.import_warnings == ("hidden layer 'ellipse' skipped",)
     plain = read_stack(folder)
     assert plain.exr_path is None and plain.import_warnings == () and plain.exports == ("stack.psd", "stack.ora")
+
+
+def test_carried_depths_keep_known_layers_and_fill_the_others_in_order():
+    from inference.stack.layered_import import carried_depths
+
+    names = ["bg", "new far", "disc", "new mid", "rect", "new near"]
+    depths, warnings = carried_depths(names, {"bg": 40.0, "disc": 10.0, "rect": 5.0, "gone": 7.0})
+    assert warnings == []
+    assert depths[0] == 40.0 and depths[2] == 10.0 and depths[4] == 5.0
+    assert depths[1] == pytest.approx(1 / (1 / 40 + (1 / 10 - 1 / 40) / 2))  # even in 1/distance
+    assert depths[3] == pytest.approx(1 / (1 / 10 + (1 / 5 - 1 / 10) / 2))
+    assert depths[5] == 2.5  # nearer than the nearest known: half its distance
+    assert all(b < a for a, b in zip(depths, depths[1:]))
+    assert carried_depths(["new bg", "disc"], {"disc": 3.0})[0] == [6.0, 3.0]
+    assert carried_depths(["a", "b"], {}) == ([None, None], [])
+    swapped, warnings = carried_depths(["bg", "rect", "disc"], {"bg": 40.0, "disc": 10.0, "rect": 5.0})
+    assert swapped == [None, None, None] and "another order" in warnings[0]
+
+
+def test_import_keeps_the_given_depths_and_checks_them_over_the_api(source, tmp_path):
+    from test_server_api import AUTH, Api
+
+    folder, _images = source
+    written = import_layered(folder / "stack.psd", tmp_path / "kept", depths={"background": 30.0, "rect": 6.0})
+    assert [layer.depth for layer in written.layers] == pytest.approx([30.0, 1 / (1 / 30 + (1 / 6 - 1 / 30) / 2),
+                                                                       6.0, 3.0])
+    api = Api(tmp_path / "out")
+    try:
+        ok = api.client.post("/v1/imports", json={"path": str(folder / "stack.ora"), "depths": {"disc": 8}},
+                             headers=AUTH)
+        assert ok.status_code == 201, ok.text
+        stack = load_stack(ok.json()["stack"]["path"])
+        assert [layer.depth for layer in stack.layers][:2] == [16.0, 8.0]
+        bad = api.client.post("/v1/imports", json={"path": str(folder / "stack.ora"), "depths": {"disc": -1}},
+                              headers=AUTH)
+        assert bad.status_code == 422 and "layer 'disc': must be a finite number > 0" in bad.text
+        assert bad.json()["detail"][0]["loc"] == ["body", "depths"]
+    finally:
+        api.close()

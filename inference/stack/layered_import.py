@@ -368,6 +368,35 @@ def flatten_background(layer: ImportedLayer, warnings: list[str]) -> np.ndarray:
     return np.ascontiguousarray(over(white, layer.pixels)[..., :3])
 
 
+def carried_depths(names: list[str], known: dict[str, float]) -> tuple[list[Optional[float]], list[str]]:
+    """Each layer's depth (back to front) from `known` (name → depth, e.g. the planes of the
+    backdrop this import replaces), so kept layers stay where they were. Layers not in
+    `known` get a depth between their neighbours' (even in 1/distance, like the add-on's
+    defaults), or halve/double beyond the nearest/farthest one. Known depths that are no
+    longer back to front are all dropped, with a warning."""
+    depths = [known.get(name) for name in names]
+    positions = [i for i, depth in enumerate(depths) if depth is not None]
+    if not positions:
+        return depths, []
+    if any(not depths[b] < depths[a] for a, b in zip(positions, positions[1:])):
+        return [None] * len(names), ["the replaced backdrop's depths were not kept: its layers are in another "
+                                     "order in the file (the importer spreads them between Near and Far)"]
+    filled: list[Optional[float]] = list(depths)
+    for i in range(len(names)):
+        if filled[i] is not None:
+            continue
+        farther = max((p for p in positions if p < i), default=None)
+        nearer = min((p for p in positions if p > i), default=None)
+        if farther is not None and nearer is not None:
+            share = (i - farther) / (nearer - farther)
+            filled[i] = 1.0 / (1.0 / depths[farther] + (1.0 / depths[nearer] - 1.0 / depths[farther]) * share)
+        elif farther is not None:
+            filled[i] = depths[farther] / 2.0 ** (i - farther)
+        else:
+            filled[i] = depths[nearer] * 2.0 ** (nearer - i)
+    return filled, []
+
+
 def _normalized_box(bounds, width: int, height: int):
     if bounds is None:
         return None
@@ -376,17 +405,21 @@ def _normalized_box(bounds, width: int, height: int):
 
 
 def import_layered(path: str | Path, out_dir: str | Path, name: str = "", export_exr: bool = False,
-                   cancel=None) -> LayerStack:
+                   depths: Optional[dict[str, float]] = None, cancel=None) -> LayerStack:
     """Import the layered file at `path` as a new stack folder `out_dir` (written atomically);
-    returns the manifest written, whose `imported.warnings` say what did not carry over."""
+    returns the manifest written, whose `imported.warnings` say what did not carry over.
+
+    `depths`: layer name → depth to keep (`carried_depths`); None: no depths."""
     path = Path(path)
     document = read_layered(path)
     warnings = list(document.warnings)
     names = unique_names([layer.name for layer in document.layers])
     background = flatten_background(document.layers[0], warnings)
-    layers = [StackLayer(name=names[0], kind="background")]
-    for layer, layer_name_ in zip(document.layers[1:], names[1:]):
-        layers.append(StackLayer(name=layer_name_, kind="foreground",
+    layer_depths, depth_warnings = carried_depths(names, dict(depths or {}))
+    warnings += depth_warnings
+    layers = [StackLayer(name=names[0], kind="background", depth=layer_depths[0])]
+    for layer, layer_name_, depth in zip(document.layers[1:], names[1:], layer_depths[1:]):
+        layers.append(StackLayer(name=layer_name_, kind="foreground", depth=depth,
                                  box=_normalized_box(layer.bounds, document.width, document.height)))
     stack = LayerStack(name=name or path.stem, method=IMPORTED_METHOD, width=document.width,
                        height=document.height, layers=layers,
