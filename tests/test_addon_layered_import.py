@@ -1,6 +1,6 @@
 """The layered round trip in real Blender (bpy 5.0 and 4.2) against a real server subprocess:
-a stack is imported, exported to PSD, edited as an editor would (new pixels, a moved layer,
-a hidden one), and `multiplane.import_layered_file` brings it back through the server as a
+a stack is imported, exported to PSD and ORA, edited as an editor would (new pixels, a moved
+layer, a hidden one), and `multiplane.import_layered_file` brings it back through the server as a
 new history stack whose planes replace the old ones in place, with the edits visible (in the
 planes' images and in the compositor's render of its multilayer EXR)."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ STACK_NAME = "Round Trip"
 # --------------------------------------------------------------------------- inside Blender
 
 
-def scenario_round_trip(stack_dir: str, edited_psd: str, broken_psd: str, output: str) -> dict:
+def scenario_round_trip(stack_dir: str, edited_file: str, broken_psd: str, output: str) -> dict:
     import bpy
 
     from test_addon_generate_flow import _finished, _setup, _tick_until
@@ -39,7 +39,7 @@ def scenario_round_trip(stack_dir: str, edited_psd: str, broken_psd: str, output
            "depths_before": {o["multiplane_layer"]: o["multiplane_depth"] for o in before.objects},
            "distance_before": {o["multiplane_layer"]: (o.matrix_world.translation - scene.camera.location).length
                                for o in before.objects}}
-    out["start"] = sorted(bpy.ops.multiplane.import_layered_file(filepath=edited_psd, export_exr=True))
+    out["start"] = sorted(bpy.ops.multiplane.import_layered_file(filepath=edited_file, export_exr=True))
     out["run"] = _tick_until(_finished)
     collection = scene.multiplane.backdrop
     out["same_collection"] = collection == before and len([c for c in bpy.data.collections
@@ -87,26 +87,29 @@ def scenario_round_trip(stack_dir: str, edited_psd: str, broken_psd: str, output
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     from inference.stack import LayerStack, StackLayer, write_stack
-    from test_layered_import import _edit_like_an_editor
+    from test_layered_import import EDITORS
 
     folder = tmp_path_factory.mktemp("round-trip")
     images = helpers.stack_layers(WIDTH, HEIGHT)
     layers = [StackLayer(name=name, kind="background" if i == 0 else "foreground") for i, name in enumerate(NAMES)]
     write_stack(folder / "stack", LayerStack(name=STACK_NAME, width=WIDTH, height=HEIGHT, layers=layers),
-                images[0], images[1:], export_psd=True)
-    new_rect = _edit_like_an_editor(folder / "stack" / "stack.psd", folder / "edited.psd")
+                images[0], images[1:], export_psd=True, export_ora=True)
+    new_rect = {kind: edit(folder / "stack" / f"stack.{kind}", folder / f"edited.{kind}")
+                for kind, edit in EDITORS.items()}
     (folder / "broken.psd").write_bytes(b"8BPS not really")
     return folder, images, new_rect
 
 
+@pytest.mark.parametrize("kind", ["psd", "ora"])
 @pytest.mark.parametrize("python", blender_pythons())
-def test_psd_round_trip_replaces_the_backdrop_in_place(files, tmp_path, python):
+def test_layered_round_trip_replaces_the_backdrop_in_place(files, tmp_path, python, kind):
     from test_layered_import import _shifted
 
-    folder, images, new_rect = files
+    folder, images, new_rects = files
+    new_rect = new_rects[kind]
     (tmp_path / "notes.txt").write_text("not a picture")
     out = run_in_blender(__file__, "scenario_round_trip", timeout=400, python=python,
-                         stack_dir=str(folder / "stack"), edited_psd=str(folder / "edited.psd"),
+                         stack_dir=str(folder / "stack"), edited_file=str(folder / f"edited.{kind}"),
                          broken_psd=str(folder / "broken.psd"), output=str(tmp_path))
     assert out["start"] == ["FINISHED"]
     assert out["run"]["state"] == "succeeded", out["run"]

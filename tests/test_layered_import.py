@@ -86,10 +86,35 @@ def _edit_like_an_editor(psd_path: Path, out_path: Path) -> np.ndarray:
     return new_rect
 
 
-def test_an_edited_psd_comes_back_with_the_edits(source, tmp_path):
+def _edit_ora_like_an_editor(ora_path: Path, out_path: Path) -> np.ndarray:
+    """The same edits as `_edit_like_an_editor`, the file written again by another program
+    (tools/layered_files.openraster) from our ORA's layer PNGs; returns rect's new pixels."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(ora_path) as archive:
+        pixels = {name: np.asarray(Image.open(io.BytesIO(archive.read(f"data/{file}"))).convert("RGBA"))
+                  for name, file in zip(NAMES, ["background.png", "layer_01.png", "layer_02.png", "layer_03.png"])}
+    new_rect = np.zeros((HEIGHT, WIDTH, 4), np.uint8)
+    new_rect[10:40, 20:90] = (250, 200, 10, 255)
+    new_rect[40:50, 20:90] = (250, 200, 10, 100)
+    openraster(out_path, WIDTH, HEIGHT, [
+        OraNode("ellipse", pixels["ellipse"], visible=False),
+        OraNode("rect", new_rect),
+        OraNode("disc", pixels["disc"], x=12, y=5),
+        OraNode("background", pixels["background"]),
+    ])
+    return new_rect
+
+
+EDITORS = {"psd": _edit_like_an_editor, "ora": _edit_ora_like_an_editor}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITORS))
+def test_an_edited_file_comes_back_with_the_edits(source, tmp_path, kind):
     folder, images = source
-    edited = tmp_path / "edited.psd"
-    new_rect = _edit_like_an_editor(folder / "stack.psd", edited)
+    edited = tmp_path / f"edited.{kind}"
+    new_rect = EDITORS[kind](folder / f"stack.{kind}", edited)
     written = import_layered(edited, tmp_path / "back")
     stack, pixels = _pixels(tmp_path / "back")
     assert [layer.name for layer in stack.layers] == ["background", "disc", "rect"]
