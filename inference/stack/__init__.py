@@ -1,7 +1,7 @@
 """The layer stack on disk: the contract between the engine (writer) and the Blender add-on (reader).
 
 `docs/stack-format.md` is its specification. The package needs only numpy and Pillow (psd-tools
-only when a PSD is written), so the server can list, validate and serve stacks without torch.
+only when a PSD is written or read, OpenEXR only when an EXR is written), so the server can list, validate and serve stacks without torch.
 
 - `manifest`: the format's names, the `LayerStack`/`StackLayer` dataclasses, the one validator
 - `composite`: `alpha_over` (composite.png, exports) and the pixel-array check
@@ -11,6 +11,7 @@ only when a PSD is written), so the server can list, validate and serve stacks w
 - `folder`: an output folder of stacks: listing, cleaning up after interrupted writes
 - `export`: layered PSD and OpenRaster files for painting programs, the multilayer EXR of a stack
 - `exr`: the multilayer OpenEXR for compositors (linear, premultiplied, half float)
+- `layered_import`: a layered PSD or OpenRaster file back in as a new stack (`import_layered`)
 """
 from .composite import alpha_over, check_image_array
 from .export import export_exr, export_ora, export_psd, ora_bytes
