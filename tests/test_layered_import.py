@@ -313,13 +313,20 @@ def test_api_import_is_a_finished_job_with_files_and_warnings(source, tmp_path):
                                   headers=AUTH)
         assert refused.status_code == 409 and "imported layered file" in refused.json()["detail"]
         for body, text in (({"path": "relative.psd"}, "must be absolute"),
-                           ({"path": str(tmp_path / "gone.psd")}, "does not exist"),
+                           ({"path": str(tmp_path / "notes.txt")}, "must name a .psd, .psb or .ora file"),
                            ({"path": str(edited), "extra": 1}, "Extra inputs"),
-                           ({"path": "/tmp/a\u0000b.psd"}, "NUL"),
-                           ({"path": "/" + "x" * 300 + ".psd"}, "does not exist"),
                            ({"path": str(edited), "name": "n" * 101}, "at most 100 characters")):
             bad = api.client.post("/v1/imports", json=body, headers=AUTH)
             assert bad.status_code == 422 and text in str(bad.json()["detail"]), bad.text
+        for path, text in ((str(tmp_path / "gone.psd"), "does not exist on the server"),
+                           ("/tmp/a\u0000b.psd", "on the server"),
+                           ("/" + "x" * 300 + ".psd", "cannot be read on the server (OSError)")):  # name too long
+            missing = api.client.post("/v1/imports", json={"path": path}, headers=AUTH)
+            assert missing.status_code == 404 and text in missing.json()["detail"], missing.text
+        corrupt = tmp_path / "corrupt.ora"
+        corrupt.write_bytes(b"not a zip")
+        bad = api.client.post("/v1/imports", json={"path": str(corrupt)}, headers=AUTH)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "path"], bad.text
         assert api.client.post("/v1/imports", json={"path": str(edited)}).status_code == 401
     finally:
         api.close()
