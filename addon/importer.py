@@ -277,10 +277,12 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
     if camera is None:
         raise ImportFailed("the scene has no active camera: add one and make it active "
                            "(View > Cameras > Set Active Object as Camera)")
+    from .shot import ShotError, camera_at_start  # shot builds on this module
+
     try:
         stack = read_stack(path)
-        spec = camera_spec(scene, camera)
-    except (StackReadError, GeometryError) as error:
+        basis, spec = camera_at_start(scene)  # planes are fitted to the shot's first frame
+    except (StackReadError, GeometryError, ShotError) as error:
         raise ImportFailed(str(error)) from None
     depths = layer_depths(stack, settings)
     try:
@@ -307,7 +309,6 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
     for layer_name in set(existing) - {layer.name for layer in stack.layers}:
         _remove_plane(existing.pop(layer_name))
 
-    basis = camera_basis(camera)
     planes = []
     for layer, depth, fit in zip(stack.layers, depths, fits):
         name = _data_name(stack, layer)

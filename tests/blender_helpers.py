@@ -350,6 +350,18 @@ def register_as_extension(name: str = "multiplane"):
     return package
 
 
+def execute_recording(operator_class, context, **props) -> tuple[list[str], list[list]]:
+    """Run an operator's execute() on a stand-in carrying `props` and a recording report();
+    returns (result, [[kinds, message], ...]). bpy.ops shows only ERROR reports (as
+    RuntimeError), and a test must see the WARNING and INFO ones too."""
+    from types import SimpleNamespace
+
+    reports: list[list] = []
+    stand_in = SimpleNamespace(**props, report=lambda kinds, message: reports.append([sorted(kinds), message]))
+    result = operator_class.execute(stand_in, context)
+    return sorted(result), reports
+
+
 def import_module_from(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
