@@ -395,14 +395,14 @@ def projected_box(spec: CameraSpec, points: Sequence[tuple[float, float, float]]
     box corners) cover, and the distance of their centre along the view axis."""
     if not points:
         raise GeometryError("an object needs a bounding box to lay a layer out from")
+    distance = -sum(p[2] for p in points) / len(points)
+    if not (math.isfinite(distance) and distance > 0):
+        raise GeometryError(f"it is not in front of the camera (its centre is at {distance:g} along the view axis)")
     projected = [project_to_frame(spec, point) for point in points]
     us, vs = [p[0] for p in projected], [p[1] for p in projected]
     box = (max(0.0, min(us)), max(0.0, min(vs)), min(1.0, max(us)), min(1.0, max(vs)))
     if not (box[0] < box[2] and box[1] < box[3]):
         raise GeometryError("it is outside the camera frame at the shot's start")
-    centre_z = sum(p[2] for p in points) / len(points)
-    distance = -centre_z
-    _check_distance(distance, "its distance from the camera")
     return box, distance
 
 

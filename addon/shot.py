@@ -209,6 +209,15 @@ def describe_shortfall(shortfall: Shortfall) -> str:
 # --------------------------------------------------------------------------- proxies as layers
 
 
+def object_bound_corners(obj: bpy.types.Object) -> list[Vector]:
+    """The eight local corners of an object's bounding box; an empty (whose bounding box is a
+    point) spans its display size."""
+    if obj.type == "EMPTY":
+        size = obj.empty_display_size
+        return [Vector((x, y, z)) for x in (-size, size) for y in (-size, size) for z in (-size, size)]
+    return [Vector(corner) for corner in obj.bound_box]
+
+
 def object_layout(scene: bpy.types.Scene, obj: bpy.types.Object, start: tuple[Matrix, CameraSpec]
                   ) -> tuple[tuple[float, float, float, float], float]:
     """(box in frame coordinates, distance from the camera) of an object at the shot's start:
@@ -216,7 +225,7 @@ def object_layout(scene: bpy.types.Scene, obj: bpy.types.Object, start: tuple[Ma
     basis, spec = start
     to_camera = basis.inverted()
     evaluated = obj.evaluated_get(_depsgraph(scene))
-    corners = [to_camera @ (evaluated.matrix_world @ Vector(corner)) for corner in evaluated.bound_box]
+    corners = [to_camera @ (evaluated.matrix_world @ corner) for corner in object_bound_corners(evaluated)]
     try:
         return projected_box(spec, [tuple(c) for c in corners])
     except GeometryError as error:
