@@ -187,10 +187,11 @@ def _new_stack_dir(out_dir) -> Path:
 
 
 def stack_manifest(request: StackRequest, out_dir: Path, model: dict, seeds: list[int], timings: dict,
-                   source=None):
+                   source=None, shot: Optional[dict] = None):
     """The LayerStack to write for `request` (file names are the stack writer's to fill in):
-    names and depths come from the request, so what a client asks for is what the stack says.
-    `source`: the stack an edit started from (its background's name carries over)."""
+    names, depths, boxes (frame coordinates) and the frame come from the request, so what a
+    client asks for is what the stack says. `source`: the stack an edit started from (its
+    background's name carries over); `shot`: provenance recorded as the stack's `shot`."""
     from .stack import LayerStack, StackLayer, layer_name
 
     background = source.layers[0].name if source is not None else layer_name(0)
@@ -203,4 +204,5 @@ def stack_manifest(request: StackRequest, out_dir: Path, model: dict, seeds: lis
     return LayerStack(name=request.name or out_dir.name, method=request.method, width=request.width,
                       height=request.height, prompt=request.prompt, negative_prompt=request.negative_prompt,
                       seed=request.seed, steps=request.steps, guidance=float(request.guidance), model=model,
-                      layers=layers, timings={k: round(v, 4) for k, v in timings.items()})
+                      layers=layers, timings={k: round(v, 4) for k, v in timings.items()},
+                      frame=request.frame, shot=shot)

@@ -112,3 +112,47 @@ def test_regenerate_one_layer_keeps_the_others(tmp_path):
                   "--out", str(tmp_path / "bad"), "--offline", "--quiet")
     assert bad.returncode == 2 and "layer_index" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+ASPECT = ["--prompt", "a forest", "--layer", "a fox", "--steps", "1", "--model", "tiny"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--aspect", "2.39", "--width", "512"], "aspect: --aspect/--margins plan the canvas size"),
+    (["--margins", "0.1,0,0.1,0"], "margins: --margins needs --aspect"),
+    (["--aspect", "2", "--margins", "0.1,0,5,0"], "margins.right = 5 is outside 0..4"),
+    (["--aspect", "2", "--margins", "0.1,0,nan,0"], "margins.right must be a finite number"),
+    (["--aspect", "2", "--margins", "0.1,0,0.1"], "must have 4 numbers L,T,R,B"),
+    (["--aspect", "40"], "aspect: frame aspect 40 is outside 0.1..10"),
+    (["--aspect", "2", "--box", "0,0,2,1"], "layers[0].box"),
+])
+def test_bad_aspect_or_margins_exit_2_naming_them(tmp_path, extra, needle):
+    result = run_cli("generate", *ASPECT, *extra, "--out", str(tmp_path / "s"), "--offline", "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aspect_and_margins_plan_the_canvas_with_the_presets_budget():
+    """No model run: the request the CLI builds is the planner's canvas at the preset's budget."""
+    from inference.canvas import frame_to_canvas, plan_canvas
+    from server.cli import build_parser, request_from_args
+
+    def request(*extra):
+        args = build_parser().parse_args(["generate", *ASPECT, "--box", "0,0.5,0.5,1", *extra, "--out", "x"])
+        return request_from_args(args)
+
+    framed = request("--aspect", "2.39", "--margins", "0.2,0,0.2,0.1")
+    plan = plan_canvas(2.39, (0.2, 0, 0.2, 0.1), 256 * 256)  # tiny: default_size 256
+    assert (framed.width, framed.height, framed.frame) == (plan.width, plan.height, plan.frame)
+    assert framed.layers[0].box == (0.0, 0.5, 0.5, 1.0)  # the box stays in frame coordinates
+    assert framed.canvas_box(framed.layers[0].box) == frame_to_canvas((0.0, 0.5, 0.5, 1.0), plan.frame)
+    sdxl = request("--aspect", "1.5", "--model", "sdxl")
+    assert sdxl.width * sdxl.height >= 1024 * 1024 * 0.9 and sdxl.frame is not None
+    assert abs((sdxl.frame[2] - sdxl.frame[0]) * sdxl.width / ((sdxl.frame[3] - sdxl.frame[1]) * sdxl.height)
+               - 1.5) < 1e-9  # exact aspect: rounding went into margins
+    square = request("--aspect", "1")
+    assert (square.width, square.height, square.frame) == (256, 256, None)  # whole canvas: no frame
+    plain = request("--width", "384", "--height", "256")
+    assert (plain.width, plain.height, plain.frame) == (384, 256, None)  # as before: the whole image

@@ -195,6 +195,10 @@ INVALID = [
     ({"model": "/no/such/folder"}, ["model"]),
     ({"export_psd": "yes"}, ["export_psd"]),
     ({"colour": "red"}, ["colour"]),
+    ({"frame": [0.5, 0, 0.4, 1]}, ["frame"]),
+    ({"frame": [0, 0, 1, 1.2]}, ["frame"]),
+    ({"frame": [0, 0, 1]}, ["frame"]),
+    ({"frame": ["0", 0, 1, 1]}, ["frame", 0]),
 ]
 
 
@@ -253,6 +257,26 @@ def test_happy_path_files_are_served_from_the_stack(api):
         assert r.content == (Path(stack["path"]) / name).read_bytes()
     manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
     assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9]
+
+
+def test_the_frame_is_recorded_and_boxes_stay_in_frame_coordinates(api):
+    job = api.wait(api.submit(width=384, height=256, frame=[0.125, 0.0, 0.875, 0.75],
+                              layers=[{"prompt": "a heron", "box": [0.1, 0.2, 0.5, 0.9]}])["id"])
+    assert job["status"] == "succeeded", job
+    assert job["request"]["frame"] == [0.125, 0.0, 0.875, 0.75]
+    manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
+    assert manifest["frame"] == [0.125, 0.0, 0.875, 0.75] and manifest["width"] == 384
+    assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9]
+    import numpy as np
+    from PIL import Image
+
+    from tools.fake_engine import FAKE_FRAME_COLOUR, FAKE_MARGIN_COLOUR
+
+    background = np.asarray(Image.open(Path(job["stack"]["path"]) / "background.png"))
+    assert background[:192, 48:336].reshape(-1, 3).tolist() == [list(FAKE_FRAME_COLOUR)] * (192 * 288)
+    assert background[192:].reshape(-1, 3).tolist() == [list(FAKE_MARGIN_COLOUR)] * (64 * 384)
+    plain = api.wait(api.submit()["id"])
+    assert api.client.get(f"/v1/jobs/{plain['id']}/files/stack.json", headers=AUTH).json()["frame"] is None
 
 
 @pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "%2E%2E", ".hidden", "nothing.png",

@@ -114,6 +114,26 @@ def test_round_trip(written):
                                           "layer_02.png", "mask_02.png", "stack.json"]
 
 
+def test_frame_round_trips_and_old_stacks_mean_the_whole_image(tmp_path):
+    background, fgs = make_layers()
+    stack = make_stack(frame=(0.125, 0.0, 0.875, 0.75), shot={"margins": [0.1, 0, 0.1, 0.33]})
+    written = write_stack(tmp_path / "framed", stack, background, fgs)
+    data = json.loads((tmp_path / "framed" / "stack.json").read_text())
+    assert data["frame"] == [0.125, 0.0, 0.875, 0.75] and data["shot"] == {"margins": [0.1, 0, 0.1, 0.33]}
+    loaded = load_stack(tmp_path / "framed")
+    assert loaded == written and loaded.frame == (0.125, 0.0, 0.875, 0.75)
+    assert loaded.layers[1].box == (0.1, 0.2, 0.6, 0.9)  # boxes stay in frame coordinates
+    # A stack written before frames existed has no key at all: the whole image.
+    plain = tmp_path / "plain"
+    write_stack(plain, make_stack(), background, fgs)
+    data = json.loads((plain / "stack.json").read_text())
+    assert data["frame"] is None
+    del data["frame"], data["shot"]
+    (plain / "stack.json").write_text(json.dumps(data))
+    old = load_stack(plain)
+    assert old.frame is None and old.shot is None and old.frame_rect == (0.0, 0.0, 1.0, 1.0)
+
+
 def test_json_round_trip_and_unknown_keys_ignored():
     stack = make_stack(created="2025-01-02T03:04:05Z")
     stack.layers[0].file = "background.png"
@@ -439,6 +459,12 @@ MANIFEST_CASES = [
     (lambda d: d.update(exports="stack.psd"), "exports: must be a list"),
     (lambda d: d.update(exports=["../stack.psd"]), "exports[0]"),
     (lambda d: d.update(blended=7), "blended: must be a string"),
+    (lambda d: d.update(frame=[0.1, 0.2, 0.05, 0.9]), "frame: needs x0 < x1"),
+    (lambda d: d.update(frame=[0.0, 0.0, 1.0, 1.25]), "frame: coordinates must lie in [0, 1]"),
+    (lambda d: d.update(frame=[0.0, 0.0, 1.0]), "frame: must be null or [x0, y0, x1, y1]"),
+    (lambda d: d.update(frame=[0.0, "a", 1.0, 1.0]), "frame[1]"),
+    (lambda d: d.update(frame="whole"), "frame: must be null or [x0, y0, x1, y1]"),
+    (lambda d: d.update(shot=[1]), "shot: must be null or an object"),
 ]
 
 

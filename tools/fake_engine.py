@@ -20,6 +20,16 @@ from inference.progress import CancelToken, Progress, ignore_progress
 from inference.request import StackRequest
 
 
+FAKE_FRAME_COLOUR = (40, 80, 120)  # the fake background inside the camera frame
+FAKE_MARGIN_COLOUR = (20, 40, 60)  # ... and in the margins around it
+
+
+def frame_pixels(frame, width: int, height: int) -> tuple[int, int, int, int]:
+    """A normalized frame rectangle as whole pixels (x0, y0, x1, y1), rounded to the nearest."""
+    x0, y0, x1, y1 = frame
+    return round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)
+
+
 class FakeEngine:
     """`generate` sleeps `step_seconds` per denoising step; `fail_with` makes it raise."""
 
@@ -73,7 +83,8 @@ class FakeEngine:
 
     def _write(self, request: StackRequest, model: str, out_dir: Path, export_psd: bool,
                export_ora: bool, cancel: CancelToken):
-        """A flat-coloured but valid stack, through the real atomic writer."""
+        """A flat-coloured but valid stack, through the real atomic writer. The request's
+        frame is recorded and painted: the margins around it are a darker background."""
         import numpy as np
 
         from inference.engine import stack_manifest
@@ -81,7 +92,9 @@ class FakeEngine:
         from inference.stack import write_stack
 
         h, w = request.height, request.width
-        background = np.full((h, w, 3), (40, 80, 120), dtype=np.uint8)
+        background = np.full((h, w, 3), FAKE_MARGIN_COLOUR, dtype=np.uint8)
+        x0, y0, x1, y1 = frame_pixels(request.frame or (0.0, 0.0, 1.0, 1.0), w, h)
+        background[y0:y1, x0:x1] = FAKE_FRAME_COLOUR
         foregrounds = [np.full((h, w, 4), (200, 50, 50, 128), dtype=np.uint8)
                        for _ in request.layers]
         stack = stack_manifest(request, out_dir, {"preset": model, "base": "fake", "files": {}},

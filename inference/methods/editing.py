@@ -72,7 +72,7 @@ class SourceStack:
         raise InvalidRequest("model", "the stack does not record its model; pass model=...")
 
     def request(self, **changes) -> StackRequest:
-        """The request that made the stack (joint, its seeds, boxes, depths and name), with
+        """The request that made the stack (joint, its seeds, boxes, frame, depths and name), with
         `changes`: an edit is a new version of the same stack, so it keeps its name and depths."""
         stack = self.stack
         layers = tuple(LayerSpec(prompt=layer.prompt, seed=layer.seed, box=layer.box, name=layer.name,
@@ -82,7 +82,7 @@ class SourceStack:
                     negative_prompt=stack.negative_prompt, width=stack.width, height=stack.height,
                     steps=stack.steps, guidance=stack.guidance, seed=stack.seed, method="joint",
                     background_seed=stack.layers[0].seed, background_depth=stack.layers[0].depth,
-                    name=stack.name)
+                    name=stack.name, frame=stack.frame)
         base.update(changes)
         return StackRequest(**base)
 
