@@ -243,6 +243,24 @@ def validate_margins(field_name: str, margins) -> None:
         raise InvalidRequest(field_name, str(error)) from None
 
 
+def extension_plan(field_name: str, width: int, height: int, frame: Optional[Box], margins):
+    """(CanvasPlan, offset of the old canvas) for extending a `width` x `height` stack holding
+    `frame` so that `margins` fit; InvalidRequest naming `field_name` for bad margins, a
+    canvas past the cap, or margins the canvas already holds (nothing to extend)."""
+    from .canvas import extension_offset, plan_extension
+
+    validate_margins(field_name, margins)
+    margins = tuple(margins)
+    try:
+        plan = plan_extension(width, height, frame, margins)
+    except ValueError as error:
+        raise InvalidRequest(field_name, str(error).removeprefix("margins: ")) from None
+    if (plan.width, plan.height) == (width, height):
+        raise InvalidRequest(field_name, f"the {width}x{height} canvas already holds these margins around its "
+                                         f"frame; nothing to extend")
+    return plan, extension_offset(width, height, frame, margins)
+
+
 def validate_box(field_name: str, box) -> None:
     try:
         x0, y0, x1, y1 = (float(v) for v in box)

@@ -22,7 +22,7 @@ from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "regenerate", "download"]
+JobKind = Literal["generate", "regenerate", "extend", "download"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
 MAX_NAME_CHARS = limits.MAX_NAME_CHARS
@@ -240,6 +240,22 @@ class RegenerateIn(_Closed):
                 type=PydanticCustomError("value_error", error.message), loc=(error.field,),
                 input=getattr(self, error.field))]) from None
         return self
+
+
+class ExtendIn(_Closed):
+    """Extend a finished stack for a new shot (outpainting): every layer's canvas grows so the
+    margins fit around the same frame; a new stack, whose old pixels are the source's (a
+    feathered seam of a few pixels aside). The new canvas: `inference.canvas.plan_extension`."""
+
+    margins: list[float] = Field(
+        min_length=4, max_length=4,
+        description="[left, top, right, bottom] the new shot needs around the same frame, fractions of "
+                    "the frame's width (left, right) and height (top, bottom); the canvas grows where "
+                    "it lacks them (multiples of 64, at most 2048 per side)",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 4.0}})
+    tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
+
+    engine_checks = {"margins": limits.validate_margins, "tta_passes": limits.validate_tta_passes}
 
 
 class ProgressOut(BaseModel):

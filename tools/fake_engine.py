@@ -69,6 +69,40 @@ class FakeEngine:
             progress(Progress(phase="save", layers=plan.layers))
             return self._write(request, model, out_dir, export_psd, export_ora, cancel)
 
+    def extend(self, stack_dir, margins, out_dir, *, model: Optional[str] = None, tta_passes: int = 8,
+               progress=None, cancel: Optional[CancelToken] = None, **_settings):
+        """`Engine.extend`'s shape: the planned larger canvas (margins refused as the engine
+        refuses them), the old pixels pasted at their offset, the new margins flat-coloured."""
+        import dataclasses
+
+        import numpy as np
+
+        from inference.methods import edit_plan
+        from inference.request import extension_plan
+        from inference.stack import load_layer_images, load_stack, write_stack
+
+        progress = progress or ignore_progress
+        cancel = cancel or CancelToken()
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            raise InvalidRequest("out", f"{out_dir} already exists")
+        source = load_stack(stack_dir)
+        plan, (ox, oy) = extension_plan("margins", source.width, source.height, source.frame, margins)
+        with self._lock:
+            work = edit_plan(len(source.layers), source.steps)
+            self._denoise(work.steps, None, work.layers, progress, cancel)
+            progress(Progress(phase="save", layers=work.layers))
+            images = []
+            for image in load_layer_images(source, stack_dir):
+                grown = np.zeros((plan.height, plan.width, image.shape[2]), np.uint8)
+                grown[..., :3] = FAKE_MARGIN_COLOUR
+                grown[oy:oy + source.height, ox:ox + source.width] = image
+                images.append(grown)
+            stack = dataclasses.replace(
+                source, width=plan.width, height=plan.height, frame=plan.frame, created="", timings={},
+                shot={"extended_from": {"name": source.name, "offset": [ox, oy]}, "margins": list(margins)})
+            return write_stack(out_dir, stack, images[0], images[1:], cancel=cancel)
+
     def _denoise(self, steps: int, layer: Optional[int], layers: int, progress, cancel) -> None:
         """One denoising run, as the methods report it (layer None: all layers at once)."""
         progress(Progress(phase="denoise", step=0, total=steps, layer=layer, layers=layers))

@@ -33,7 +33,7 @@ from ..layered_sampler import HeldRegion, LayeredOptions, LayeredSampler, Layere
 from ..masks import mask_to_uint8, resize_map
 from ..progress import CancelToken, ProgressCallback
 from ..prompts import combine_prompts, layer_seeds
-from ..request import (LayerSpec, StackRequest, validate_layer_edit, validate_layer_index, validate_margins,
+from ..request import (LayerSpec, StackRequest, extension_plan, validate_layer_edit, validate_layer_index,
                        validate_prompt)
 from ..sampling import job_pipeline, scale_latents, vae_scale_factor
 from . import GeneratedLayers
@@ -169,18 +169,8 @@ def extend_request(source: SourceStack, margins, **settings) -> tuple[StackReque
     """The validated request for extending the stack so `margins` fit around its frame, and
     where the old canvas lands in the new one (x, y pixels). Refuses bad margins by side,
     a canvas past the cap, and margins the canvas already has."""
-    from ..canvas import extension_offset, plan_extension
-
-    validate_margins("margins", margins)
     stack = source.stack
-    try:
-        plan = plan_extension(stack.width, stack.height, stack.frame, tuple(margins))
-    except ValueError as error:
-        raise InvalidRequest("margins", str(error).removeprefix("margins: ")) from None
-    if (plan.width, plan.height) == (stack.width, stack.height):
-        raise InvalidRequest("margins", f"the {stack.width}x{stack.height} canvas already holds these margins "
-                                        f"around its frame; nothing to extend")
-    offset = extension_offset(stack.width, stack.height, stack.frame, tuple(margins))
+    plan, offset = extension_plan("margins", stack.width, stack.height, stack.frame, margins)
     request = source.request(width=plan.width, height=plan.height, frame=plan.frame, **settings)
     return request.validated(), offset
 
