@@ -1,4 +1,4 @@
-"""Command line: `python -m server generate|regenerate|restyle|serve`.
+"""Command line: `python -m server generate|regenerate|restyle|extend|serve`.
 
 Bad input prints one clear line on stderr and exits with code 2, before anything is
 written or loaded. Engine errors (missing weights...) exit with 1 and their message.
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     restyle.add_argument("--stack", required=True, type=Path)
     restyle.add_argument("--style", required=True, help="added to the global prompt")
     add_edit_arguments(restyle)
+
+    extend = sub.add_parser("extend", help="grow every layer of a stack around the same frame for a new shot "
+                                           "(outpainting); the old pixels stay")
+    extend.add_argument("--stack", required=True, type=Path, help="the existing stack folder (or its stack.json)")
+    extend.add_argument("--margins", required=True, type=parse_margins, metavar="L,T,R,B",
+                        help="what the new shot needs around the frame: fractions of its width/height")
+    add_edit_arguments(extend)
 
     serve = sub.add_parser("serve", help="run the HTTP API (the Blender add-on starts this)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -257,7 +264,7 @@ def run_edit(args, edit) -> int:
         stack = edit(engine, progress=bar, cancel=CancelToken())
     finally:
         bar.close()
-    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height})")
+    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height}){frame_note(stack)}")
     return EXIT_OK
 
 
@@ -270,6 +277,11 @@ def cmd_regenerate(args) -> int:
 def cmd_restyle(args) -> int:
     return run_edit(args, lambda engine, **kw: engine.restyle(
         args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
+
+
+def cmd_extend(args) -> int:
+    return run_edit(args, lambda engine, **kw: engine.extend(
+        args.stack, args.margins, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
 def cmd_serve(args) -> int:
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"generate": cmd_generate, "regenerate": cmd_regenerate, "restyle": cmd_restyle,
-                   "serve": cmd_serve}[args.command]
+                   "extend": cmd_extend, "serve": cmd_serve}[args.command]
         return handler(args)
     except (UsageError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -156,3 +156,38 @@ def test_aspect_and_margins_plan_the_canvas_with_the_presets_budget():
     assert (square.width, square.height, square.frame) == (256, 256, None)  # whole canvas: no frame
     plain = request("--width", "384", "--height", "256")
     assert (plain.width, plain.height, plain.frame) == (384, 256, None)  # as before: the whole image
+
+
+@pytest.mark.slow
+def test_generate_with_aspect_and_margins_then_extend_for_a_new_shot(tmp_path):
+    import numpy as np
+
+    from inference.canvas import extension_offset, plan_canvas, plan_extension
+    from inference.stack import load_layer_images, load_stack
+
+    src = tmp_path / "src"
+    result = run_cli("generate", *ASPECT, "--box", "0,0.5,0.5,1", "--aspect", "1.5", "--margins", "0.1,0,0.1,0",
+                     "--tta", "1", "--out", str(src), "--offline", "--quiet")
+    assert result.returncode == 0, result.stderr
+    plan = plan_canvas(1.5, (0.1, 0, 0.1, 0), 256 * 256)
+    stack = load_stack(src)
+    assert (stack.width, stack.height) == (plan.width, plan.height) and stack.frame == pytest.approx(plan.frame)
+    assert stack.layers[1].box == (0.0, 0.5, 0.5, 1.0)
+    assert "frame" in result.stdout
+
+    for bad, needle in ((["--margins", "0.5,0,-1,0"], "margins.right = -1 is outside"),
+                        (["--margins", "4,4,4,4"], "more than the cap of 2048")):
+        failed = run_cli("extend", "--stack", str(src), *bad, "--out", str(tmp_path / "bad"), "--offline", "--quiet")
+        assert failed.returncode == 2 and needle in failed.stderr, failed.stderr
+        assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "ext"
+    result = run_cli("extend", "--stack", str(src), "--margins", "0.5,0.1,0.1,0", "--tta", "1", "--out", str(out),
+                     "--offline", "--quiet")
+    assert result.returncode == 0, result.stderr
+    grown = load_stack(out)
+    new_plan = plan_extension(stack.width, stack.height, stack.frame, (0.5, 0.1, 0.1, 0))
+    assert (grown.width, grown.height) == (new_plan.width, new_plan.height)
+    ox, oy = extension_offset(stack.width, stack.height, stack.frame, (0.5, 0.1, 0.1, 0))
+    old, new = load_layer_images(stack, src)[0], load_layer_images(grown, out)[0]
+    np.testing.assert_array_equal(new[oy + 4:oy + stack.height, ox + 4:ox + stack.width], old[4:, 4:])
