@@ -1,5 +1,6 @@
 """addon/canvas.py (bpy-free, stdlib only) plans exactly what the engine's inference/canvas.py
 plans: the add-on cannot import the engine, so this test keeps the mirror from drifting."""
+import dataclasses
 import itertools
 
 import pytest
@@ -45,3 +46,24 @@ def test_model_budgets_are_the_presets_native_sizes():
     assert addon_canvas.MODEL_DEFAULT_SIZES == {name: preset.default_size for name, preset in PRESETS.items()}
     assert addon_canvas.model_pixel_budget("sd15") == 512 * 512
     assert addon_canvas.model_pixel_budget("/my/own/diffusers/folder") == 1024 * 1024
+
+
+EXTENSION_CANVASES = [(256, 256, None), (384, 256, (0.0, 0.078125, 1.0, 0.921875)), (1408, 768, (0.015, 0.0, 0.985, 1.0)),
+                      (512, 320, (0.1, 0.2, 0.7, 0.9))]
+EXTENSION_MARGINS = [(0, 0, 0, 0), (0, 0, 0.3, 0), (0.25, 0.1, 0.25, 0.1), (0.013, 0.5, 0.0, 0.27), (1.0, 0, 0, 1.0)]
+
+
+@pytest.mark.parametrize("canvas, margins", list(itertools.product(EXTENSION_CANVASES, EXTENSION_MARGINS)))
+def test_the_mirror_plans_the_same_extension(canvas, margins):
+    width, height, frame = canvas
+    try:
+        engine = engine_canvas.plan_extension(width, height, frame, margins)
+    except ValueError as error:  # beyond the cap: refused the same way
+        with pytest.raises(ValueError) as mine_error:
+            addon_canvas.plan_extension(width, height, frame, margins)
+        assert str(mine_error.value) == str(error)
+        return
+    mine = addon_canvas.plan_extension(width, height, frame, margins)
+    assert dataclasses.astuple(mine) == dataclasses.astuple(engine)
+    assert addon_canvas.extension_offset(width, height, frame, margins) == engine_canvas.extension_offset(
+        width, height, frame, margins)
