@@ -107,6 +107,18 @@ def build_regenerate_request(layers: Sequence[LayerInfo], layer_index: int, prom
     return body
 
 
+def same_server_or_report(operator, item, settings, otherwise: str) -> bool:
+    """False (with an ERROR report) when the stack's job lives on another server than the one
+    the preferences now point at (that one cannot edit it)."""
+    here = server_identity(settings)
+    if item.server and item.server != here:
+        operator.report({"ERROR"}, f"This stack was made by {describe_server_identity(item.server)}, but "
+                                   f"the add-on now uses {describe_server_identity(here)}, which does not "
+                                   f"know its job: switch back in the Multiplane preferences, or {otherwise}")
+        return False
+    return True
+
+
 def _selected_history_item(context):
     settings = context.scene.multiplane
     if 0 <= settings.history_index < len(settings.history):
@@ -164,12 +176,7 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         settings = backend_settings_or_report(self, context)
         if settings is None:
             return {"CANCELLED"}
-        here = server_identity(settings)
-        if item.server and item.server != here:
-            self.report({"ERROR"}, f"This stack was made by {describe_server_identity(item.server)}, but "
-                                   f"the add-on now uses {describe_server_identity(here)}, which does not "
-                                   f"know its job: switch back in the Multiplane preferences, or change the "
-                                   f"layer's prompt and Generate again")
+        if not same_server_or_report(self, item, settings, "change the layer's prompt and Generate again"):
             return {"CANCELLED"}
         # The engine gives the new stack its source's name and depths, so its import replaces
         # the same backdrop collection in place (the previous version stays in the history).

@@ -212,6 +212,9 @@ def draw_panel(layout, context) -> None:
             item = settings.history[settings.history_index]
             layout.label(text=item.prompt[:60], icon="TEXT")
             draw_regenerate(layout, settings, item, busy)
+            extend = layout.row()
+            extend.enabled = not busy
+            extend.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
 
     layout.separator()
     row = layout.row(align=True)

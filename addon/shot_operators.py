@@ -1,18 +1,24 @@
 """The operators about the shot: read the camera's motion (the margins it needs), lay
-layers out from blockout proxies, and keep proxy layers in step with their objects.
-Thin: the sampling is `shot`'s, the maths `geometry`'s.
+layers out from blockout proxies, keep proxy layers in step with their objects, and extend
+a generated stack for a new camera move. Thin: the sampling is `shot`'s, the maths
+`geometry`'s, the job is the watcher's.
 
 User mistakes (no camera, nothing selected, a proxy behind the camera) are one ERROR
 report and CANCELLED, never a traceback.
 """
 from __future__ import annotations
 
+import json
+
 import bpy
 from bpy.props import BoolProperty
 from bpy.types import Operator
 
 from . import importer, shot
+from .canvas import plan_extension
+from .geometry import missing_margins
 from .limits import MAX_FOREGROUNDS, MAX_NAME_CHARS
+from .stack_reader import StackReadError, read_stack
 
 BACKGROUND_NAME = "background"  # taken by the stack's background: a proxy so named keeps the default layer name
 
@@ -131,7 +137,78 @@ def _sort_back_to_front(settings) -> None:
                 layers.move(i + 1, i)
 
 
-CLASSES = (MULTIPLANE_OT_read_shot, MULTIPLANE_OT_layers_from_selected)
+def extension_margins(scene: bpy.types.Scene, stack) -> tuple:
+    """The margins the current shot needs around `stack`'s frame, for its planes at the depths
+    the importer gives them (ShotError: the shot cannot be read or served)."""
+    try:
+        distances = importer.layer_depths(stack, importer.ImportSettings())
+    except importer.ImportFailed as error:
+        raise shot.ShotError(str(error)) from None
+    return shot.margins_for(shot.read_shot(scene), distances)
+
+
+class MULTIPLANE_OT_extend_for_shot(Operator):
+    """Outpaint this generated stack so the current camera move shows no plane edge: every layer grows around the same frame, the old pixels stay; the result is a new stack that replaces the backdrop's planes in place (the old one stays in the history)"""
+
+    bl_idname = "multiplane.extend_for_shot"
+    bl_label = "Extend for Shot"
+
+    @classmethod
+    def poll(cls, context):
+        from .history import NO_JOB_ID, _selected_history_item
+
+        item = _selected_history_item(context)
+        if item is None:
+            cls.poll_message_set("Select a generated stack in the list first")
+            return False
+        if not item.job_id:
+            cls.poll_message_set(NO_JOB_ID)
+            return False
+        return True
+
+    def execute(self, context):
+        from .generate import backend_settings_or_report, ready_to_start_or_report
+        from .history import NO_JOB_ID, _selected_history_item, same_server_or_report
+        from .watcher import JobPlan, ensure_timer, watcher
+
+        scene = context.scene
+        item = _selected_history_item(context)
+        if item is None or not item.job_id:
+            self.report({"ERROR"}, NO_JOB_ID if item is not None else "No generated stack selected")
+            return {"CANCELLED"}
+        if not ready_to_start_or_report(self, scene):
+            return {"CANCELLED"}
+        try:
+            stack = read_stack(item.path, check_images=False)
+            margins = extension_margins(scene, stack)
+        except (StackReadError, shot.ShotError) as error:
+            self.report({"ERROR"}, f"Cannot extend {item.name}: {error}")
+            return {"CANCELLED"}
+        if not any(missing_margins(margins, stack.margins)):
+            self.report({"INFO"}, f"{item.name} already has the margins this shot needs "
+                                  f"({shot.describe_margins(margins)}): nothing to extend")
+            return {"CANCELLED"}
+        try:
+            plan = plan_extension(stack.width, stack.height, stack.frame, margins)
+        except ValueError as error:
+            self.report({"ERROR"}, f"Cannot extend {item.name} for this shot: {error} (a smaller move, or "
+                                   "layers farther away)")
+            return {"CANCELLED"}
+        settings = backend_settings_or_report(self, context)
+        if settings is None or not same_server_or_report(self, item, settings, "press Generate for this shot"):
+            return {"CANCELLED"}
+        body = {"margins": [float(m) for m in margins], "tta_passes": int(scene.multiplane.tta_passes)}
+        history = {"prompt": item.prompt, "model": item.model, "method": item.method,
+                   "request": json.dumps({"source": item.job_id, "extend": True, **body})}
+        watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history,
+                              extend_from=item.job_id, source_folder=item.path))
+        ensure_timer()
+        self.report({"INFO"}, f"Extending {item.name} from {stack.width} x {stack.height} to {plan.width} x "
+                              f"{plan.height} for margins {shot.describe_margins(margins)}")
+        return {"FINISHED"}
+
+
+CLASSES = (MULTIPLANE_OT_read_shot, MULTIPLANE_OT_layers_from_selected, MULTIPLANE_OT_extend_for_shot)
 
 # Blender's own helper: registers CLASSES in order and unregisters them in reverse.
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -64,6 +64,8 @@ class JobPlan:
     # Regenerate one layer: the source job's id (then `body` is the /regenerate body).
     regenerate_from: str = ""
     source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
+    # Extend for a new shot: the source job's id (then `body` is the /extend body).
+    extend_from: str = ""
 
 
 def server_identity(settings) -> str:
@@ -284,6 +286,8 @@ class Watcher:
 
     @staticmethod
     def _submit(client: ServerClient, plan: JobPlan) -> dict:
+        if plan.extend_from:
+            return _submit_extend(client, plan)
         if not plan.regenerate_from:
             return client.submit(plan.body)
         try:
@@ -345,6 +349,23 @@ class Watcher:
                 version = job.get("version", 0)
                 self._post(token, "job", job)
         return job
+
+
+def _submit_extend(client: ServerClient, plan: JobPlan) -> dict:
+    """POST /extend, with the errors of a job the server forgot said for the artist."""
+    try:
+        return client.extend(plan.extend_from, plan.body)
+    except ServerError as error:
+        where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
+        if error.status == 404:
+            raise ServerError(
+                f"The server no longer knows job {plan.extend_from}, the stack to extend (it was restarted "
+                f"with another output folder, its outputs were deleted, or the stack came from another "
+                f"server).{where} Press Generate instead: it plans the margins for the shot.", 404) from None
+        if error.status == 409:
+            raise ServerError(f"Job {plan.extend_from} on the server has no finished stack to extend.{where}",
+                              409) from None
+        raise
 
 
 def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
