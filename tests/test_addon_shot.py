@@ -247,10 +247,15 @@ def scenario_layers_from_selected(projection: str) -> dict:
 # --------------------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module", params=SHOTS)
+@pytest.fixture(scope="module", params=[(kind, python) for kind in SHOTS for python in blender_pythons()],
+                ids=lambda param: f"{param[0]}-{param[1].id}")
 def moving_shot(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    return request.param, run_in_blender(__file__, "scenario_moving_shot", out_dir=str(out), kind=request.param)
+    kind, python = request.param
+    if python.marks and python.values[0] is None:
+        pytest.skip("no bpy 4.2 environment (make bpy42)")
+    out = tmp_path_factory.mktemp(kind)
+    return kind, run_in_blender(__file__, "scenario_moving_shot", python=python.values[0], out_dir=str(out),
+                                kind=kind)
 
 
 def test_a_stack_with_the_shots_margins_shows_no_edge_at_any_frame(moving_shot):
@@ -308,9 +313,10 @@ def test_a_static_camera_gets_no_margins_and_read_shot_reports(python):
     assert "sees past the edge of the plane" in out["through"], out["through"]
 
 
+@pytest.mark.parametrize("python", blender_pythons())
 @pytest.mark.parametrize("projection", ["PERSP", "ORTHO"])
-def test_layers_from_selected_objects(projection):
-    out = run_in_blender(__file__, "scenario_layers_from_selected", projection=projection)
+def test_layers_from_selected_objects(projection, python):
+    out = run_in_blender(__file__, "scenario_layers_from_selected", python=python, projection=projection)
     assert out["result"] == ["FINISHED"], out["reports"]
     layers, expected = out["layers"], out["expected"]
     assert sorted(layer["proxy"] for layer in layers) == ["Hut", "Marker", "Rock", "Tree"]  # not the camera
