@@ -119,6 +119,19 @@ def same_server_or_report(operator, item, settings, otherwise: str) -> bool:
     return True
 
 
+def selected_job_poll(operator_class, context) -> bool:
+    """Poll of the operators that edit the selected stack on its server: it needs a job id
+    (the greyed-out button's tooltip says why not)."""
+    item = _selected_history_item(context)
+    if item is None:
+        operator_class.poll_message_set("Select a generated stack in the list first")
+        return False
+    if not item.job_id:
+        operator_class.poll_message_set(NO_JOB_ID)
+        return False
+    return True
+
+
 def _selected_history_item(context):
     settings = context.scene.multiplane
     if 0 <= settings.history_index < len(settings.history):
@@ -141,14 +154,7 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
 
     @classmethod
     def poll(cls, context):
-        item = _selected_history_item(context)
-        if item is None:
-            cls.poll_message_set("Select a generated stack in the list first")
-            return False
-        if not item.job_id:
-            cls.poll_message_set(NO_JOB_ID)
-            return False
-        return True
+        return selected_job_poll(cls, context)
 
     def execute(self, context):
         scene = context.scene

@@ -11,6 +11,7 @@ import bpy
 from bpy.types import Panel, UIList
 
 from . import generate, history, installer, layer_list, preferences, shot, shot_operators
+from .canvas import CANVAS_MAX_SIDE
 from .watcher import WatchState, watcher
 
 PHASE_ICONS = {
@@ -130,7 +131,7 @@ def draw_canvas(layout, scene) -> None:
     if settings.use_shot_margins:
         column.label(text=f"Margins: {shot.describe_margins(margins)}")
     if plan.capped:
-        column.label(text=f"Capped at {shot.CANVAS_MAX_SIDE} px a side: less detail than the model's native size",
+        column.label(text=f"Capped at {CANVAS_MAX_SIDE} px a side: less detail than the model's native size",
                      icon="INFO")
 
 

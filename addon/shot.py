@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import bpy
 from mathutils import Matrix, Vector
 
-from .canvas import CANVAS_MAX_SIDE, CanvasPlan, model_pixel_budget, plan_canvas
+from .canvas import CanvasPlan, model_pixel_budget, plan_canvas
 from .geometry import (
     CameraPose,
     CameraSpec,

@@ -155,16 +155,9 @@ class MULTIPLANE_OT_extend_for_shot(Operator):
 
     @classmethod
     def poll(cls, context):
-        from .history import NO_JOB_ID, _selected_history_item
+        from .history import selected_job_poll
 
-        item = _selected_history_item(context)
-        if item is None:
-            cls.poll_message_set("Select a generated stack in the list first")
-            return False
-        if not item.job_id:
-            cls.poll_message_set(NO_JOB_ID)
-            return False
-        return True
+        return selected_job_poll(cls, context)
 
     def execute(self, context):
         from .generate import backend_settings_or_report, ready_to_start_or_report

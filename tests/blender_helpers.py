@@ -261,6 +261,15 @@ def blender_pythons() -> list:
                          marks=pytest.mark.skipif(found is None, reason="no bpy 4.2 environment (make bpy42)"))]
 
 
+def per_blender(kinds) -> list:
+    """pytest params (kind, python) of every kind on every Blender of blender_pythons() (the
+    4.2 variants skipped without its environment), for module-scoped scenario fixtures."""
+    import pytest
+
+    return [pytest.param((kind, python.values[0]), id=f"{kind}-{python.id}", marks=python.marks)
+            for kind in kinds for python in blender_pythons()]
+
+
 def run_in_blender(module_file: str, function: str, timeout: float = 120.0, python: str | None = None,
                    **kwargs: Any) -> Any:
     """Call `function(**kwargs)` from `module_file` in a fresh Python with bpy; return its JSON result.

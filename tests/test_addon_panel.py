@@ -151,6 +151,11 @@ def scenario_draw_states() -> dict:
     out = {}
 
     out["idle"] = _draw(draw, bpy.context)
+    settings.shot_margins = (1.0, 0.5, 1.0, 0.0)  # a wide move: 3 frames wide is past the cap
+    out["capped"] = _draw(draw, bpy.context)
+    settings.shot_margins = (5.0, 0.0, 0.0, 0.0)  # beyond what a canvas may hold
+    out["too_wide"] = _draw(draw, bpy.context)
+    settings.shot_margins = (0.0, 0.0, 0.0, 0.0)
     watcher.state = WatchState(phase="running", text="Denoising step 3/10, layer 2 of 3", fraction=0.4)
     out["running"] = _draw(draw, bpy.context)
     watcher.state = WatchState(phase="failed", error="The inference server stopped unexpectedly "
@@ -270,6 +275,11 @@ def test_panel_draws_every_state_with_valid_calls(python):
     assert any("Frame: 1365 x 768 px" in t for t in idle["texts"])
     assert "multiplane.read_shot" in idle["operators"] and "multiplane.layers_from_selected" in idle["operators"]
     assert any("not running" in t for t in idle["texts"])
+    assert any("Margins: left 1.00, top 0.50, right 1.00" in t for t in out["capped"]["texts"])
+    assert any("Capped at 2048 px a side" in t for t in out["capped"]["texts"])
+    assert any("Canvas: 2048 x" in t for t in out["capped"]["texts"])
+    assert not any("Capped" in t for t in idle["texts"])
+    assert "margins.left = 5 is outside 0..4" in " ".join(out["too_wide"]["texts"]), out["too_wide"]["texts"]
     # Running: a progress bar (4.2+ API) or a label, with the phase text, and Cancel; no Generate.
     running = out["running"]
     assert "multiplane.cancel" in running["operators"] and "multiplane.generate" not in running["operators"]

@@ -247,14 +247,11 @@ def scenario_layers_from_selected(projection: str) -> dict:
 # --------------------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module", params=[(kind, python) for kind in SHOTS for python in blender_pythons()],
-                ids=lambda param: f"{param[0]}-{param[1].id}")
+@pytest.fixture(scope="module", params=helpers.per_blender(SHOTS))
 def moving_shot(request, tmp_path_factory):
     kind, python = request.param
-    if python.marks and python.values[0] is None:
-        pytest.skip("no bpy 4.2 environment (make bpy42)")
     out = tmp_path_factory.mktemp(kind)
-    return kind, run_in_blender(__file__, "scenario_moving_shot", python=python.values[0], out_dir=str(out),
+    return kind, run_in_blender(__file__, "scenario_moving_shot", python=python, out_dir=str(out),
                                 kind=kind)
 
 
