@@ -203,10 +203,14 @@ class MULTIPLANE_OT_parallax_move(Operator):
             self.report({"ERROR"}, f"Cannot make the camera move: {error}")
             return {"CANCELLED"}
         keyed = f"Keyed the camera move on frames {result.frame_start}-{result.frame_end}"
+        settings = scene.multiplane
+        settings.shot_warning = ""
         if not self.scale_planes:
             if result.shortfall_error:
+                settings.shot_warning = f"The backdrop cannot fill this move: {result.shortfall_error}"
                 self.report({"WARNING"}, f"{keyed}, but the backdrop cannot fill it: {result.shortfall_error}")
             elif result.shortfall is not None and result.shortfall.lacking:
+                settings.shot_warning = f"{collection.name}: {shot.describe_shortfall(result.shortfall)}"
                 self.report({"WARNING"}, f"{keyed}; {shot.describe_shortfall(result.shortfall)}")
             else:
                 self.report({"INFO"}, f"{keyed}; the backdrop's margins cover it (planes unchanged)")

@@ -32,6 +32,8 @@ def plan_request_canvas(scene) -> tuple[CanvasPlan, tuple[float, float, float, f
         margins = shot.margins_for(shot.read_shot(scene), distances)
     plan = shot.plan_for_scene(scene, settings.model, margins)
     settings.shot_margins = margins
+    if settings.use_shot_margins:
+        settings.shot_warning = ""  # the new stack is planned for this shot
     return plan, margins
 
 
@@ -162,8 +164,10 @@ class MULTIPLANE_OT_generate(Operator):
                    "request": json.dumps(body)}
         watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history))
         ensure_timer()
+        margins = shot.describe_margins(tuple(scene.multiplane.shot_margins))
         self.report({"INFO"}, f"Generating a {body['width']}x{body['height']} backdrop with "
-                              f"{len(body['layers'])} foreground layer(s) ({body['model']}, {body['method']})")
+                              f"{len(body['layers'])} foreground layer(s) ({body['model']}, {body['method']}; "
+                              f"margins for the camera move: {margins})")
         return {"FINISHED"}
 
 

@@ -130,6 +130,11 @@ def draw_canvas(layout, scene) -> None:
     column.label(text=f"Frame: {plan.frame_width:.0f} x {plan.frame_height:.0f} px (the render's aspect)")
     if settings.use_shot_margins:
         column.label(text=f"Margins: {shot.describe_margins(margins)}")
+    if settings.shot_warning:
+        box = layout.box()
+        for line in wrap(settings.shot_warning, 48):
+            box.label(text=line, icon="ERROR")
+        box.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
     if plan.capped:
         column.label(text=f"Capped at {CANVAS_MAX_SIDE} px a side: less detail than the model's native size",
                      icon="INFO")

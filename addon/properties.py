@@ -143,6 +143,10 @@ class MultiplaneSceneSettings(PropertyGroup):
         name="Shot Margins", size=4, min=0.0, default=(0.0, 0.0, 0.0, 0.0),
         description="Margins the camera move needed when last read: left, top, right, bottom, as fractions "
                     "of the frame (Read Shot or Generate updates them)")
+    shot_warning: StringProperty(
+        name="Shot Warning",
+        description="What the backdrop lacks for the camera move, as Read Shot or Parallax Camera Move last found "
+                    "(empty: nothing)")
 
     stack_path: StringProperty(
         name="Stack",

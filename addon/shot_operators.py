@@ -69,6 +69,7 @@ class MULTIPLANE_OT_read_shot(Operator):
             self.report({"ERROR"}, f"Cannot read the shot: {error}")
             return {"CANCELLED"}
         settings.shot_margins = margins
+        settings.shot_warning = ""
         self.report({"INFO"}, f"Frames {take.frame_start}-{take.frame_end}: margins "
                               f"{shot.describe_margins(margins)}; canvas {plan.width} x {plan.height}")
         backdrop = importer.find_backdrop(scene)
@@ -76,10 +77,12 @@ class MULTIPLANE_OT_read_shot(Operator):
             try:
                 shortfall = shot.backdrop_shortfall(scene, backdrop, take)
             except shot.ShotError as error:
-                self.report({"WARNING"}, f"The backdrop cannot fill this shot: {error}")
+                settings.shot_warning = f"The backdrop cannot fill this shot: {error}"
+                self.report({"WARNING"}, settings.shot_warning)
                 return {"FINISHED"}
             if shortfall.lacking:
-                self.report({"WARNING"}, f"{backdrop.name}: {shot.describe_shortfall(shortfall)}")
+                settings.shot_warning = f"{backdrop.name}: {shot.describe_shortfall(shortfall)}"
+                self.report({"WARNING"}, settings.shot_warning)
         return {"FINISHED"}
 
 
@@ -195,6 +198,7 @@ class MULTIPLANE_OT_extend_for_shot(Operator):
                    "request": json.dumps({"source": item.job_id, "extend": True, **body})}
         watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history,
                               extend_from=item.job_id, source_folder=item.path))
+        scene.multiplane.shot_warning = ""  # the extended stack is made for this shot
         ensure_timer()
         self.report({"INFO"}, f"Extending {item.name} from {stack.width} x {stack.height} to {plan.width} x "
                               f"{plan.height} for margins {shot.describe_margins(margins)}")

@@ -152,7 +152,9 @@ def scenario_draw_states() -> dict:
 
     out["idle"] = _draw(draw, bpy.context)
     settings.shot_margins = (1.0, 0.5, 1.0, 0.0)  # a wide move: 3 frames wide is past the cap
+    settings.shot_warning = "Backdrop: Lake: the camera move sees past the edges of background (missing right 0.30)"
     out["capped"] = _draw(draw, bpy.context)
+    settings.shot_warning = ""
     settings.shot_margins = (5.0, 0.0, 0.0, 0.0)  # beyond what a canvas may hold
     out["too_wide"] = _draw(draw, bpy.context)
     settings.shot_margins = (0.0, 0.0, 0.0, 0.0)
@@ -277,6 +279,8 @@ def test_panel_draws_every_state_with_valid_calls(python):
     assert any("not running" in t for t in idle["texts"])
     assert any("Margins: left 1.00, top 0.50, right 1.00" in t for t in out["capped"]["texts"])
     assert any("Capped at 2048 px a side" in t for t in out["capped"]["texts"])
+    assert "missing right 0.30" in " ".join(out["capped"]["texts"])
+    assert "multiplane.extend_for_shot" in out["capped"]["operators"]
     assert any("Canvas: 2048 x" in t for t in out["capped"]["texts"])
     assert not any("Capped" in t for t in idle["texts"])
     assert "margins.left = 5 is outside 0..4" in " ".join(out["too_wide"]["texts"]), out["too_wide"]["texts"]

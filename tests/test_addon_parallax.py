@@ -178,7 +178,8 @@ def blender_parallax_without_scaling(stack_dir: str) -> dict:
     result, reports = helpers.execute_recording(
         backdrop.MULTIPLANE_OT_parallax_move, bpy.context, truck=0.5, pedestal=0.0, dolly=0.0, margin=0.01,
         interpolation="BEZIER", scale_planes=False)
-    return {"result": result, "unchanged": geometry() == before, "reports": reports}
+    return {"result": result, "unchanged": geometry() == before, "reports": reports,
+            "panel_warning": scene.multiplane.shot_warning}
 
 
 def test_without_scale_planes_the_planes_stay_and_the_shortfall_is_reported(tmp_path):
@@ -190,3 +191,4 @@ def test_without_scale_planes_the_planes_stay_and_the_shortfall_is_reported(tmp_
     assert kinds == ["WARNING"], info["reports"]
     assert "sees past the edges of" in message and "right" in message and "Extend for Shot" in message, message
     assert "left" not in message.split("missing")[1].split(")")[0], message  # a truck right needs the right side
+    assert "Extend for Shot" in info["panel_warning"] and "Backdrop: Test Stack" in info["panel_warning"]

@@ -332,3 +332,32 @@ def test_layers_from_selected_objects(projection, python):
     assert "proxy" in out["behind"] and "not in front of the camera" in out["behind"], out["behind"]
     nothing_result, nothing_reports = out["nothing"]
     assert nothing_result == ["CANCELLED"] and "Select the blockout objects" in nothing_reports[0][1]
+
+
+def test_framed_planes_fill_the_frame_for_any_camera(tmp_path):
+    """The import test's camera grid (projections, sensor fits, shifts, pixel aspects) on a stack
+    whose frame is an off-centre part of its canvas: the frame rectangle fills the camera frame."""
+    frame = (0.1, 0.25, 0.7, 0.9)
+    stack = helpers.make_framed_stack(tmp_path / "stack", 64, 48, frame)
+    cases = [
+        {"projection": p, "sensor_fit": f, "shift": s, "lens": lens, "resolution": r, "pixel_aspect": a}
+        for p, f, s, lens, r, a in [
+            ("PERSP", "AUTO", (0.0, 0.0), 50.0, (64, 48), (1, 1)),
+            ("PERSP", "VERTICAL", (-0.1, 0.3), 85.0, (64, 48), (2, 1)),
+            ("PERSP", "HORIZONTAL", (0.0, 0.2), 35.0, (48, 64), (1, 3)),
+            ("ORTHO", "AUTO", (0.1, 0.1), 50.0, (48, 64), (1, 1)),
+            ("ORTHO", "VERTICAL", (0.3, 0.0), 50.0, (64, 48), (1, 2)),
+        ]
+    ]
+    results = run_in_blender(str(Path(__file__).with_name("test_addon_import.py")), "blender_fit_many_cameras",
+                             stack_dir=str(stack), cases=cases)
+    x0, y0, x1, y1 = frame
+
+    def view(cx: float, cy: float) -> list:  # image coordinates -> camera view (y up)
+        return [(cx - x0) / (x1 - x0), 1.0 - (cy - y0) / (y1 - y0)]
+
+    expected = [c for corner in (view(0, 1), view(1, 1), view(1, 0), view(0, 0)) for c in corner]
+    for case, planes in zip(cases, results):
+        assert len(planes) == 4
+        for corners in planes:
+            assert [c for corner in corners for c in corner] == pytest.approx(expected, abs=1e-5), case
