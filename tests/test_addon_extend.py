@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blender_helpers as helpers  # noqa: E402
-from blender_helpers import run_in_blender  # noqa: E402
+from blender_helpers import blender_pythons, run_in_blender  # noqa: E402
 
 from addon.canvas import extension_offset  # noqa: E402
 
@@ -76,6 +76,21 @@ def scenario_extend_for_shot(output: str) -> dict:
         scene.frame_set(frame)
         gaps.append(max(helpers.covers_frame(_projected(scene, camera, p)) for p in planes))
     out["gaps"] = gaps
+    # Rendered with transparent film: full coverage at the start, middle and end of the move.
+    helpers.setup_exact_render(scene, 256, 256, samples=1)
+    scene.render.resolution_percentage = 25
+    scene.render.film_transparent, scene.render.image_settings.color_mode = True, "RGBA"
+    out["alpha_min"] = {}
+    for frame in (1, 6, 12):
+        scene.frame_set(frame)
+        path = Path(output) / f"extended_{frame}.png"
+        helpers.render_to(scene, str(path))
+        out["alpha_min"][frame] = int(np.asarray(Image.open(path).convert("RGBA"))[..., 3].min())
+    # Control: the stack before the extension, re-imported, shows its edge at the end of the move.
+    bpy.ops.multiplane.history_import(index=1)
+    scene.frame_set(12)
+    helpers.render_to(scene, str(Path(output) / "source_12.png"))
+    out["source_alpha_min"] = int(np.asarray(Image.open(Path(output) / "source_12.png").convert("RGBA"))[..., 3].min())
     out.update(_compare_pixels(Path(out["source"]["path"]), Path(new.path), out["new"]["request"]["margins"]))
     package.unregister()
     return out
@@ -105,8 +120,9 @@ def _compare_pixels(old_dir: Path, new_dir: Path, request_margins) -> dict:
 # --------------------------------------------------------------------------- pytest side
 
 
-def test_extend_for_shot_outpaints_the_margins_the_move_needs(tmp_path):
-    out = run_in_blender(__file__, "scenario_extend_for_shot", timeout=400, output=str(tmp_path))
+@pytest.mark.parametrize("python", blender_pythons())
+def test_extend_for_shot_outpaints_the_margins_the_move_needs(python, tmp_path):
+    out = run_in_blender(__file__, "scenario_extend_for_shot", timeout=400, python=python, output=str(tmp_path))
     assert out["first"]["state"] == "succeeded", out["first"]
     assert out["poll"] is True
     result, reports = out["nothing"]
@@ -129,6 +145,8 @@ def test_extend_for_shot_outpaints_the_margins_the_move_needs(tmp_path):
     assert out["collection_after"] == out["collection_before"] and out["backdrops"] == [out["collection_before"]]
     assert all(Path(path).parent == Path(new["path"]) for path in out["plane_files"])
     assert max(out["gaps"]) <= 0.0, out["gaps"]
+    assert all(value >= 254 for value in out["alpha_min"].values()), out["alpha_min"]
+    assert out["source_alpha_min"] == 0
 
     sizes = out["sizes"]
     assert sizes["new"][0] > sizes["old"][0] and sizes["new"][1] == sizes["old"][1], sizes

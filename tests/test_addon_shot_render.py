@@ -1,5 +1,5 @@
 """Proof by render (Cycles, tiny images): a stack with a frame rectangle renders, at the shot's
-start, exactly as the frame crop of its composite - at 1:1, 16:9, 2.39:1, 9:16 and 1536x640 at
+start, exactly as the frame crop of its composite.png (the engine's linear-light composite) - at 1:1, 16:9, 2.39:1, 9:16 and 1536x640 at
 25 % - with square texels (no axis stretched); and moving shots (parallax_move, a hand-keyed
 camera with rotation, an orthographic truck) over a stack planned for them show no plane edge
 at any sampled frame (transparent film: full coverage), and frame 1 is the static render."""
@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blender_helpers as helpers  # noqa: E402
 from blender_helpers import blender_pythons, load_rgb, run_in_blender  # noqa: E402
 
 from addon.canvas import plan_canvas  # noqa: E402
+from inference.stack.composite import alpha_over  # noqa: E402
 
 TINY_BUDGET = 256 * 256
 # name: (render width, height, percentage, pixel aspect x)
@@ -144,6 +146,8 @@ def test_static_render_equals_the_frame_crop_of_the_composite(name, python, tmp_
     layers = helpers.smooth_layers(plan.width, plan.height)
     stack = helpers.make_framed_stack(tmp_path / "stack", plan.width, plan.height, plan.frame, layers=layers,
                                       depths=[30.0, 9.0, 3.0])
+    # composite.png as the engine writes it (linear-light over, inference/stack/composite.py).
+    Image.fromarray(alpha_over(layers), "RGB").save(stack / "composite.png")
     render_path = tmp_path / "render.png"
     projection = "ORTHO" if name == "9:16" else "PERSP"
     info = run_in_blender(__file__, "scenario_static_render", python=python, stack_dir=str(stack),
@@ -154,8 +158,8 @@ def test_static_render_equals_the_frame_crop_of_the_composite(name, python, tmp_
     composite = _frame_crop(load_rgb(stack / "composite.png"), plan.frame, render_w, render_h)
     linear = _frame_crop(helpers.composite_linear(layers), plan.frame, render_w, render_h)
     errors = {"composite": float(np.abs(render - composite).mean()), "linear": float(np.abs(render - linear).mean())}
-    assert errors["composite"] <= 2.0, errors
-    assert errors["linear"] <= 1.0, errors
+    assert errors["composite"] <= 1.0, errors  # the issue asks <= 2/255
+    assert errors["linear"] <= 1.0, errors  # and against the test's own linear-light composite
     # Control: the whole canvas squeezed into the frame (an import that ignores the frame) is far off.
     whole = _frame_crop(load_rgb(stack / "composite.png"), (0.0, 0.0, 1.0, 1.0), render_w, render_h)
     if not plan.whole:
@@ -174,8 +178,6 @@ def moving_render(request, tmp_path_factory):
 
 
 def _rgba(path: str) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.open(path).convert("RGBA"), dtype=np.float64)
 
 
