@@ -1,8 +1,9 @@
 """Proof by render (Cycles, tiny images): a stack with a frame rectangle renders, at the shot's
-start, exactly as the frame crop of its composite.png (the engine's linear-light composite) - at 1:1, 16:9, 2.39:1, 9:16 and 1536x640 at
-25 % - with square texels (no axis stretched); and moving shots (parallax_move, a hand-keyed
-camera with rotation, an orthographic truck) over a stack planned for them show no plane edge
-at any sampled frame (transparent film: full coverage), and frame 1 is the static render."""
+start, exactly as the frame crop of its composite.png (the engine's linear-light composite)
+- at 1:1, 16:9, 2.39:1, 9:16, 1536x640 at 25 % and an anamorphic pixel aspect - with square
+texels (no axis stretched); and moving shots (parallax_move, a hand-keyed camera with
+rotation, an orthographic truck) over a stack planned for them show no plane edge at any
+sampled frame (transparent film: full coverage), and frame 1 is the static render."""
 from __future__ import annotations
 
 import sys
