@@ -15,6 +15,7 @@ from bpy.types import Operator
 
 from . import backend, installer, preferences, shot, shot_operators
 from .canvas import CanvasPlan
+from .geometry import GeometryError, check_depth_order
 from .limits import MAX_FOREGROUNDS, MAX_NAME_CHARS, MAX_SEED
 from .watcher import JobPlan, ensure_timer, watcher
 
@@ -37,6 +38,17 @@ def plan_request_canvas(scene) -> tuple[CanvasPlan, tuple[float, float, float, f
     return plan, margins
 
 
+def check_layer_depths(settings) -> None:
+    """ValueError (artist-facing) unless the layers' depths, as the importer will place them,
+    get nearer from back to front - caught before generating, not at the import after it."""
+    distances = shot.generation_distances([layer.depth for layer in settings.layers])
+    try:
+        check_depth_order(distances)
+    except GeometryError as error:
+        raise ValueError(f"Depths: {error} (layer 0 is the background, at {distances[0]:g}; depth 0 spreads a "
+                         "layer automatically): change the layers' depths or their order") from None
+
+
 def build_request(scene) -> dict:
     """The POST /v1/jobs body for the scene's settings. A layer's depth (0 = spread between
     the importer's Near and Far) travels in it: the engine writes it into the stack. Layers
@@ -52,6 +64,7 @@ def build_request(scene) -> dict:
     if len(settings.layers) > MAX_FOREGROUNDS:
         raise ValueError(f"At most {MAX_FOREGROUNDS} foreground layers; remove {len(settings.layers) - MAX_FOREGROUNDS}")
     shot_operators.refresh_proxy_layers(scene)
+    check_layer_depths(settings)
     layers = []
     for index, layer in enumerate(settings.layers, start=1):
         text = layer.prompt.strip()

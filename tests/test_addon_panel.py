@@ -213,8 +213,15 @@ def scenario_layer_operators_and_request() -> dict:
     after_remove = [layer.prompt for layer in settings.layers]
     settings.layers[0].use_box = True
     settings.layers[0].box = (0.1, 0.2, 0.6, 0.9)
-    settings.layers[1].depth = 7.5
-    errors = {}
+    settings.layers[1].depth = 7.5  # behind layer 0's automatic depth (7.27): refused
+    try:
+        settings.prompt = "a quiet lake"
+        generate.build_request(scene)
+    except ValueError as error:
+        depth_error = str(error)
+    settings.prompt = ""
+    settings.layers[1].depth = 3.5
+    errors = {"depths": depth_error}
     try:
         generate.build_request(scene)
     except ValueError as error:
@@ -329,7 +336,9 @@ def test_layer_list_operators_and_request_body(python):
     assert (body["width"], body["height"]) == (plan.width, plan.height) == (1472, 768)
     assert body["frame"] == pytest.approx(list(plan.frame)) and plan.frame[0] == 0.0 and plan.frame[1] > 0.0
     assert body["layers"] == [{"prompt": "layer 0", "box": pytest.approx([0.1, 0.2, 0.6, 0.9], abs=1e-6)},
-                              {"prompt": "layer 1", "depth": 7.5}]  # depth 0 (spread): left out
+                              {"prompt": "layer 1", "depth": 3.5}]  # depth 0 (spread): left out
+    assert "layer 2 depth 7.5 is not nearer than layer 1 depth 7.27273" in out["errors"]["depths"], out["errors"]
+    assert "change the layers' depths or their order" in out["errors"]["depths"]
     assert body["method"] == "joint" and body["model"] == "sdxl"
     assert out["seed"] != 5
     assert "no active camera" in out["reports"]["no_camera"]
