@@ -523,6 +523,10 @@ def test_models_are_listed_with_availability(api, tmp_path):
     models = {m["name"]: m for m in r.json()["models"]}
     assert "tiny" in models and "sdxl" in models
     assert isinstance(models["sdxl"]["available"], bool)
+    # The canvas planner's budget per model: its native size squared.
+    for name, size in (("sdxl", 1024), ("sd15", 512), ("tiny", 256)):
+        assert models[name]["details"]["default_size"] == size
+        assert models[name]["details"]["pixel_budget"] == size * size
 
 
 def test_download_of_unknown_model_is_404(api):

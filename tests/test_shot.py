@@ -172,3 +172,18 @@ def test_extend_refuses_bad_margins_by_name_and_writes_nothing(engine, source, t
         engine.extend(source, margins, tmp_path / "bad", tta_passes=1)
     assert err.value.field == "margins" and needle in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_cancelled_extension_leaves_nothing(engine, source, tmp_path):
+    from inference.errors import Cancelled
+
+    cancel = CancelToken()
+
+    def stop_at_first_step(p):
+        if p.phase == "denoise" and p.step == 1:
+            cancel.cancel("stop")
+
+    with pytest.raises(Cancelled):
+        engine.extend(source, (0.3, 0.0, 0.0, 0.0), tmp_path / "cut", tta_passes=1, progress=stop_at_first_step,
+                      cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
