@@ -151,6 +151,10 @@ def test_extend_grows_every_layer_around_the_same_frame(engine, source, tmp_path
     np.testing.assert_array_equal(composite, alpha_over(new_images))
     assert any(e.phase == "denoise" for e in events) and any(e.phase == "decode" for e in events)
 
+    # An edit of the extended stack keeps its canvas and frame.
+    edited = engine.regenerate(out, 2, tmp_path / "edit", new_seed=77, tta_passes=1)
+    assert (edited.width, edited.height, edited.frame) == (loaded.width, loaded.height, loaded.frame)
+
     # Extending again (a framed stack now) keeps that frame's pixels and recomputes it.
     again = engine.extend(out, (0.5, 0.1, 0.2, 0.1), tmp_path / "ext2", tta_passes=1)
     plan2 = plan_extension(320, 320, loaded.frame, (0.5, 0.1, 0.2, 0.1))
