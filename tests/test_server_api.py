@@ -667,3 +667,20 @@ def test_extend_needs_a_finished_stack(api, tmp_path):
         slow.client.delete(f"/v1/jobs/{running['id']}", headers=AUTH)
     finally:
         slow.close()
+
+
+def test_a_stack_from_an_earlier_run_can_be_extended(tmp_path):
+    """Like regenerate: a stack listed after a restart is a job, and extends by its id."""
+    root = tmp_path / "out"
+    a = Api(root)
+    job = a.wait(a.submit(name="Kept")["id"])
+    a.close()
+    b = Api(root)
+    try:
+        r = b.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [0.0, 0.5, 0.0, 0.0]}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        done = b.wait(r.json()["id"])
+        assert done["status"] == "succeeded", done
+        assert load_stack(done["stack"]["path"]).height == 384  # 256 + 128 above, in 64-pixel tiles
+    finally:
+        b.close()
