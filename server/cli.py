@@ -246,7 +246,7 @@ def frame_note(stack) -> str:
 
 
 def run_edit(args, edit) -> int:
-    """Shared by `regenerate` and `restyle`: engine set-up, progress bar, report."""
+    """Shared by `regenerate`, `restyle` and `extend`: engine set-up, progress bar, report."""
     from inference.engine import Engine, EngineSettings
     from inference.progress import CancelToken
 
