@@ -22,26 +22,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
+def _four_numbers(text: str, what: str, names: str) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"box {text!r} must be x0,y0,x1,y1 numbers") from None
+        raise argparse.ArgumentTypeError(f"{what} {text!r} must be {names} numbers") from None
     if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"box {text!r} must have 4 numbers x0,y0,x1,y1")
+        raise argparse.ArgumentTypeError(f"{what} {text!r} must have 4 numbers {names}")
     return values  # type: ignore[return-value]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    return _four_numbers(text, "box", "x0,y0,x1,y1")
 
 
 def parse_margins(text: str) -> tuple[float, float, float, float]:
     """L,T,R,B: fractions of the camera frame's width (left, right) and height (top, bottom)."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"margins {text!r} must be L,T,R,B numbers") from None
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"margins {text!r} must have 4 numbers L,T,R,B "
-                                         f"(fractions of the frame's width/height)")
-    return values  # type: ignore[return-value]
+    return _four_numbers(text, "margins", "L,T,R,B")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,7 +246,7 @@ def frame_note(stack) -> str:
 
 
 def run_edit(args, edit) -> int:
-    """Shared by `regenerate` and `restyle`: engine set-up, progress bar, report."""
+    """Shared by `regenerate`, `restyle` and `extend`: engine set-up, progress bar, report."""
     from inference.engine import Engine, EngineSettings
     from inference.progress import CancelToken
 

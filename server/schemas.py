@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from inference import request as limits
+from inference.canvas import MAX_MARGIN
 from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
 
@@ -251,8 +252,8 @@ class ExtendIn(_Closed):
         min_length=4, max_length=4,
         description="[left, top, right, bottom] the new shot needs around the same frame, fractions of "
                     "the frame's width (left, right) and height (top, bottom); the canvas grows where "
-                    "it lacks them (multiples of 64, at most 2048 per side)",
-        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 4.0}})
+                    "it lacks them (multiples of 64, at most 2048 per side; more is refused)",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": MAX_MARGIN}})
     tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
 
     engine_checks = {"margins": limits.validate_margins, "tta_passes": limits.validate_tta_passes}

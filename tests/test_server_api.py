@@ -523,6 +523,10 @@ def test_models_are_listed_with_availability(api, tmp_path):
     models = {m["name"]: m for m in r.json()["models"]}
     assert "tiny" in models and "sdxl" in models
     assert isinstance(models["sdxl"]["available"], bool)
+    # The canvas planner's budget per model: its native size squared.
+    for name, size in (("sdxl", 1024), ("sd15", 512), ("tiny", 256)):
+        assert models[name]["details"]["default_size"] == size
+        assert models[name]["details"]["pixel_budget"] == size * size
 
 
 def test_download_of_unknown_model_is_404(api):
@@ -663,3 +667,20 @@ def test_extend_needs_a_finished_stack(api, tmp_path):
         slow.client.delete(f"/v1/jobs/{running['id']}", headers=AUTH)
     finally:
         slow.close()
+
+
+def test_a_stack_from_an_earlier_run_can_be_extended(tmp_path):
+    """Like regenerate: a stack listed after a restart is a job, and extends by its id."""
+    root = tmp_path / "out"
+    a = Api(root)
+    job = a.wait(a.submit(name="Kept")["id"])
+    a.close()
+    b = Api(root)
+    try:
+        r = b.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [0.0, 0.5, 0.0, 0.0]}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        done = b.wait(r.json()["id"])
+        assert done["status"] == "succeeded", done
+        assert load_stack(done["stack"]["path"]).height == 384  # 256 + 128 above, in 64-pixel tiles
+    finally:
+        b.close()

@@ -151,6 +151,10 @@ def test_extend_grows_every_layer_around_the_same_frame(engine, source, tmp_path
     np.testing.assert_array_equal(composite, alpha_over(new_images))
     assert any(e.phase == "denoise" for e in events) and any(e.phase == "decode" for e in events)
 
+    # An edit of the extended stack keeps its canvas and frame.
+    edited = engine.regenerate(out, 2, tmp_path / "edit", new_seed=77, tta_passes=1)
+    assert (edited.width, edited.height, edited.frame) == (loaded.width, loaded.height, loaded.frame)
+
     # Extending again (a framed stack now) keeps that frame's pixels and recomputes it.
     again = engine.extend(out, (0.5, 0.1, 0.2, 0.1), tmp_path / "ext2", tta_passes=1)
     plan2 = plan_extension(320, 320, loaded.frame, (0.5, 0.1, 0.2, 0.1))
@@ -172,3 +176,18 @@ def test_extend_refuses_bad_margins_by_name_and_writes_nothing(engine, source, t
         engine.extend(source, margins, tmp_path / "bad", tta_passes=1)
     assert err.value.field == "margins" and needle in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_cancelled_extension_leaves_nothing(engine, source, tmp_path):
+    from inference.errors import Cancelled
+
+    cancel = CancelToken()
+
+    def stop_at_first_step(p):
+        if p.phase == "denoise" and p.step == 1:
+            cancel.cancel("stop")
+
+    with pytest.raises(Cancelled):
+        engine.extend(source, (0.3, 0.0, 0.0, 0.0), tmp_path / "cut", tta_passes=1, progress=stop_at_first_step,
+                      cancel=cancel)
+    assert list(tmp_path.iterdir()) == []

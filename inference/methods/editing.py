@@ -12,7 +12,7 @@ frame in one joint run; the known pixels are encoded and held in the latent at e
 (`LayeredOptions.held`), only the new margins are generated, and afterwards the old pixels
 are pasted back (byte-identical away from a feathered seam of SEAM_PIXELS).
 
-These functions only make pixels: the engine (`Engine.regenerate`/`Engine.restyle`) loads
+These functions only make pixels: the engine (`Engine.regenerate`/`restyle`/`extend`) loads
 the model, times, and writes the new stack through its one writing path; kept files end up
 byte-identical copies of the originals.
 """
