@@ -67,7 +67,8 @@ class MultiplaneLayer(PropertyGroup):
                            default="", maxlen=limits.MAX_PROMPT_CHARS)
     use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False)
     box: FloatVectorProperty(
-        name="Box", description="Layout box: left, top, right, bottom, as fractions of the image (top-left origin)",
+        name="Box", description="Layout box: left, top, right, bottom, as fractions of the camera frame at the "
+                                "shot's first frame (top-left origin; the canvas's margins lie outside it)",
         size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE")
     depth: FloatProperty(
         name="Depth", description="Distance from the camera when imported (0: spread automatically)",
