@@ -48,10 +48,6 @@ class Shot:
     frame_start: int
     frame_end: int
 
-    @property
-    def moves(self) -> bool:
-        return len(self.poses) > 1
-
 
 @contextmanager
 def frame_kept(scene: bpy.types.Scene):
