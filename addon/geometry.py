@@ -4,8 +4,10 @@ Blender's camera (camera.cc, `BKE_camera_params_compute_viewplane`) decides what
 from a handful of numbers: the projection, the lens and sensor (or the orthographic
 scale), the sensor fit, the render resolution with its pixel aspect, and the lens shift.
 This module reproduces that computation, then uses it to size backdrop planes so that,
-seen from the camera, each one fills the frame exactly, and to find how much bigger a
-plane has to be for a camera move never to reveal its edges.
+seen from the camera, each one's frame rectangle fills the frame exactly; to find what a
+camera move sees of each plane (the margins a canvas needs, `seen_region`) or, the old
+way, how much bigger a plane has to be for the move never to reveal its edges; and to
+place an object in the frame (`projected_box`).
 
 Coordinates are camera-local, as in Blender: x to the right, y up, the camera looks down
 -z. A "distance" is measured along the view axis (-z), not along the ray.
