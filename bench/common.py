@@ -23,6 +23,18 @@ def run_ours(engine, req, root: Path, tag: str) -> None:
     engine.generate(req, "tiny", root / f"{tag}-{time.perf_counter_ns()}")
 
 
+def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Fastest of `repeats` runs of `fn` in seconds (after one untimed warm-up run)."""
+    if warm_up:
+        fn()  # first calls pay for allocator and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def alternate(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
     """Seconds per run of each variant, interleaved so machine noise hits all of them alike."""
     samples: dict[str, list[float]] = {name: [] for name in variants}

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import torch
 from diffusers import AutoencoderKL
 
-from bench.common import count_flops
+from bench.common import best_time, count_flops
 from inference.transparent_vae import TransparentDecoder, decode_transparent, fast_memory_format
 
 BENCH_VAE = dict(
@@ -32,17 +31,6 @@ BENCH_VAE = dict(
     norm_num_groups=32,
 )
 SDXL_VAE = dict(BENCH_VAE, block_out_channels=(128, 256, 512, 512))
-
-
-def _best_time(fn, repeats: int, warm_up: bool = True) -> float:
-    if warm_up:
-        fn()  # first calls pay for allocator and kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def full_size_flops(size: int = 1024) -> dict:
@@ -76,10 +64,10 @@ def run(size: int = 256, repeats: int = 2) -> dict:
         with torch.no_grad():
             vae.decode(latent)
 
-    vae_s = _best_time(vae_decode, repeats)
-    tta1_s = _best_time(lambda: decode_transparent(decoder, pixel, latent, passes=1), repeats)
+    vae_s = best_time(vae_decode, repeats)
+    tta1_s = best_time(lambda: decode_transparent(decoder, pixel, latent, passes=1), repeats)
     # The decoder is warm from the TTA 1 runs; 8 passes are long enough to time once.
-    tta8_s = _best_time(lambda: decode_transparent(decoder, pixel, latent, passes=8), 1, warm_up=False)
+    tta8_s = best_time(lambda: decode_transparent(decoder, pixel, latent, passes=8), 1, warm_up=False)
     with torch.no_grad():
         decoder_flops = count_flops(lambda: decoder(pixel, latent))
         vae_flops = count_flops(lambda: vae.decode(latent))

@@ -26,6 +26,17 @@ class EngineSettings:
     allow_download: bool = True
     offload: bool = False
     vae_tiling: bool = False
+    max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
+    dtype: Optional[str] = None  # "float32", "bfloat16", "float16"; None = the device's default
+
+    def __post_init__(self):
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            from .errors import InvalidRequest
+
+            raise InvalidRequest("max_batch", f"must be a positive integer (UNet rows per call), "
+                                              f"got {self.max_batch!r}; leave it unset to size chunks "
+                                              "from the free memory")
 
 
 def quiet_libraries() -> None:
@@ -68,7 +79,7 @@ class Engine:
         """Return the loaded model for `model`, loading it (and freeing the previous) if needed."""
         if self._loaded is not None and self._loaded_spec == model:
             return self._loaded
-        from .devices import default_dtype
+        from .devices import run_dtype
         from .models import load_model, resolve_model
 
         self.unload()
@@ -79,8 +90,9 @@ class Engine:
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(Progress(phase="load", message=f"loading {model}"))
-        self._loaded = load_model(resolved, self.device, default_dtype(self.device),
+        self._loaded = load_model(resolved, self.device, run_dtype(self.device, self.settings.dtype),
                                   offload=self.settings.offload, vae_tiling=self.settings.vae_tiling)
+        self._loaded.max_batch = self.settings.max_batch
         self._loaded_spec = model
         return self._loaded
 

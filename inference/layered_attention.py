@@ -62,7 +62,6 @@ class AttentionCapture:
         self._cross_index = {b: n for n, b in enumerate(self.cross_rows)}
         self._self_index = {b: n for n, b in enumerate(self.self_items)}
         self._selectors: dict = {}
-        self._row_index: dict = {}
         self.reset()
 
     def reset(self) -> None:
@@ -71,14 +70,6 @@ class AttentionCapture:
         self._spread: dict[tuple[int, int], torch.Tensor] = {}
         self._spread_count = 0
         self._means: dict = {}  # (kind, size) → [rows, *size] mean, until the next add
-
-    def rows(self, which: str, device) -> torch.Tensor:
-        """Batch rows captured for `which` ("cross" or "self"), as an index tensor on `device`."""
-        key = (which, device)
-        if key not in self._row_index:
-            rows = self.cross_rows if which == "cross" else self.self_items
-            self._row_index[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        return self._row_index[key]
 
     def selector(self, length: int, device, dtype) -> torch.Tensor:
         """[rows, 1, S, 1] 0/1 weights picking each captured row's own prompt tokens."""
@@ -184,9 +175,11 @@ class LayeredAttentionState:
             raise ValueError(f"regions needs one map per item ({self.items}), got {regions.shape[0]}")
         self.composite = composite
         self.capture = capture
-        self.set_transparency_scale(transparency_scale)
         self._grid_cache: dict[int, tuple[int, int]] = {}
         self._tensor_cache: dict = {}
+        self.full_batch = self.batch
+        self.rows: tuple[int, ...] = tuple(range(self.full_batch))
+        self.set_transparency_scale(transparency_scale)
 
     def set_inter_layer_strength(self, strength: float) -> None:
         """Change the strength between steps (0 = plain self-attention from now on)."""
@@ -198,21 +191,70 @@ class LayeredAttentionState:
 
     def set_transparency_scale(self, scale: Optional[Sequence[float]]) -> None:
         """Per-item side-path scale; rows with scale 0 never touch the side path."""
+        if scale is not None:
+            scale = [float(s) for s in scale]
+            if len(scale) != self.items:
+                raise ValueError(f"transparency_scale needs {self.items} values, got {len(scale)}")
+        self._item_scale = scale
+        self._derive_rows()
+
+    def select_rows(self, rows: Optional[Sequence[int]] = None) -> None:
+        """Let the next UNet calls carry only these rows of the full (groups × items) batch,
+        in this order (one chunk of a chunked step); None = every row.
+
+        Inter-layer attention and the key/value composite need whole guidance halves in a
+        chunk (they mix items of one half); the sampler's chunk plan keeps them whole.
+        """
+        rows = tuple(range(self.full_batch)) if rows is None else tuple(int(r) for r in rows)
+        if not rows or any(not 0 <= r < self.full_batch for r in rows):
+            raise ValueError(f"chunk rows must be in 0..{self.full_batch - 1}, got {rows}")
+        if rows != self.rows:
+            self.rows = rows
+            self._derive_rows()
+
+    def _derive_rows(self) -> None:
+        """Per-row facts of the current rows: patched rows and their scale, whole halves."""
+        rows, items = self.rows, self.items
+        self.batch = len(rows)
+        self.row_items = tuple(r % items for r in rows)
+        starts = rows[::items]
+        whole = len(rows) % items == 0 and all(
+            s % items == 0 and rows[n * items:(n + 1) * items] == tuple(range(s, s + items))
+            for n, s in enumerate(starts))
+        self.chunk_groups = len(rows) // items if whole else None  # whole halves in this chunk
+        self._local_cache: dict = {}
+        scale = self._item_scale
         if scale is None:
             self.patched_rows = None
             self.patched_scale = None
             self.unit_scale = False
             self.row_patched = (False,) * self.batch
             return
-        scale = [float(s) for s in scale]
-        if len(scale) != self.items:
-            raise ValueError(f"transparency_scale needs {self.items} values, got {len(scale)}")
-        per_row = scale * self.groups
-        rows = [b for b, s in enumerate(per_row) if s != 0.0]
-        self.patched_rows = torch.tensor(rows, dtype=torch.long) if rows else None
-        self.patched_scale = torch.tensor([per_row[b] for b in rows]) if rows else None
-        self.unit_scale = all(per_row[b] == 1.0 for b in rows)
+        per_row = [scale[i] for i in self.row_items]
+        patched = [b for b, s in enumerate(per_row) if s != 0.0]
+        self.patched_rows = torch.tensor(patched, dtype=torch.long) if patched else None
+        self.patched_scale = torch.tensor([per_row[b] for b in patched]) if patched else None
+        self.unit_scale = all(per_row[b] == 1.0 for b in patched)
         self.row_patched = tuple(s != 0.0 for s in per_row)
+
+    def local_rows(self, full_rows: Sequence[int], device) -> Optional[torch.Tensor]:
+        """Positions of `full_rows` (full-batch indices) in the current chunk, as an index
+        tensor; None when the chunk has none of them (a chunk holds all or none)."""
+        key = (tuple(full_rows), device)
+        if key not in self._local_cache:
+            where = {r: n for n, r in enumerate(self.rows)}
+            found = [where[r] for r in full_rows if r in where]
+            if found and len(found) != len(full_rows):
+                raise ValueError(f"rows {list(full_rows)} must be in one chunk, this one has {list(self.rows)}")
+            self._local_cache[key] = torch.tensor(found, dtype=torch.long, device=device) if found else None
+        return self._local_cache[key]
+
+    def whole_groups(self, what: str) -> int:
+        """Guidance halves in the current chunk; ValueError when `what` needs whole halves."""
+        if self.chunk_groups is None:
+            raise ValueError(f"{what} mixes the items of a guidance half: a chunk must hold whole halves, "
+                             f"this one has rows {list(self.rows)}")
+        return self.chunk_groups
 
     def grid(self, tokens: int) -> tuple[int, int]:
         """(h, w) of a token sequence at one UNet resolution (each level halves, rounding up)."""
@@ -253,22 +295,25 @@ class LayeredAttentionState:
         w.fill_diagonal_(0.0)
         return w
 
-    def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype, padding: int = 0) -> torch.Tensor:
+    def inter_layer_bias(self, tokens: int, pooled_tokens: int, device, dtype, padding: int = 0,
+                         groups: Optional[int] = None) -> torch.Tensor:
         """Additive bias [G·L, 1, 1, T + (L−1)·T' + padding] for [own keys, other items' pooled
         keys, padding keys].
 
         A pooled key stands for T/T' tokens, so it gets log(T/T') on top of log(strength):
         another layer's region counts `strength` times an own region of the same size.
         Padding keys get −inf (they only align the key count for the attention kernel).
+        `groups`: the guidance halves of the call (all of them unless a chunk holds fewer).
         """
-        key = (tokens, pooled_tokens, padding, device, dtype)
+        groups = self.groups if groups is None else groups
+        key = (tokens, pooled_tokens, padding, device, dtype, groups)
         if key not in self._tensor_cache:
             w = self.log_weights() + math.log(tokens / pooled_tokens)
             rows = []
             for i in range(self.items):
                 others = w[i, self.other_items[i]].repeat_interleave(pooled_tokens)
                 rows.append(torch.cat([torch.zeros(tokens), others, torch.full((padding,), -math.inf)]))
-            bias = torch.stack(rows).repeat(self.groups, 1)
+            bias = torch.stack(rows).repeat(groups, 1)
             self._tensor_cache[key] = bias[:, None, None, :].to(device=device, dtype=dtype)
         return self._tensor_cache[key]
 
@@ -304,7 +349,7 @@ class LayeredAttnProcessor:
         # Merged W + up·down where that is cheaper than the side path (rank ≥ in·out/(in+out),
         # e.g. full-rank test patches); used for rows whose scale is exactly 1.
         self.dense = dense or {}
-        self._row_weights: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._row_weights: dict[tuple, torch.Tensor] = {}
 
     # Declared as __call__ with named parameters only: Attention.forward passes just these.
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,
@@ -318,7 +363,7 @@ class LayeredAttnProcessor:
         batch, tokens, _ = hidden_states.shape
         if batch != st.batch:
             raise ValueError(f"{self.name}: batch {batch} does not match the layered layout "
-                             f"({st.groups} groups × {st.items} items = {st.batch})")
+                             f"({len(st.rows)} of the {st.groups} groups × {st.items} items)")
         is_self = encoder_hidden_states is None
         context = hidden_states if is_self else encoder_hidden_states
 
@@ -395,19 +440,19 @@ class LayeredAttnProcessor:
     def row_weights(self, which: str, weight: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """[B, in, out]: Wᵀ for unpatched rows, (W + ΔW)ᵀ for patched ones; built once per layout."""
         st = self.state
-        key = (st.row_patched, weight.data_ptr(), dense.data_ptr(), weight.device)
-        cached = self._row_weights.get(which)
-        if cached is None or cached[0] != key:
+        key = (which, st.row_patched, weight.data_ptr(), dense.data_ptr(), weight.device)
+        if key not in self._row_weights:  # one entry per row pattern (chunks alternate patterns)
+            if len(self._row_weights) >= 4 * len(PROJECTIONS):
+                self._row_weights.clear()
             per_row = [dense.t() if patched else weight.t() for patched in st.row_patched]
-            cached = (key, torch.stack(per_row).contiguous())
-            self._row_weights[which] = cached
-        return cached[1]
+            self._row_weights[key] = torch.stack(per_row).contiguous()
+        return self._row_weights[key]
 
     def inter_layer_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int
                               ) -> torch.Tensor:
         """Each item attends to its own keys and the other items' (pooled) keys, log-weighted."""
         st = self.state
-        groups, items = st.groups, st.items
+        groups, items = st.whole_groups("inter-layer attention"), st.items
         batch, heads, _, head_dim = k.shape
         others = st.other_items.to(k.device)
         pool = st.pooling_matrix(tokens, k.device, k.dtype)  # [n, T], None when not pooling
@@ -427,7 +472,7 @@ class LayeredAttnProcessor:
             2, batch, heads, extra, head_dim)
         if padding:
             kv[:, :, :, tokens + extra:] = 0
-        bias = st.inter_layer_bias(tokens, n, q.device, q.dtype, padding)
+        bias = st.inter_layer_bias(tokens, n, q.device, q.dtype, padding, groups)
         return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, dropout_p=0.0, is_causal=False)
 
     def composite_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -437,8 +482,8 @@ class LayeredAttnProcessor:
         comp = st.composite
         h, w = st.grid(tokens)
         m = resize_map(comp.mask.float(), h, w).reshape(1, 1, tokens, 1).to(device=k.device, dtype=k.dtype)
-        rows = lambda item: torch.tensor([g * st.items + item for g in range(st.groups)],  # noqa: E731
-                                         device=k.device)
+        st.whole_groups("the key/value composite")
+        rows = lambda item: st.local_rows([r for r in st.rows if r % st.items == item], k.device)  # noqa: E731
         target, inside, outside = rows(comp.target), rows(comp.inside), rows(comp.outside)
         mixed_k = m * k[inside] + (1 - m) * k[outside]
         mixed_v = m * v[inside] + (1 - m) * v[outside]
@@ -452,7 +497,7 @@ class LayeredAttnProcessor:
         st = self.state
         h, w = st.grid(tokens)
         gate = resize_map(st.regions.float(), h, w).reshape(st.items, tokens)
-        return gate.repeat(st.groups, 1)[:, :, None].to(device=device, dtype=dtype)
+        return gate[list(st.row_items)][:, :, None].to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def capture(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, tokens: int, is_self: bool) -> None:
@@ -463,13 +508,17 @@ class LayeredAttnProcessor:
         if not is_self:
             if not cap.cross_rows:
                 return
-            rows = cap.rows("cross", q.device)
+            rows = st.local_rows(cap.cross_rows, q.device)
+            if rows is None:
+                return
             qr, kr = q.index_select(0, rows).float(), k.index_select(0, rows).float()
             probs = torch.softmax(torch.matmul(qr, kr.transpose(-1, -2)) * scale, dim=-1)  # [R, H, T, S]
             mass = torch.matmul(probs, cap.selector(kr.shape[2], q.device, probs.dtype))  # [R, H, T, 1]
             cap.add_cross(mass.mean(dim=1).reshape(len(cap.cross_rows), h, w))
         elif cap.self_items and tokens <= cap.max_self_tokens:
-            rows = cap.rows("self", q.device)
+            rows = st.local_rows(cap.self_items, q.device)
+            if rows is None:
+                return
             qr, kr = q.index_select(0, rows).float(), k.index_select(0, rows).float()
             probs = torch.softmax(torch.matmul(qr, kr.transpose(-1, -2)) * scale, dim=-1).mean(dim=1)
             spread = (1.0 / (probs * probs).sum(dim=-1).clamp(min=1e-12)) / tokens  # [R, T]

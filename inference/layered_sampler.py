@@ -155,6 +155,18 @@ def predicted_clean(scheduler, step_output, model_input: torch.Tensor, eps: torc
     return (model_input - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 
 
+def pack_chunks(units: Sequence[Sequence[int]], max_rows: int) -> list[list[int]]:
+    """Units of rows (each must stay in one call) packed in order into chunks of at most
+    `max_rows` rows; a unit larger than that is a chunk of its own."""
+    chunks: list[list[int]] = []
+    for unit in units:
+        if chunks and len(chunks[-1]) + len(unit) <= max_rows:
+            chunks[-1].extend(unit)
+        else:
+            chunks.append(list(unit))
+    return chunks
+
+
 # ------------------------------------------------------------------ the sampler
 class LayeredSampler:
     """One layered run over `items` (see the module docstring); call it once."""
@@ -304,12 +316,55 @@ class LayeredSampler:
         rows = self.layout.gather(latents)
         model_input = torch.cat([rows] * self.groups) if self.groups > 1 else rows
         model_input = self.scheduler.scale_model_input(model_input, t)
-        eps = self.unet(model_input, t, encoder_hidden_states=self.context, added_cond_kwargs=self.added,
-                        return_dict=False)[0]
+        eps = self._denoise_chunked(model_input, t)
         if self.cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + self.settings.guidance * (text - uncond)
         return self.layout.merge(eps)
+
+    def _denoise_chunked(self, model_input: torch.Tensor, t) -> torch.Tensor:
+        """The UNet's prediction for every row, in as many calls as memory wants.
+
+        The family says which rows must share a call this step (a guidance half while its
+        items see each other); those units are packed into chunks of at most `max_rows`
+        rows, the attention state is told each chunk's rows, and the predictions are put
+        back in row order: the same result as one call (docs/methods.md, "Chunked UNet").
+        """
+        rows = model_input.shape[0]
+        max_rows = self._max_rows(rows)
+        chunks = [] if max_rows >= rows else pack_chunks(
+            self.family.chunk_units(self.state, rows // self.groups, self.groups), max_rows)
+        if len(chunks) <= 1:
+            return self.unet(model_input, t, encoder_hidden_states=self.context, added_cond_kwargs=self.added,
+                             return_dict=False)[0]
+        # The state describes one row per item; SD 1.5's frame triples have their own processors.
+        select = self.state.select_rows if self.layout.rows is None else (lambda rows=None: None)
+        eps = None
+        try:
+            for chunk in chunks:
+                select(chunk)
+                index = torch.tensor(chunk, device=model_input.device)
+                part = self.unet(model_input[index], t, encoder_hidden_states=self.context[index],
+                                 added_cond_kwargs=None if self.added is None else
+                                 {k: v[index] for k, v in self.added.items()}, return_dict=False)[0]
+                eps = part.new_empty((rows, *part.shape[1:])) if eps is None else eps
+                eps[index] = part
+        finally:
+            select(None)
+        return eps
+
+    def _max_rows(self, rows: int) -> int:
+        """Rows per UNet call: the engine's `max_batch` if set, else what the memory model
+        says fits the device's free memory (decided once per run)."""
+        if getattr(self, "_rows_per_call", None) is None:
+            from .memory_model import unet_rows_that_fit
+
+            fixed = getattr(self.loaded, "max_batch", None)
+            fit = fixed or unet_rows_that_fit(self.unet, self.latent_size, self.device,
+                                              context_tokens=self.context.shape[1],
+                                              offloaded=getattr(self.loaded, "offloaded", False))
+            self._rows_per_call = rows if fit is None else max(1, int(fit))
+        return self._rows_per_call
 
     def _estimate_masks(self, x0: torch.Tensor) -> None:
         """Self-mask per generated foreground: content (own-token cross attention, running

@@ -581,6 +581,7 @@ class LoadedModel:
     device: object
     dtype: object
     offloaded: bool = False
+    max_batch: Optional[int] = None  # rows per UNet call of a layered run; None = what fits
     _description: Optional[dict] = None
     _adapters: dict = field(default_factory=dict)
 
@@ -645,9 +646,11 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     if not offloaded:
         pipeline.to(device)
     if resolved.family == "sdxl":
-        from .sdxl_transparency import TransparencyPatch
+        from .sdxl_transparency import FactorCache, TransparencyPatch
 
-        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet)
+        cache = FactorCache(default_cache_dir() / "transparency-factors",
+                            HashCache(default_cache_dir() / "file_hashes.json").sha256)
+        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet, factor_cache=cache)
     else:
         from .sd15_attention_sharing import LAYER_SD15_FILES, load_attention_sharing
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled
+from .memory_model import tiled_decode_when_short
 from .progress import CancelToken, Progress, ProgressCallback
 
 
@@ -98,7 +99,8 @@ def decode_rgb(vae, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         decode_dtype = next(vae.post_quant_conv.parameters()).dtype if vae.post_quant_conv is not None \
             else vae.dtype
-        image = vae.decode(z.to(decode_dtype), return_dict=False)[0]
+        with tiled_decode_when_short(vae, z, decode_dtype):
+            image = vae.decode(z.to(decode_dtype), return_dict=False)[0]
     finally:
         if upcast:
             vae.to(torch.float16)

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
     serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
+    serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                       help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     return parser
 
 
@@ -111,6 +114,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--offload", action="store_true", help="model CPU offload (low GPU memory)")
     p.add_argument("--vae-tiling", action="store_true", help="tile the VAE decode (low memory)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float16 on GPUs, "
+                                                 "float32 on the CPU; bfloat16 halves CPU memory)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                   help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -220,7 +227,7 @@ def cmd_generate(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
-                                   vae_tiling=args.vae_tiling))
+                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:
@@ -287,7 +294,8 @@ def cmd_serve(args) -> int:
     return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
-                      retention=args.retention) or EXIT_OK
+                      retention=args.retention,
+                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,12 +142,13 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                models_dir: Optional[Path] = None, token: Optional[str] = None,
                max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
                engine=None, watch_stdin: Optional[bool] = None,
-               keepalive_seconds: Optional[float] = None) -> int:
+               keepalive_seconds: Optional[float] = None, engine_options: Optional[dict] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
     file named in the ready line. `engine`: any object with the Engine interface (tests);
-    default a real `inference.engine.Engine`. `watch_stdin`: default = stdin is a pipe.
+    default a real `inference.engine.Engine`, with `engine_options` (EngineSettings fields such
+    as max_batch, dtype). `watch_stdin`: default = stdin is a pipe.
     Raises InvalidRequest for a bad device, port or option before anything is announced.
     """
     from .app import create_app
@@ -162,7 +163,7 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
     cleanup_temp(output_root)
 
     # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
-    engine, info = engine_and_info(engine, device, models_dir)
+    engine, info = engine_and_info(engine, device, models_dir, engine_options)
     token_value, token_file, parent = token_and_parent(token, parent_pid)
 
     # 3. The socket (bound here, so the port is known before serving), the job service, the app.
@@ -224,7 +225,7 @@ def check_options(host: str, port: int, max_queue: int, retention: int) -> None:
                     "can use this machine's GPU", host)
 
 
-def engine_and_info(engine, device: str, models_dir: Optional[Path]):
+def engine_and_info(engine, device: str, models_dir: Optional[Path], options: Optional[dict] = None):
     """(engine, ServerInfo): the given engine (tests), else a real one on `device`."""
     from .state import ServerInfo
 
@@ -234,7 +235,8 @@ def engine_and_info(engine, device: str, models_dir: Optional[Path]):
         from inference.engine import Engine, EngineSettings
 
         selected = select_device(device)
-        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None))
+        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None,
+                                       **(options or {})))
         info.device = describe_device(selected)
     else:
         info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}

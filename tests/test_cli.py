@@ -42,6 +42,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, change, needle):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_max_batch_exits_2_naming_the_option(tmp_path):
+    out = tmp_path / "stack"
+    result = run_cli("generate", *GOOD, "--max-batch", "0", "--out", str(out), "--offline", "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "max_batch: must be a positive integer" in lines[0], result.stderr
+    assert not out.exists()
+
+
 def test_too_many_layers(tmp_path):
     args = list(GOOD)
     for i in range(8):

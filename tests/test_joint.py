@@ -310,6 +310,27 @@ def test_sd15_joint_frames_arrangement(sd15_loaded):
     assert result.masks[0][160:, :96].max() == 0
 
 
+def test_sd15_chunked_joint_keeps_frame_triples_and_the_result(sd15_loaded):
+    """Chunks of SD 1.5's joint run are whole frame triples (frames attend only inside one)."""
+    from types import SimpleNamespace
+
+    from inference.methods.joint import generate_joint
+
+    unet = sd15_loaded.pipeline.unet
+    batches = []
+    handle = unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        whole = generate_joint(sd15_loaded, request(steps=2), progress=ignore_progress, cancel=CancelToken())
+        chunked_model = SimpleNamespace(**{**vars(sd15_loaded), "max_batch": 4})
+        chunked = generate_joint(chunked_model, request(steps=2), progress=ignore_progress, cancel=CancelToken())
+    finally:
+        handle.remove()
+    assert batches == [12, 12] + [3, 3, 3, 3] * 2  # 4 rows per call allowed: one triple at a time
+    for a, b in [(whole.background, chunked.background), (whole.blended, chunked.blended),
+                 *zip(whole.foregrounds, chunked.foregrounds)]:
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_sd15_editing_re_encodes_kept_foregrounds_with_its_encoder(engine, sd15_loaded, tmp_path):
     """With its offset encoder SD 1.5 can regenerate one layer: the kept foreground is encoded
     back (no "needs the transparent encoder" refusal) and stays byte-identical."""

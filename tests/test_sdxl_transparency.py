@@ -332,3 +332,67 @@ def test_patched_tensors_are_added_in_float32_then_cast():
             naive_differs |= not torch.equal(want, before[name] + delta.bfloat16())
     assert naive_differs  # the float32 accumulation is observable, so the check above can fail
     assert all(torch.equal(p, before[k]) for k, p in unet.named_parameters())
+
+
+def low_rank_deltas(unet, rank: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.1 * torch.randn(s[0], rank, generator=g) @ torch.randn(rank, s[1], generator=g)
+            for k, s in expected_delta_shapes(unet).items()}
+
+
+def test_factored_patch_keeps_one_representation(monkeypatch):
+    """Where factors are smaller than the matrix (SDXL at rank 256; here rank 4 on 32-wide
+    matrices) only the factors stay resident: `low_rank` hands out those very tensors and
+    `applied()` builds the patched weights for its block only."""
+    import inference.sdxl_transparency as transparency
+
+    monkeypatch.setattr(transparency, "PATCH_RANK", 4)
+    unet = tiny_unet()
+    before = snapshot(unet)
+    deltas = low_rank_deltas(unet, rank=4)
+    patch = TransparencyPatch.from_state_dict(deltas, unet)
+    stored = sum(t.numel() for t in patch.stored_tensors())
+    assert stored < 0.5 * sum(d.numel() for d in deltas.values())
+    factors = patch.low_rank(rank=4)
+    resident = {id(t) for t in patch.stored_tensors()}
+    assert all(id(up) in resident and id(down) in resident for up, down in factors.values())
+    params = dict(unet.named_parameters())
+    with patch.applied(unet):
+        for name, delta in deltas.items():
+            torch.testing.assert_close(params[name], before[name] + delta, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(p, before[k]) for k, p in unet.named_parameters())
+
+
+def test_factor_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch):
+    import inference.sdxl_transparency as transparency
+    from inference.models import HashCache
+    from inference.sdxl_transparency import FactorCache
+
+    monkeypatch.setattr(transparency, "PATCH_RANK", 4)
+    factorings = []
+    real = transparency.factor_low_rank
+    monkeypatch.setattr(transparency, "factor_low_rank", lambda d, r: factorings.append(1) or real(d, r))
+    unet = tiny_unet()
+    path = tmp_path / "ld_diffusers_sdxl_attn.safetensors"
+    save_file(low_rank_deltas(unet, rank=4), str(path))
+    cache = FactorCache(tmp_path / "factors", HashCache(tmp_path / "hashes.json").sha256)
+
+    def loaded_weights():
+        with TransparencyPatch.from_file(path, unet, factor_cache=cache).applied(unet):
+            return snapshot(unet)
+
+    first = loaded_weights()
+    built = len(factorings)
+    assert built == 64 and cache.path_for(path, torch.float32).is_file()
+    again = loaded_weights()
+    assert len(factorings) == built  # read from the cache: no factoring
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+    save_file(low_rank_deltas(unet, rank=4, seed=9), str(path))  # the delta file changed
+    changed = loaded_weights()
+    assert len(factorings) == 2 * built
+    assert not all(torch.equal(first[k], changed[k]) for k in first)
+
+    cache.path_for(path, torch.float32).write_bytes(b"torn")  # a broken cache file is rebuilt
+    assert all(torch.equal(changed[k], v) for k, v in loaded_weights().items())
+    assert len(factorings) == 3 * built

@@ -103,6 +103,12 @@ def test_missing_device_fails_before_ready_with_a_message(tmp_path):
     assert "device" in proc.stderr and "cuda" in proc.stderr
 
 
+def test_bad_max_batch_fails_before_ready_naming_the_option(tmp_path):
+    proc = _serve(["--port", "0", "--device", "cpu", "--max-batch", "0"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "max_batch" in proc.stderr and "positive integer" in proc.stderr
+
+
 def test_port_in_use_fails_before_ready_with_a_message(tmp_path):
     import socket
 

@@ -73,6 +73,15 @@ class LayeredFamily(Protocol):
     def at_step(self, state, step: int, inter_layer_strength: float, inter_layer_end: int) -> None:
         """Per-step attention schedule (e.g. inter-layer attention only in early steps)."""
 
+    def chunk_units(self, state, rows_per_group: int, groups: int) -> list[list[int]]:
+        """Batch rows that must share one UNet call this step (the sampler packs these units
+        into chunks when the whole batch does not fit): rows whose attention mixes."""
+
+
+def guidance_halves(rows_per_group: int, groups: int) -> list[list[int]]:
+    """The rows of each guidance half (unconditional first)."""
+    return [list(range(g * rows_per_group, (g + 1) * rows_per_group)) for g in range(groups)]
+
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "sdxl": ("sdxl", "SDXLLayered"),

@@ -49,3 +49,7 @@ class SD15Layered:
 
     def at_step(self, state, step: int, inter_layer_strength: float, inter_layer_end: int) -> None:
         pass  # the cross-frame attention has no strength to schedule
+
+    def chunk_units(self, state, rows_per_group: int, groups: int) -> list[list[int]]:
+        """One frame triple (foreground, background, blended): frames attend only inside it."""
+        return [list(range(start, start + 3)) for start in range(0, rows_per_group * groups, 3)]

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layered_attention import LayeredAttentionState, layered_attention, transparency_factors
-from . import AttentionSetup, RowLayout
+from . import AttentionSetup, RowLayout, guidance_halves
 
 
 class SDXLLayered:
@@ -35,3 +35,15 @@ class SDXLLayered:
 
     def at_step(self, state, step: int, inter_layer_strength: float, inter_layer_end: int) -> None:
         state.set_inter_layer_strength(inter_layer_strength if step < inter_layer_end else 0.0)
+
+    def chunk_units(self, state, rows_per_group: int, groups: int) -> list[list[int]]:
+        """A guidance half while its items mix (inter-layer attention, the key/value
+        composite); otherwise single rows, with the captured rows kept together (their maps
+        are accumulated per attention call)."""
+        if state.composite is not None or (state.inter_layer_strength > 0 and state.items > 1):
+            return guidance_halves(rows_per_group, groups)
+        capture = state.capture
+        together = sorted(set(capture.cross_rows) | set(capture.self_items)) \
+            if capture is not None and capture.enabled else []
+        units = [[r] for r in range(rows_per_group * groups) if r not in together]
+        return sorted(units + ([together] if together else []))
