@@ -7,8 +7,12 @@ HTTP traceback. It is thread-agnostic: the job watcher calls it from its worker 
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.client
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -67,10 +71,80 @@ def describe_models(models: list[dict]) -> str:
     return ", ".join(parts) if parts else "no models"
 
 
-class ServerClient:
-    """Talks to one server: `ServerClient("http://127.0.0.1:8765", token)`."""
+def plain_http_warning(url: str, token: str = "") -> Optional[str]:
+    """The warning to show before a token goes over plain http beyond this computer, or None."""
+    parsed = urllib.parse.urlparse((url or "").strip())
+    if parsed.scheme != "http" or not parsed.hostname or parsed.hostname in _LOOPBACK or not token:
+        return None
+    return (f"{parsed.hostname} is reached over plain http: the token and the images cross the "
+            f"network unencrypted. Use https:// (server started with --tls-cert/--tls-key) or an "
+            f"SSH tunnel to 127.0.0.1")
 
-    def __init__(self, url: str, token: str = "", timeout: float = DEFAULT_TIMEOUT):
+
+def normalize_fingerprint(text: str) -> str:
+    """"AB:CD:..." (openssl's way), "abcd..." or with spaces → 64 lowercase hex digits;
+    ServerError when it is not a SHA-256 fingerprint."""
+    digits = "".join(c for c in (text or "") if c not in ": \t").lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ServerError("the certificate fingerprint must be the SHA-256 one: 64 hex digits, e.g. "
+                          "from `openssl x509 -noout -fingerprint -sha256 -in cert.pem`")
+    return digits
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a server whose certificate is trusted because its SHA-256 fingerprint is the
+    one the artist pinned (a self-signed certificate has no authority to vouch for it)."""
+
+    def __init__(self, *args, fingerprint: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fingerprint = fingerprint
+
+    def connect(self) -> None:
+        super().connect()
+        der = self.sock.getpeercert(binary_form=True) or b""
+        if hashlib.sha256(der).hexdigest() != self._fingerprint:
+            self.close()
+            raise ssl.SSLCertVerificationError(
+                f"the server's certificate has fingerprint {hashlib.sha256(der).hexdigest()}, "
+                f"not the pinned one")
+
+
+class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, fingerprint: str):
+        context = ssl.create_default_context()
+        context.check_hostname = False  # the fingerprint identifies the server instead
+        context.verify_mode = ssl.CERT_NONE
+        super().__init__(context=context)
+        self._context = context
+        self._fingerprint = fingerprint
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_PinnedHTTPSConnection, fingerprint=self._fingerprint),
+                            req, context=self._context)
+
+
+def _https_handlers(cert_sha256: str, ca_file: str) -> list:
+    """How an https server is trusted: the pinned fingerprint, else the CA file, else the
+    system's authorities."""
+    if cert_sha256:
+        return [_PinnedHTTPSHandler(normalize_fingerprint(cert_sha256))]
+    if ca_file:
+        try:
+            return [urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file))]
+        except (OSError, ssl.SSLError) as error:
+            raise ServerError(f"cannot read the CA file {ca_file}: {error}") from None
+    return []
+
+
+class ServerClient:
+    """Talks to one server: `ServerClient("http://127.0.0.1:8765", token)`.
+
+    An https server with a self-signed certificate is trusted only when the artist pins it:
+    `cert_sha256` (its SHA-256 fingerprint) or `ca_file` (a PEM file of the authority that
+    signed it, or the certificate itself)."""
+
+    def __init__(self, url: str, token: str = "", timeout: float = DEFAULT_TIMEOUT,
+                 cert_sha256: str = "", ca_file: str = ""):
         url = (url or "").strip().rstrip("/")
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -79,8 +153,11 @@ class ServerClient:
         self.url = url
         self.token = token or ""
         self.timeout = timeout
+        self.warning = plain_http_warning(url, self.token)
         # Loopback never goes through a proxy (an http_proxy variable would break the local server).
         handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK else []
+        if parsed.scheme == "https":
+            handlers += _https_handlers((cert_sha256 or "").strip(), (ca_file or "").strip())
         self._opener = urllib.request.build_opener(*handlers)
 
     # ------------------------------------------------------------------ plumbing
@@ -101,6 +178,11 @@ class ServerClient:
             raise self._http_error(error, method, path) from None
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
             reason = getattr(error, "reason", error)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise ServerError(f"the Multiplane server at {self.url} has a certificate this computer "
+                                  f"does not trust ({getattr(reason, 'verify_message', '') or reason}). "
+                                  f"For a self-signed certificate, pin its SHA-256 fingerprint (or its "
+                                  f"CA file) in the Multiplane preferences") from None
             if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
                 what = f"did not answer within {timeout or self.timeout:g} s"
             elif isinstance(reason, ConnectionRefusedError) or "refused" in str(reason).lower():

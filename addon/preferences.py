@@ -17,7 +17,7 @@ from bpy.props import EnumProperty, StringProperty
 from bpy.types import AddonPreferences, Operator
 
 from . import backend, installer
-from .client import ServerClient, ServerError, describe_models
+from .client import ServerClient, ServerError, describe_models, plain_http_warning
 from .watcher import ensure_timer, watcher
 
 # The extension's root package (…multiplane); this module lives in its `addon` sub-package.
@@ -64,6 +64,13 @@ class BackendSettings:
     url: str
     token: str
     online_access: bool = False  # bpy.app.online_access when the settings were read
+    cert_sha256: str = ""  # a remote https server's pinned certificate fingerprint
+    ca_file: str = ""  # or the PEM file of the authority that signed its certificate
+
+    def remote_client(self, timeout: float) -> ServerClient:
+        """The client for the "Connect to Server" URL, trusting its certificate as pinned."""
+        return ServerClient(self.url, self.token, timeout=timeout, cert_sha256=self.cert_sha256,
+                            ca_file=self.ca_file)
 
     def make_server(self) -> backend.ManagedServer:
         return backend.ManagedServer(self.python, device=self.device, models_dir=self.models_dir,
@@ -106,7 +113,9 @@ def backend_settings(context=None) -> BackendSettings:
         output_dir=_path_or_none(getattr(prefs, "output_dir", "")) or base / "server-output",
         stacks_dir=_path_or_none(getattr(prefs, "stacks_dir", "")) or base / "stacks", log_path=server_log_path(),
         url=getattr(prefs, "server_url", "").strip(), token=getattr(prefs, "server_token", "").strip(),
-        online_access=bool(getattr(bpy.app, "online_access", True)))
+        online_access=bool(getattr(bpy.app, "online_access", True)),
+        cert_sha256=getattr(prefs, "server_cert_sha256", "").strip(),
+        ca_file=str(_path_or_none(getattr(prefs, "server_ca_file", "")) or ""))
 
 
 # ---------------------------------------------------------------------- status line
@@ -180,6 +189,18 @@ class MultiplanePreferences(AddonPreferences):
         name="Token", description="The server's bearer token (MULTIPLANE_TOKEN on that machine)",
         subtype="PASSWORD", default="",
     )
+    server_cert_sha256: StringProperty(
+        name="Certificate SHA-256",
+        description="https with a self-signed certificate: its SHA-256 fingerprint, trusted instead of "
+                    "an authority (openssl x509 -noout -fingerprint -sha256 -in cert.pem on the server)",
+        default="",
+    )
+    server_ca_file: StringProperty(
+        name="CA File",
+        description="https: a PEM file of the authority that signed the server's certificate (or the "
+                    "certificate itself); empty: the system's authorities",
+        subtype="FILE_PATH", default="",
+    )
 
     def draw(self, context):
         draw_preferences(self, self.layout, context)
@@ -214,6 +235,12 @@ def draw_preferences(prefs, layout, context) -> None:
     else:
         box.prop(prefs, "server_url")
         box.prop(prefs, "server_token")
+        if prefs.server_url.strip().lower().startswith("https:"):
+            box.prop(prefs, "server_cert_sha256")
+            box.prop(prefs, "server_ca_file")
+        warning = plain_http_warning(prefs.server_url, prefs.server_token)
+        if warning:  # shown before anything is sent
+            box.label(text=warning, icon="ERROR")
     layout.prop(prefs, "stacks_dir")
     row = layout.row()
     row.operator(MULTIPLANE_OT_test_connection.bl_idname, icon="LINKED")
@@ -238,10 +265,12 @@ class MULTIPLANE_OT_test_connection(Operator):
                     raise ServerError("no server URL: enter the server's address in the Multiplane preferences")
                 if settings.remote_needs_online_access():
                     raise ServerError(OFFLINE_REMOTE)
-                client = ServerClient(settings.url, settings.token, timeout=3.0)
+                client = settings.remote_client(timeout=3.0)
                 health = client.health()
                 client.check_token()
                 models = client.models()
+                if client.warning:
+                    self.report({"WARNING"}, client.warning)
             else:
                 server = backend.ensure_server(settings.make_server)
                 # A short wait: enough for an already-running server; a cold start keeps going

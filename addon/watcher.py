@@ -303,7 +303,7 @@ class Watcher:
                 raise ServerError("no server URL: enter the server's address in the Multiplane "
                                   "preferences (or choose Start Local Process)")
             self._post(token, "phase", ("submitting", f"Contacting {settings.url}"))
-            client = ServerClient(settings.url, settings.token, timeout=5.0)
+            client = settings.remote_client(timeout=5.0)
             client.health()
             return client, None
         server = backend.ensure_server(settings.make_server)

@@ -20,6 +20,7 @@ BENCHMARKS = (
     "bench.patch_load",
     "bench.speed_levers",
     "bench.server_latency",
+    "bench.server_limits",
     "bench.import_stack",
     "bench.watcher_tick",
 )

@@ -122,9 +122,22 @@ class StackRequest:
 # says what is allowed, so it reads the same from the CLI, the engine and the HTTP API.
 
 
-def validate_prompt(field_name: str, text: str, required: bool = False) -> None:
+def validate_text(field_name: str, text: str) -> None:
+    """Text that can be written as UTF-8: JSON's \\u escapes (and undecodable command-line
+    bytes) can carry a lone surrogate, which no file, JSON answer or tokenizer accepts."""
     if not isinstance(text, str):
         raise InvalidRequest(field_name, "must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = f"U+{ord(text[error.start]):04X}"
+        raise InvalidRequest(field_name, f"is not valid Unicode text: a lone surrogate ({bad}) at "
+                                         f"character {error.start}; send UTF-8 text (a \\ud800-style "
+                                         f"escape needs its pair)") from None
+
+
+def validate_prompt(field_name: str, text: str, required: bool = False) -> None:
+    validate_text(field_name, text)
     if required and not text.strip():
         raise InvalidRequest(field_name, "must not be empty")
     if len(text) > MAX_PROMPT_CHARS:
@@ -170,8 +183,7 @@ def validate_name(field_name: str, value: str) -> None:
     """A stack or layer display name ("" = the default name). The engine checks layer names;
     a stack's name is checked where a client gives it (the HTTP API), since a CLI stack is
     named after its output folder."""
-    if not isinstance(value, str):
-        raise InvalidRequest(field_name, "must be text")
+    validate_text(field_name, value)
     if len(value) > MAX_NAME_CHARS:
         raise InvalidRequest(field_name, f"at most {MAX_NAME_CHARS} characters, got {len(value)}")
 

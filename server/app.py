@@ -8,12 +8,14 @@ answers here, in one place.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,14 +53,20 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(InvalidRequest, service_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     app.include_router(health.router, prefix=API_PREFIX)
     private = {"prefix": API_PREFIX, "dependencies": [Depends(BearerAuth(token))],
                "responses": AUTH_ERRORS}
     app.include_router(jobs.router, **private)
     app.include_router(models.router, **private)
-    app.add_middleware(HostGuard, hosts=hosts)
+    app.add_middleware(HostGuard, hosts=hosts, token=token, public_paths=public_paths(app))
     return app
+
+
+def public_paths(app: FastAPI) -> tuple[str, ...]:
+    """What answers without a token: health, the API description and its docs page."""
+    return (f"{API_PREFIX}/health", app.openapi_url, "/docs", f"{DOCS_ASSETS}/")
 
 
 async def service_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -66,21 +74,60 @@ async def service_error(_request: Request, exc: Exception) -> JSONResponse:
     SERVICE_STATUS, or a bad request field as a 422 in FastAPI's own shape (clients read one
     format for every validation error)."""
     if isinstance(exc, InvalidRequest):
-        return JSONResponse({"detail": [{"loc": ["body", *field_path(exc.field)],
-                                         "msg": exc.message, "type": "value_error"}]},
-                            status_code=422)
+        return json_answer({"detail": [{"loc": ["body", *field_path(exc.field)],
+                                        "msg": exc.message, "type": "value_error"}]}, 422)
     status = next((code for kind, code in SERVICE_STATUS.items() if isinstance(exc, kind)), 400)
-    return JSONResponse({"detail": exc.detail}, status_code=status)
+    return json_answer({"detail": exc.detail}, status)
 
 
-async def http_error(request: Request, exc: StarletteHTTPException):
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 (`detail`: a list naming each field), with an echo that is always JSON:
+    the input it quotes may be NaN, 1e999 or a lone surrogate, which FastAPI's own handler
+    fails to encode (a 500 instead of the 422)."""
+    return json_answer({"detail": jsonable_encoder(exc.errors())}, 422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # FastAPI answers 400 for a body it cannot even decode (e.g. not UTF-8); for the
     # client that is malformed JSON like any other: 422, in the usual shape.
     if exc.status_code == 400 and str(exc.detail).startswith("There was an error parsing the body"):
-        return JSONResponse({"detail": [{"loc": ["body"], "type": "json_invalid",
-                                         "msg": "the body is not valid JSON text"}]},
-                            status_code=422)
-    return await http_exception_handler(request, exc)
+        return json_answer({"detail": [{"loc": ["body"], "type": "json_invalid",
+                                        "msg": "the body is not valid JSON text"}]}, 422)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names only the first matching route's methods
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return json_answer({"detail": exc.detail}, exc.status_code, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (for a 405's Allow header)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
+def json_answer(content: Any, status: int, headers: Optional[dict] = None) -> JSONResponse:
+    """An error answer whose every string and number can be written as strict JSON."""
+    return JSONResponse(json_safe(content), status_code=status, headers=headers)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as the strings "NaN", "Infinity", "-Infinity" and lone
+    surrogates as \\uXXXX text (keys too): what strict JSON in UTF-8 can carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def add_offline_docs(app: FastAPI) -> None:

@@ -75,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output-root", type=Path, default=None)
     serve.add_argument("--models-dir", type=Path, default=None)
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--devices", default=None, metavar="auto|cuda:0,cuda:1",
+                       help="one worker (and warm model) per device, jobs to the first free one; "
+                            "auto = every CUDA GPU when there are several")
     serve.add_argument("--max-queue", type=int, default=32, help="queued jobs beyond this get HTTP 429")
     serve.add_argument("--retention", type=int, default=100, help="finished stacks kept under the output root")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer to this Host name (a LAN name, a proxy's public name, "
+                            "NAME:PORT for a tunnel); repeat for more; also $MULTIPLANE_ALLOW_HOSTS")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS: PEM certificate")
+    serve.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: PEM private key")
     serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                        help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
@@ -288,14 +296,21 @@ def cmd_extend(args) -> int:
         args.stack, args.margins, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
-def cmd_serve(args) -> int:
-    from .process import run_server
+def cmd_serve(args, engine_factory=None) -> int:
+    """`engine_factory(device)`: an engine per device (tests); default the real Engine.
+    Start-up failures raise InvalidRequest (one line, exit 2); after serving, the process
+    ends at once (`process.exit_process`)."""
+    from .process import exit_process, run_server
 
-    return run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
+    code = run_server(host=args.host, port=args.port, parent_pid=args.parent_pid,
                       output_root=args.output_root, device=args.device,
                       models_dir=args.models_dir, max_queue=args.max_queue,
-                      retention=args.retention,
+                      retention=args.retention, engine_factory=engine_factory,
+                      allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
+                      tls_key=args.tls_key, devices=args.devices,
                       engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
+    exit_process(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

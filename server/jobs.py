@@ -30,10 +30,12 @@ from inference.request import StackRequest, extension_plan, validate_layer_edit,
 from inference.stack import cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
+from .journal import JobJournal, interrupted
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import TERMINAL_STATES, ExtendIn, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut
+from .schemas import (TERMINAL_STATES, ExtendIn, JobCreate, JobOut, ProgressOut, RegenerateIn, StackOut,
+                      model_path_problem)
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
-from .worker import Lane, download_model, failure, generate_stack, generation_plan, is_out_of_memory
+from .worker import Lane, Worker, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
 log = logging.getLogger("multiplane.server")
 
@@ -76,6 +78,8 @@ class Job:
     position: Optional[int] = None
     # the first moment real work (denoise/decode/download bytes) was reported, for the ETA
     work_start: Optional[tuple[float, float]] = None
+    restored_request: Optional[dict] = None  # the request of a job read back from the journal
+    device: Optional[str] = None  # the device of the worker that runs (ran) it
 
     @property
     def terminal(self) -> bool:
@@ -88,7 +92,20 @@ class Job:
             return self.body.model_dump()
         if self.edit is not None:
             return {"source": self.source, **self.edit.model_dump()}
-        return None
+        return self.restored_request
+
+    def journal_record(self) -> dict:
+        """What the journal keeps of the job (`journal.py`): enough to list it again."""
+        return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
+                "started": self.started, "finished": self.finished, "error": self.error,
+                "model": self.model, "source": self.source, "request": self.request_dump}
+
+    @classmethod
+    def from_journal(cls, record: dict) -> "Job":
+        return cls(id=record["id"], kind=record.get("kind", "generate"), created=float(record["created"]),
+                   status=record["status"], started=record.get("started"), finished=record.get("finished"),
+                   error=record.get("error"), model=record.get("model"), source=record.get("source"),
+                   restored_request=record.get("request"), fraction=1.0 if record["status"] == "succeeded" else 0.0)
 
     def snapshot(self) -> JobOut:
         """The job as the API shows it (`schemas.JobOut`); snapshots are read-only."""
@@ -106,14 +123,17 @@ class Job:
                       created=iso_time(self.created), started=iso_time(self.started),
                       finished=iso_time(self.finished), stack=stack,
                       request=self.request_dump,  # shared by all snapshots: they are read-only
-                      version=self.version)
+                      device=self.device, version=self.version)
 
 
 Subscriber = Callable[[Optional[JobOut]], None]
 
 
 class JobManager:
-    """Owns every job, the two lanes (generation, downloads) and the output folder."""
+    """Owns every job, the two lanes (generation, downloads) and the output folder.
+
+    `engine`: one engine, or a list of engines, one per device (`--devices`): generation
+    gets one worker per engine, each with its own warm model, fed from one FIFO queue."""
 
     def __init__(self, engine, output_root: Path, *, models_dir: Optional[Path] = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION,
@@ -122,7 +142,8 @@ class JobManager:
             raise ValueError("max_queue must be at least 1")
         if retention < 1:
             raise ValueError("retention must be at least 1")
-        self.engine = engine
+        self.engines = list(engine) if isinstance(engine, (list, tuple)) else [engine]
+        self.engine = self.engines[0]
         self.output_root = Path(output_root)
         self.models_dir = Path(models_dir) if models_dir else None
         self.max_queue = max_queue
@@ -131,11 +152,12 @@ class JobManager:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._subscribers: dict[str, list[Subscriber]] = {}
-        self._generate = Lane("generate", self._lock, self._run_generate)
+        self._generate = Lane("generate", self._lock, self._run_generate, self.engines)
         self._download = Lane("download", self._lock, self._run_download)
         self._closing = False
         self._started = False
         self._last_created = 0.0
+        self._journal: Optional[JobJournal] = None
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -143,9 +165,11 @@ class JobManager:
         self.output_root.mkdir(parents=True, exist_ok=True)
         cleanup_temp(self.output_root)
         self.restore()
+        self._journal = JobJournal(self.output_root)
+        self._restore_journal()
         self._apply_retention()  # the limit may have been lowered since the last run
-        self._generate.thread.start()
-        self._download.thread.start()
+        self._generate.start()
+        self._download.start()
         self._started = True
 
     def restore(self) -> int:
@@ -167,6 +191,22 @@ class JobManager:
             restored += 1
         return restored
 
+    def _restore_journal(self) -> None:
+        """Jobs of the last run that left no stack: as they ended, or failed as interrupted
+        (`journal.interrupted`); a stack folder with the same id wins (it finished)."""
+        with self._lock:
+            for record in self._journal.load():
+                if record["id"] in self._jobs or not JOB_ID_PATTERN.match(record["id"]):
+                    continue
+                try:
+                    job = Job.from_journal(interrupted(record))
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("skipping a jobs journal record %r: %s", record.get("id"), exc)
+                    continue
+                self._jobs[job.id] = job
+                self._last_created = max(self._last_created, job.created)
+            self._journal_changed()
+
     def begin_shutdown(self, reason: str = "server shutting down") -> None:
         """Refuse new jobs, cancel queued ones and ask the running ones to stop."""
         with self._lock:
@@ -177,9 +217,9 @@ class JobManager:
                 while lane.queue:
                     job = lane.queue.pop()
                     self._finish(job, "cancelled", error=reason)
-                if lane.current is not None:
-                    lane.current.cancel.cancel(reason)
-                    self._changed(lane.current)
+                for running in lane.running():
+                    running.cancel.cancel(reason)
+                    self._changed(running)
                 lane.closing = True
                 lane.cond.notify_all()
 
@@ -188,26 +228,33 @@ class JobManager:
         self.begin_shutdown()
         deadline = time.monotonic() + timeout
         stopped = True
-        for lane in (self._generate, self._download):
-            if lane.thread.is_alive():
-                lane.thread.join(max(0.0, deadline - time.monotonic()))
-                stopped = stopped and not lane.thread.is_alive()
+        for worker in (*self._generate.workers, *self._download.workers):
+            if worker.thread.is_alive():
+                worker.thread.join(max(0.0, deadline - time.monotonic()))
+                stopped = stopped and not worker.thread.is_alive()
         with self._lock:
             subscribers = [cb for cbs in self._subscribers.values() for cb in cbs]
         for cb in subscribers:  # streams still open end now
             cb(None)
+        if self._journal is not None:
+            self._journal.close()  # the last states (cancelled by the shutdown) on disk
         return stopped
 
     # -- submitting ---------------------------------------------------------------------
     def submit(self, body: JobCreate) -> JobOut:
-        """Queue a generation job; raises InvalidRequest (bad body) or QueueFull."""
+        """Queue a generation job; raises InvalidRequest (bad body), NotFound (no such model
+        path here) or QueueFull."""
         request = body.to_stack_request()  # the engine's own validation, before queueing
+        missing = model_path_problem(body.model)
+        if missing:
+            raise NotFound(missing)
         with self._lock:
             self._check_open()
             self._check_room()
             job = Job(id=self._new_id(), kind="generate", created=self._now(), body=body,
                       request=request, model=body.model)
-            return self._enqueue(self._generate, job)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_regenerate(self, source_id: str, edit: RegenerateIn) -> JobOut:
         """Queue regenerating one layer of a finished stack (a new job, a new stack folder)."""
@@ -222,7 +269,8 @@ class JobManager:
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
                       source=source_id, model=source.model)
-            return self._enqueue(self._generate, job)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_extend(self, source_id: str, body: ExtendIn) -> JobOut:
         """Queue extending a finished stack (a new job, a new stack folder). The new canvas is
@@ -243,7 +291,8 @@ class JobManager:
             self._check_room()
             job = Job(id=self._new_id(), kind="extend", created=self._now(), edit=body,
                       source=source_id, model=source.model)
-            return self._enqueue(self._generate, job)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_download(self, model: str) -> JobOut:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""
@@ -253,11 +302,18 @@ class JobManager:
             self._check_open()
             if len(self._download.queue) >= self.max_queue:
                 raise QueueFull(f"the download queue is full ({self.max_queue} waiting)")
-            for other in (*self._download.queue, self._download.current):
+            for other in (*self._download.queue, *self._download.running()):
                 if other is not None and other.model == model:
                     return other.snapshot()  # already on its way
             job = Job(id=self._new_id(), kind="download", created=self._now(), model=model)
-            return self._enqueue(self._download, job)
+            snapshot = self._enqueue(self._download, job)
+        return self._recorded(snapshot)
+
+    def _recorded(self, snapshot: JobOut) -> JobOut:
+        """`snapshot` once the journal has its job on disk (the lock is not held)."""
+        if not self._journal.flush():
+            log.warning("the jobs journal is slow to write; job %s is queued anyway", snapshot.id)
+        return snapshot
 
     def _check_open(self) -> None:
         if self._closing:
@@ -284,10 +340,11 @@ class JobManager:
     def _enqueue(self, lane: Lane, job: Job) -> JobOut:
         self._jobs[job.id] = job
         lane.queue.append(job)
-        job.position = len(lane.queue) - 1 + (1 if lane.current is not None else 0)
+        job.position = len(lane.queue) - 1 + len(lane.running())
         self._changed(job)
         lane.cond.notify()
         self._prune_history()
+        self._journal_changed()
         return job.snapshot()
 
     # -- reading ------------------------------------------------------------------------
@@ -307,8 +364,15 @@ class JobManager:
 
     def running_id(self) -> Optional[str]:
         with self._lock:
-            job = self._generate.current
-            return job.id if job is not None and job.status == "running" else None
+            running = [j for j in self._generate.running() if j.status == "running"]
+            return running[0].id if running else None
+
+    def devices(self) -> list[dict]:
+        """Each generation worker's device, its warm model and the job it runs (or None)."""
+        with self._lock:
+            return [{"device": w.device, "loaded_model": getattr(w.engine, "loaded_model", None),
+                     "running": w.current.id if w.current is not None and w.current.status == "running" else None}
+                    for w in self._generate.workers]
 
     def file_path(self, job_id: str, name: str) -> Path:
         """The path of a file the job's stack lists; NotFound for anything else."""
@@ -372,14 +436,16 @@ class JobManager:
             return job.snapshot()
 
     # -- running (worker threads) -------------------------------------------------------
-    def _start(self, job: Job, lane: Lane) -> bool:
+    def _start(self, job: Job, lane: Lane, worker: Worker) -> bool:
         with self._lock:
             if job.terminal:
                 return False
+            job.device = worker.device or None
             job.status = "running"
             job.started = time.time()
             job.position = 0
             self._changed(job)
+            self._journal_changed()
             self._update_positions(lane)
             return True
 
@@ -395,18 +461,18 @@ class JobManager:
                 self._changed(job)
         return on_progress
 
-    def _run_generate(self, job: Job) -> None:
-        if not self._start(job, self._generate):
+    def _run_generate(self, job: Job, worker: Worker) -> None:
+        if not self._start(job, self._generate, worker):
             return
         try:
             plan: WorkPlan = generation_plan(job, self.output_root)
             progress = self._progress_callback(job, functools.partial(overall_fraction, plan))
-            out_dir = generate_stack(self.engine, job, self.output_root, progress)
+            out_dir = generate_stack(worker.engine, job, self.output_root, progress)
             written = read_stack(out_dir)
             name, files = written.name or out_dir.name, stack_files(written)
             foregrounds = foreground_count(written)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a job state
-            self._fail(job, exc)
+            self._fail(job, exc, worker.engine)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -418,8 +484,8 @@ class JobManager:
             job.fraction, job.eta_seconds = 1.0, 0.0
             self._finish(job, "succeeded")
 
-    def _run_download(self, job: Job) -> None:
-        if not self._start(job, self._download):
+    def _run_download(self, job: Job, worker: Worker) -> None:
+        if not self._start(job, self._download, worker):
             return
         try:
             download_model(job.model, self.models_dir, self._progress_callback(job, download_fraction),
@@ -433,16 +499,16 @@ class JobManager:
             job.fraction, job.eta_seconds = 1.0, 0.0
             self._finish(job, "succeeded")
 
-    def _fail(self, job: Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException, engine=None) -> None:
         status, message = failure(job.id, job.cancel, exc)
-        if status == "failed" and is_out_of_memory(exc):
-            self._free_memory()
+        if status == "failed" and is_out_of_memory(exc) and engine is not None:
+            self._free_memory(engine)
         with self._lock:
             self._finish(job, status, error=message)
 
-    def _free_memory(self) -> None:
+    def _free_memory(self, engine) -> None:
         try:
-            self.engine.unload()
+            engine.unload()
         except Exception:  # noqa: BLE001 - best effort after an out-of-memory
             log.exception("unloading the model after an out-of-memory error failed")
 
@@ -455,9 +521,16 @@ class JobManager:
         if status != "succeeded":
             job.eta_seconds = None
         self._changed(job)
+        self._journal_changed()
+
+    def _journal_changed(self) -> None:
+        """Hand the journal every job a stack folder does not record (lock held)."""
+        if self._journal is not None:
+            self._journal.record([j.journal_record() for j in self._jobs.values()
+                                  if not (j.status == "succeeded" and j.stack_dir is not None)])
 
     def _update_positions(self, lane: Lane) -> None:
-        ahead = 1 if lane.current is not None and not lane.current.terminal else 0
+        ahead = sum(1 for running in lane.running() if not running.terminal)
         for i, queued in enumerate(lane.queue):
             if queued.position != i + ahead:
                 queued.position = i + ahead

@@ -9,7 +9,13 @@ Life cycle:
    reaches end-of-file (watched only when stdin is a pipe: the add-on starts us with
    stdin=PIPE and never writes, so when Blender dies the pipe closes even if the pid
    check is fooled). Then the running job is cancelled, queued ones dropped, and the
-   process exits within about two seconds, leaving no temp folders.
+   process exits, leaving no temp folders: within 1 s when idle (measured ~0.2 s), within
+   the denoising step in flight + 1 s mid-job (a worker still busy after
+   WORKER_JOIN_SECONDS is abandoned).
+
+Every start-up failure (bad option, token or device, an output root that cannot be
+written, a models folder that is not one, a busy port) raises InvalidRequest before the
+ready line: the command line prints it as one line on stderr and exits with code 2.
 """
 from __future__ import annotations
 
@@ -110,13 +116,20 @@ class ParentWatch:
             return False
 
 
-def uvicorn_server(app):
+def uvicorn_server(app, tls: Optional[tuple[Path, Path]] = None):
     """uvicorn.Server for `app` without its habit of re-raising the caught signal after
-    shutdown (we clean up and return an exit code instead)."""
+    shutdown (we clean up and return an exit code instead). `tls`: (certificate, key) files,
+    served by uvicorn's own TLS."""
     import uvicorn
 
+    from .connections import KEEPALIVE_SECONDS, MAX_REQUEST_HEAD_BYTES, GuardedH11Protocol
+
+    cert, key = tls if tls else (None, None)
     config = uvicorn.Config(app, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=0.3, lifespan="off")
+                            timeout_graceful_shutdown=0.3, lifespan="off", http=GuardedH11Protocol,
+                            timeout_keep_alive=KEEPALIVE_SECONDS,
+                            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
+                            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -141,46 +154,52 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
                output_root: Optional[Path] = None, device: str = "auto",
                models_dir: Optional[Path] = None, token: Optional[str] = None,
                max_queue: int = DEFAULT_MAX_QUEUE, retention: int = DEFAULT_RETENTION, *,
-               engine=None, watch_stdin: Optional[bool] = None,
-               keepalive_seconds: Optional[float] = None, engine_options: Optional[dict] = None) -> int:
+               engine_factory=None, watch_stdin: Optional[bool] = None,
+               keepalive_seconds: Optional[float] = None, allow_hosts: tuple[str, ...] = (),
+               tls_cert: Optional[Path] = None, tls_key: Optional[Path] = None,
+               devices: Optional[str] = None, engine_options: Optional[dict] = None) -> int:
     """Run the server until told to stop; returns the exit code (0).
 
     `token`: the bearer token; default $MULTIPLANE_TOKEN, else a fresh one written to a 0600
-    file named in the ready line. `engine`: any object with the Engine interface (tests);
-    default a real `inference.engine.Engine`, with `engine_options` (EngineSettings fields such
-    as max_batch, dtype). `watch_stdin`: default = stdin is a pipe.
-    Raises InvalidRequest for a bad device, port or option before anything is announced.
+    file named in the ready line. `engine_factory(device)`: makes an object with the Engine
+    interface (tests); default a real `inference.engine.Engine`, with `engine_options`
+    (EngineSettings fields such as max_batch, dtype). `watch_stdin`: default =
+    stdin is a pipe. `allow_hosts`: more Host names to answer to (`security.allowed_hosts`);
+    `tls_cert` and `tls_key`: serve HTTPS. `devices`: one worker per device
+    (`resolve_devices`). Raises InvalidRequest for any bad option, device, folder or port
+    before anything is announced.
     """
     from .app import create_app
     from .events import SSE_KEEPALIVE_SECONDS
-    from .security import allowed_hosts, remove_token_file
+    from .security import remove_token_file
 
     # 1. stdout is for the ready line only; options are checked before anything starts.
     announce = keep_stdout_for_ready_line()
     check_options(host, port, max_queue, retention)
-    output_root = Path(output_root).expanduser() if output_root else default_output_root()
-    output_root.mkdir(parents=True, exist_ok=True)
+    tls = check_tls(tls_cert, tls_key)
+    hosts = checked_hosts(host, allow_hosts)
+    output_root = writable_output_root(output_root)
+    models_dir = readable_models_dir(models_dir)
     cleanup_temp(output_root)
 
     # 2. The engine (a bad or missing device fails here, before "ready"), the token, the parent.
-    engine, info = engine_and_info(engine, device, models_dir, engine_options)
+    engines, info = engines_and_info(engine_factory, resolve_devices(devices, device), models_dir,
+                                     engine_options)
     token_value, token_file, parent = token_and_parent(token, parent_pid)
 
     # 3. The socket (bound here, so the port is known before serving), the job service, the app.
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    manager = JobManager(engine, output_root, models_dir=models_dir, max_queue=max_queue,
+    manager = JobManager(engines, output_root, models_dir=models_dir, max_queue=max_queue,
                          retention=retention)
     manager.start()
-    app = create_app(manager, token=token_value, hosts=allowed_hosts(host, bound_port), info=info,
+    app = create_app(manager, token=token_value, hosts=hosts(bound_port), info=info,
                      keepalive_seconds=keepalive_seconds or SSE_KEEPALIVE_SECONDS)
-    server = uvicorn_server(app)
+    server = uvicorn_server(app, tls)
 
     # 4. Serve: announce once listening, then watch every reason to stop.
     stop = StopWatch(server, manager, parent, stdin_is_pipe() if watch_stdin is None else watch_stdin)
-    url_host = f"[{host}]" if ":" in host else host
-    ready = {"event": "ready", "url": f"http://{url_host}:{bound_port}", "pid": os.getpid(),
-             "version": info.version, "token_file": str(token_file) if token_file else None}
+    ready = ready_line(host, bound_port, tls is not None, info.version, token_file)
     try:
         asyncio.run(serve(server, sock, lambda: announce_ready(announce, ready, stop)))
     finally:
@@ -197,6 +216,12 @@ def run_server(host: str = "127.0.0.1", port: int = 0, parent_pid: Optional[int]
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def ready_line(host: str, port: int, tls: bool, version: str, token_file: Optional[Path]) -> dict:
+    url_host = f"[{host}]" if ":" in host else host
+    return {"event": "ready", "url": f"{'https' if tls else 'http'}://{url_host}:{port}", "pid": os.getpid(),
+            "version": version, "token_file": str(token_file) if token_file else None}
 
 
 def keep_stdout_for_ready_line():
@@ -222,27 +247,139 @@ def check_options(host: str, port: int, max_queue: int, retention: int) -> None:
         raise InvalidRequest("port", f"must be in 0..65535, got {port}")
     if host not in LOOPBACK_HOSTS:
         log.warning("listening on %s, not loopback: anyone who can reach it and has the token "
-                    "can use this machine's GPU", host)
+                    "can use this machine's GPU (serve HTTPS with --tls-cert/--tls-key, or keep "
+                    "loopback and use an SSH tunnel: docs/addon.md)", host)
 
 
-def engine_and_info(engine, device: str, models_dir: Optional[Path], options: Optional[dict] = None):
-    """(engine, ServerInfo): the given engine (tests), else a real one on `device`."""
+def check_tls(cert: Optional[Path], key: Optional[Path]) -> Optional[tuple[Path, Path]]:
+    """(certificate, key) when both are given and load; InvalidRequest naming the option."""
+    import ssl
+
+    from inference.errors import InvalidRequest
+
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise InvalidRequest("tls_cert" if not cert else "tls_key",
+                             "--tls-cert and --tls-key go together (a PEM certificate and its key)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidRequest("tls_cert", f"cannot load the certificate {cert} with the key {key}: "
+                                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    return Path(cert), Path(key)
+
+
+def checked_hosts(host: str, allow_hosts: tuple[str, ...]):
+    """port → the Host names to accept (the port is known only once bound); the names of
+    --allow-host and $MULTIPLANE_ALLOW_HOSTS are checked now."""
+    from functools import partial
+
+    from inference.errors import InvalidRequest
+
+    from .security import allow_hosts_from_env, allowed_hosts, check_host_name
+
+    names = (*allow_hosts, *allow_hosts_from_env())
+    for name in names:
+        try:
+            check_host_name(name)
+        except ValueError as exc:
+            raise InvalidRequest("allow_host", str(exc)) from None
+    return partial(allowed_hosts, host, extra_names=names)
+
+
+def writable_output_root(output_root: Optional[Path]) -> Path:
+    """The output root, created if needed and proven writable (a probe file), or
+    InvalidRequest naming --output-root: jobs must not fail one by one later."""
+    import tempfile
+
+    from inference.errors import InvalidRequest
+
+    root = Path(output_root).expanduser() if output_root else default_output_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root, prefix=".multiplane-probe-"):
+            pass
+    except OSError as exc:
+        raise InvalidRequest("output_root", f"cannot write to {root}: {exc.strerror or exc}; "
+                                            f"choose a folder this user can write") from None
+    return root
+
+
+def readable_models_dir(models_dir: Optional[Path]) -> Optional[Path]:
+    """The extra weights folder, which must be an existing, readable folder when given."""
+    from inference.errors import InvalidRequest
+
+    if not models_dir:
+        return None
+    folder = Path(models_dir).expanduser()
+    if not folder.is_dir():
+        raise InvalidRequest("models_dir", f"{folder} is not a folder (give the folder that holds "
+                                           f"the weight files, or leave the option out)")
+    try:
+        next(os.scandir(folder), None)
+    except OSError as exc:
+        raise InvalidRequest("models_dir", f"cannot read {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def exit_process(code: int) -> None:
+    """End the server process now that everything is cleaned up: flush, then `os._exit`.
+    The interpreter's own teardown of torch and diffusers takes 1-2 s, and SIGTERM must
+    take at most one second when idle."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def engines_and_info(engine_factory, devices: list[str], models_dir: Optional[Path],
+                     options: Optional[dict] = None):
+    """([engine per device], ServerInfo): the factory's engines (tests), else real ones; a
+    bad or missing device raises InvalidRequest here, before the ready line."""
     from .state import ServerInfo
 
     info = ServerInfo(version=server_version())
-    if engine is None:
-        from inference.devices import describe_device, select_device
-        from inference.engine import Engine, EngineSettings
+    engines = []
+    for device in devices:
+        if engine_factory is None:
+            from inference.devices import describe_device, select_device
+            from inference.engine import Engine, EngineSettings
 
-        selected = select_device(device)
-        engine = Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None,
-                                       **(options or {})))
-        info.device = describe_device(selected)
-    else:
-        info.device = {"device": str(getattr(engine, "device", device)), "type": "test"}
+            selected = select_device(device)
+            engines.append(Engine(EngineSettings(device=device, models_dir=Path(models_dir) if models_dir else None,
+                                                 **(options or {}))))
+            info.devices.append(describe_device(selected))
+        else:
+            engines.append(engine_factory(device))
+            info.devices.append({"device": str(getattr(engines[-1], "device", device)), "type": "test"})
+    info.device = info.devices[0]
     info.torch = _package_version("torch")
     info.diffusers = _package_version("diffusers")
-    return engine, info
+    return engines, info
+
+
+def resolve_devices(devices: Optional[str], device: str) -> list[str]:
+    """The devices to run workers on: `--devices` ("auto": every CUDA GPU when there are
+    several, else `--device`; or a list "cuda:0,cuda:1"), else just `--device`. A GPU may
+    appear once (a second worker would load a second model into the same memory)."""
+    from inference.errors import InvalidRequest
+
+    if not devices:
+        return [device]
+    if devices.strip().lower() == "auto":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] if count > 1 else [device]
+    names = [name.strip().lower() for name in devices.split(",")]
+    if not all(names):
+        raise InvalidRequest("devices", f"{devices!r} has an empty entry; give auto or a list like cuda:0,cuda:1")
+    repeated = sorted({n for n in names if names.count(n) > 1 and n != "cpu"})
+    if repeated:
+        raise InvalidRequest("devices", f"{', '.join(repeated)} appears twice; give each GPU once")
+    return names
 
 
 def token_and_parent(token: Optional[str], parent_pid: Optional[int]):

@@ -9,9 +9,11 @@ in a client shows up as an error naming the field instead of a silently ignored 
 """
 from __future__ import annotations
 
+import sys
+import types
 from functools import partial
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -37,7 +39,8 @@ def known_presets() -> tuple[str, ...]:
 
 
 def check_model_name(value: str) -> str:
-    """A preset name, or an absolute path to an existing diffusers folder / .safetensors file."""
+    """A preset name, or an absolute path (whether it exists on the server is the job
+    service's check: `model_path_problem`, a 404, since a schema cannot know the disk)."""
     value = value.strip()
     if not value:
         raise ValueError("must not be empty")
@@ -50,11 +53,26 @@ def check_model_name(value: str) -> str:
         if not path.is_absolute():
             raise ValueError(f"model path {value!r} must be absolute (the server's working "
                              f"folder is not the client's)")
-        if not path.exists():
-            raise ValueError(f"model path {value!r} does not exist")
         return str(path)
     raise ValueError(f"unknown model {value!r}; choose one of {', '.join(presets)} "
                      f"or give the absolute path of a diffusers folder or .safetensors file")
+
+
+def model_path_problem(model: str) -> Optional[str]:
+    """Why a model path (not a preset) cannot be used on this machine, or None."""
+    if model in known_presets():
+        return None
+    try:
+        if Path(model).exists():
+            return None
+    except (OSError, ValueError) as error:  # too long, a NUL byte, unreadable
+        return f"model path {model[:200]!r} cannot be read on the server ({type(error).__name__})"
+    return f"model path {model!r} does not exist on the server"
+
+
+# What `check_model_name` accepts, published: a preset, or an absolute path on the server's OS.
+MODEL_SCHEMA = {"anyOf": [{"enum": list(known_presets())},
+                          {"pattern": r"^([A-Za-z]:[\\/]|\\\\)" if sys.platform == "win32" else r"^(/|~/)"}]}
 
 
 def _engine_check(check: Callable, *args):
@@ -90,13 +108,29 @@ class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     engine_checks: ClassVar[dict[str, Callable]] = {}
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value, info: ValidationInfo):
+        """JSON has one number type: 512.0 is the integer 512 (JSON Schema's "integer" says
+        so too), so an integer field takes it; 512.5, "512" and true stay refused."""
+        if isinstance(value, float) and value.is_integer() and _is_integer_field(cls, info.field_name):
+            return int(value)
+        return value
+
     @field_validator("*")
     @classmethod
     def _engine_limits(cls, value, info: ValidationInfo):
+        if isinstance(value, str):  # every text field, checked or not: writable as UTF-8
+            _engine_check(limits.validate_text, info.field_name, value)
         check = cls.engine_checks.get(info.field_name)
         if check is not None and value is not None:
             _engine_check(check, info.field_name, value)
         return value
+
+
+def _is_integer_field(model: type[BaseModel], name: str) -> bool:
+    annotation = model.model_fields[name].annotation
+    return annotation is int or (get_origin(annotation) in (Union, types.UnionType) and int in get_args(annotation))
 
 
 class LayerIn(_Closed):
@@ -137,8 +171,9 @@ class JobCreate(_Closed):
                                   **_published(maxItems=limits.MAX_FOREGROUNDS))
     method: str = Field(default=StackRequest.method, description=f"one of {', '.join(limits.METHODS)}",
                         **_published(enum=list(limits.METHODS)))
-    model: str = Field(default=DEFAULT_MODEL, max_length=4096,
-                       description="a preset name (GET /v1/models) or an absolute model path")
+    model: str = Field(default=DEFAULT_MODEL, max_length=4096, json_schema_extra=MODEL_SCHEMA,
+                       description="a preset name (GET /v1/models) or an absolute model path "
+                                   "on the server (404 when it is not there)")
     width: int = Field(default=StackRequest.width, description="pixels", **SIZE)
     height: int = Field(default=StackRequest.height, description="pixels", **SIZE)
     steps: int = Field(default=StackRequest.steps,
@@ -296,6 +331,8 @@ class JobOut(BaseModel):
     finished: Optional[str] = None
     stack: Optional[StackOut] = None
     request: Optional[dict] = Field(default=None, description="the submitted body (generate jobs)")
+    device: Optional[str] = Field(default=None, description="the device that runs (ran) it; null "
+                                                            "until it starts, and for downloads")
     version: int = Field(default=0, description="bumped on every change of this job")
 
 
@@ -317,6 +354,17 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+class DeviceOut(BaseModel):
+    """One generation worker: its device, its warm model and the job it runs."""
+
+    device: str
+    type: Optional[str] = Field(default=None, description="cuda, mps, cpu (or test)")
+    name: Optional[str] = Field(default=None, description="e.g. the GPU's name")
+    total_memory_bytes: Optional[int] = None
+    loaded_model: Optional[str] = None
+    running: Optional[str] = Field(default=None, description="id of the job it runs")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
@@ -325,7 +373,10 @@ class HealthOut(BaseModel):
     diffusers: Optional[str] = None
     loaded_model: Optional[str] = None
     queue_length: int = Field(description="generate jobs waiting (the running one not counted)")
-    running: Optional[str] = Field(default=None, description="id of the running generate job")
+    running: Optional[str] = Field(default=None, description="id of the running generate job "
+                                                             "(the first one, with several devices)")
+    devices: list[DeviceOut] = Field(default_factory=list,
+                                     description="one entry per generation worker (--devices)")
 
 
 class ErrorOut(BaseModel):

@@ -15,7 +15,8 @@ class ServerInfo:
     """Facts for /v1/health that do not change while the process runs."""
 
     version: str
-    device: dict = field(default_factory=dict)
+    device: dict = field(default_factory=dict)  # the first worker's device
+    devices: list[dict] = field(default_factory=list)  # every worker's, in worker order
     torch: Optional[str] = None
     diffusers: Optional[str] = None
 

@@ -21,31 +21,61 @@ log = logging.getLogger("multiplane.server")
 
 
 class Lane:
-    """A FIFO of jobs and the thread that runs them one at a time."""
+    """A FIFO of jobs and the worker threads that run them, one job per worker at a time.
 
-    def __init__(self, name: str, lock: threading.Lock, run: Callable):
+    One worker per engine (one engine per device, each with its own warm model): the head of
+    the queue goes to the first free worker (lowest index), so jobs start in arrival order.
+    `run(job, worker)` runs a job; the lane's condition shares the job service's lock.
+    """
+
+    def __init__(self, name: str, lock: threading.Lock, run: Callable, engines=(None,)):
         self.name = name
         self.queue: collections.deque = collections.deque()
-        self.current = None  # the job being run
         self.cond = threading.Condition(lock)
         self.run = run
-        self.thread = threading.Thread(target=self._loop, name=f"multiplane-{name}", daemon=True)
         self.closing = False
+        self.workers = [Worker(self, i, engine) for i, engine in enumerate(engines)]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.thread.start()
+
+    def running(self) -> list:
+        """The jobs the workers are on now (lock held)."""
+        return [w.current for w in self.workers if w.current is not None]
+
+    def first_free(self) -> Optional["Worker"]:
+        return next((w for w in self.workers if w.current is None), None)
+
+
+class Worker:
+    """One thread of a lane, bound to one engine (and so to one device)."""
+
+    def __init__(self, lane: Lane, index: int, engine):
+        self.lane = lane
+        self.index = index
+        self.engine = engine
+        self.device = str(getattr(engine, "device", "")) if engine is not None else ""
+        self.current = None  # the job being run
+        self.thread = threading.Thread(target=self._loop, name=f"multiplane-{lane.name}-{index}", daemon=True)
 
     def _loop(self) -> None:
+        lane = self.lane
         while True:
-            with self.cond:
-                while not self.queue and not self.closing:
-                    self.cond.wait()
-                if self.closing:
+            with lane.cond:
+                while not lane.closing and not (lane.queue and lane.first_free() is self):
+                    lane.cond.wait()
+                if lane.closing:
                     return
-                job = self.queue.popleft()
+                job = lane.queue.popleft()
                 self.current = job
+                lane.cond.notify_all()  # the next free worker may take the next job
             try:
-                self.run(job)
+                lane.run(job, self)
             finally:
-                with self.cond:
+                with lane.cond:
                     self.current = None
+                    lane.cond.notify_all()
 
 
 def generation_plan(job, output_root: Path) -> WorkPlan:

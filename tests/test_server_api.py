@@ -21,6 +21,7 @@ from server.jobs import JobManager
 from server.progress import DENOISE_SHARE, SAVE_START, overall_fraction
 from server.security import allowed_hosts
 from tools.fake_engine import BrokenEngine, FakeEngine
+from tools.testing import output_entries
 
 PORT = 45123
 TOKEN = "test-token-0123456789abcdef"
@@ -175,7 +176,7 @@ INVALID = [
     ({"width": 2049}, ["width"]),
     ({"width": 300}, ["width"]),
     ({"width": "512"}, ["width"]),
-    ({"width": 512.0}, ["width"]),
+    ({"width": 512.5}, ["width"]),
     ({"height": 192}, ["height"]),
     ({"height": 4096}, ["height"]),
     ({"steps": 0}, ["steps"]),
@@ -192,7 +193,6 @@ INVALID = [
     ({"method": "magic"}, ["method"]),
     ({"model": "no-such-model"}, ["model"]),
     ({"model": "relative/path"}, ["model"]),
-    ({"model": "/no/such/folder"}, ["model"]),
     ({"export_psd": "yes"}, ["export_psd"]),
     ({"colour": "red"}, ["colour"]),
     ({"frame": [0.5, 0, 0.4, 1]}, ["frame"]),
@@ -211,12 +211,26 @@ def test_each_out_of_range_field_is_a_422_naming_it(api, change, loc):
     assert api.manager.list() == []  # nothing was queued
 
 
+def test_whole_numbers_written_as_floats_are_integers(api):
+    """JSON (and JSON Schema's "integer") does not tell 512 from 512.0."""
+    job = api.submit(width=512.0, steps=2.0, layers=[{"prompt": "a", "seed": 7.0}])
+    assert (job["request"]["width"], job["request"]["steps"]) == (512, 2)
+    assert isinstance(job["request"]["width"], int) and job["request"]["layers"][0]["seed"] == 7
+
+
 def test_custom_validator_messages_are_specific(api):
     r = api.client.post("/v1/jobs", json={**SMALL, "width": 300}, headers=AUTH)
     assert "multiple of 64" in r.json()["detail"][0]["msg"] and "320" in r.json()["detail"][0]["msg"]
     r = api.client.post("/v1/jobs", json={**SMALL, "model": "no-such-model"}, headers=AUTH)
     msg = r.json()["detail"][0]["msg"]
     assert "no-such-model" in msg and "tiny" in msg
+
+
+def test_a_model_path_missing_on_the_server_is_a_404(api):
+    for path in ("/no/such/folder", "/" + "x" * 300, "/nul\x00byte"):
+        r = api.client.post("/v1/jobs", json={**SMALL, "model": path}, headers=AUTH)
+        assert r.status_code == 404 and "model path" in r.json()["detail"], r.text
+    assert api.manager.list() == []
 
 
 @pytest.mark.parametrize("body", [b"{bad json", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe{"])
@@ -348,7 +362,7 @@ def test_cancel_running_job_stops_within_a_step(slow_api):
     assert done["status"] == "cancelled" and done["stack"] is None
     assert time.monotonic() - t0 < 0.5  # one fake step is 0.05 s
     assert done["progress"]["step"] < 100
-    assert list(slow_api.manager.output_root.iterdir()) == []  # no folder, no temp folder
+    assert output_entries(slow_api.manager.output_root) == []  # no folder, no temp folder
     r = slow_api.client.delete(f"/v1/jobs/{job['id']}", headers=AUTH)
     assert r.status_code == 409
 
@@ -486,7 +500,7 @@ def test_retention_removes_the_oldest_stacks(tmp_path):
         ids = []
         for i in range(4):
             ids.append(a.wait(a.submit(prompt=f"p{i}")["id"])["id"])
-        folders = sorted(p.name for p in a.manager.output_root.iterdir())
+        folders = output_entries(a.manager.output_root)
         assert folders == sorted(ids[2:])
         listed = [j["id"] for j in a.client.get("/v1/jobs", headers=AUTH).json()["jobs"]]
         assert listed == [ids[3], ids[2]]
@@ -512,7 +526,7 @@ def test_restart_lists_finished_stacks_and_serves_them(tmp_path):
         assert restored["stack"]["files"] == job["stack"]["files"]
         r = b.client.get(f"/v1/jobs/{job['id']}/files/layer_01.png", headers=AUTH)
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert sorted(p.name for p in root.iterdir()) == sorted([job["id"], "not-a-stack"])
+        assert output_entries(root) == sorted([job["id"], "not-a-stack"])
     finally:
         b.close()
 
@@ -544,7 +558,7 @@ def test_shutdown_cancels_queued_and_running_jobs(tmp_path):
     assert time.monotonic() - t0 < 0.5
     assert a.manager.get(running["id"]).status == "cancelled"
     assert a.manager.get(queued["id"]).status == "cancelled"
-    assert list(a.manager.output_root.iterdir()) == []
+    assert output_entries(a.manager.output_root) == []
     r = a.client.post("/v1/jobs", json=SMALL, headers=AUTH)
     assert r.status_code == 503
     a.client.close()
@@ -684,3 +698,24 @@ def test_a_stack_from_an_earlier_run_can_be_extended(tmp_path):
         assert load_stack(done["stack"]["path"]).height == 384  # 256 + 128 above, in 64-pixel tiles
     finally:
         b.close()
+
+
+def test_several_engines_run_jobs_side_by_side_in_arrival_order(tmp_path):
+    """--devices in-process: one worker per engine, the queue's head to the first free one."""
+    engines = [FakeEngine(step_seconds=0.02), FakeEngine(step_seconds=0.02)]
+    for i, engine in enumerate(engines):
+        engine.device = f"fake:{i}"
+    a = Api(tmp_path / "out", engine=engines)
+    try:
+        jobs = [a.submit(prompt=f"job {i}", steps=3) for i in range(6)]
+        done = [a.wait(j["id"]) for j in jobs]
+        assert all(j["status"] == "succeeded" for j in done)
+        starts = [j["started"] for j in done]
+        assert starts == sorted(starts)
+        assert {j["device"] for j in done} == {"fake:0", "fake:1"}
+        assert sorted(engines[0].calls + engines[1].calls) == sorted(f"job {i}" for i in range(6))
+        health = a.client.get("/v1/health").json()
+        assert [d["device"] for d in health["devices"]] == ["fake:0", "fake:1"]
+        assert all(d["running"] is None and d["loaded_model"] == "tiny" for d in health["devices"])
+    finally:
+        a.close()

@@ -1,19 +1,19 @@
-"""Property-based fuzzing of the OpenAPI schema (schemathesis): whatever a client sends that
-the schema allows (and much it does not), the server never answers 5xx and its answers match
-the documented schemas. In-process over a fake engine, bounded to a few seconds."""
+"""Property-based fuzzing of the OpenAPI schema (schemathesis, every check it has): whatever a
+client sends that the schema allows (and much it does not), the server never answers 5xx,
+accepts what the schema allows, refuses what it forbids, and its answers match the
+documented schemas. In-process over a fake engine, bounded to a few seconds per endpoint."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import (content_type_conformance,
-                                               response_schema_conformance,
-                                               status_code_conformance)
 
 from inference.errors import MultiplaneError
+from inference.models import preset_names
 from server.app import ServerInfo, create_app
 from server.jobs import JobManager
 from server.security import allowed_hosts
@@ -38,16 +38,44 @@ APP = build_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, headers=HEADERS)
 
 
+def states_only_json_schema_rules(body) -> bool:
+    """False for a job body breaking one of the three documented rules JSON Schema cannot
+    state (so the schema cannot promise them): a box's x0 < x1 and y0 < y1, unique layer
+    names, and a model that is a preset or an existing path on the server. Only these are
+    left out; every other body is sent and judged by every check."""
+    if not isinstance(body, dict):
+        return True
+    model = body.get("model")
+    if isinstance(model, str) and model.lower() not in preset_names() and not os.path.exists(model):
+        return False
+    layers = body.get("layers")
+    if not isinstance(layers, list):
+        return True
+    names = [layer.get("name") for layer in layers if isinstance(layer, dict) and layer.get("name")]
+    if len(names) != len(set(names)):
+        return False
+    for layer in layers:
+        box = layer.get("box") if isinstance(layer, dict) else None
+        if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+            if not (box[0] < box[2] and box[1] < box[3]):
+                return False
+    return True
+
+
+schema.hook("filter_body")(lambda _context, body: states_only_json_schema_rules(body))
+# The coverage phase builds its boundary bodies without hooks (a [0, 0, 0, 0] box is on the
+# schema's boundary and breaks x0 < x1), so there, and only there, schema-valid bodies are
+# not required to be accepted; the fuzzing phase requires it of every filtered body.
+schema.config.phases.coverage.checks.positive_data_acceptance.enabled = False
+
+
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_api_never_errors_and_matches_its_schema(case):
     if case.path.endswith("/events"):
         pytest.skip("streams are covered in test_server_process.py")
-    response = case.call(headers=HEADERS)
-    assert response.status_code < 500, (case.method, case.path, response.text)
-    case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
-                                             response_schema_conformance])
+    case.call_and_validate(headers=HEADERS)  # every check schemathesis has, 5xx included
 
 
 def test_schema_documents_every_endpoint():

@@ -16,13 +16,13 @@ import psutil
 import pytest
 
 from inference.stack import load_stack
-from tools.testing import FAST, ServerProcess, sse_events
+from tools.testing import FAST, ServerProcess, output_entries, sse_events
 
 pytestmark = pytest.mark.slow
 
 
 def hidden_entries(root: Path) -> list[str]:
-    return [p.name for p in root.iterdir() if p.name.startswith(".")]
+    return [name for name in output_entries(root) if name.startswith(".")]
 
 
 @pytest.fixture(scope="module")

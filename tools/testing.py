@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import socket
 import subprocess
 import sys
 import time
@@ -18,16 +19,33 @@ FAST = {"prompt": "a misty lake at dawn", "model": "tiny", "method": "independen
         "width": 256, "height": 256, "steps": 2, "tta_passes": 1}
 
 
+def output_entries(root: Path) -> list[str]:
+    """What is in a server's output root besides its jobs journal (and the journal's temp
+    file, there for an instant while it is rewritten), sorted."""
+    from server.journal import JOURNAL_FILE
+
+    return sorted(p.name for p in Path(root).iterdir() if not p.name.startswith(JOURNAL_FILE))
+
+
 class ServerProcess:
-    """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON."""
+    """`python -m server serve --port 0` in a subprocess; `ready` is its announced JSON.
+
+    `fake_step_seconds`: run it over fake engines (`tools.fake_server`) whose steps take this
+    long, for tests that need the process but no model. `env`: more environment variables;
+    `verify`: the client's TLS verification (an ssl.SSLContext for a self-signed server)."""
 
     def __init__(self, root: Path, *, token: str | None = TOKEN, parent_pid: int | None = None,
-                 stdin=subprocess.PIPE, device: str = "cpu", extra_args: tuple[str, ...] = ()):
-        env = {k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}
+                 stdin=subprocess.PIPE, device: str = "cpu", extra_args: tuple[str, ...] = (),
+                 fake_step_seconds: float | None = None, env: dict[str, str] | None = None,
+                 verify=True):
+        env = {**{k: v for k, v in os.environ.items() if k != "MULTIPLANE_TOKEN"}, **(env or {})}
         if token:
             env["MULTIPLANE_TOKEN"] = token
-        cmd = [sys.executable, "-m", "server", "serve", "--port", "0", "--output-root", str(root),
-               "--device", device, *extra_args]
+        cmd = [sys.executable, "-m", "server", "serve"]
+        if fake_step_seconds is not None:  # the real process over fake engines (tools/fake_server.py)
+            cmd = [sys.executable, "-m", "tools.fake_server"]
+            env["MULTIPLANE_FAKE_STEP_SECONDS"] = str(fake_step_seconds)
+        cmd += ["--port", "0", "--output-root", str(root), "--device", device, *extra_args]
         if parent_pid:
             cmd += ["--parent-pid", str(parent_pid)]
         self.root = Path(root)
@@ -39,7 +57,7 @@ class ServerProcess:
         self.ready = json.loads(self._read_line(timeout=60))
         self.url = self.ready["url"]
         self.token = token or Path(self.ready["token_file"]).read_text()
-        self.client = httpx.Client(base_url=self.url, timeout=30,
+        self.client = httpx.Client(base_url=self.url, timeout=30, verify=verify,
                                    headers={"Authorization": f"Bearer {self.token}"})
 
     def _read_line(self, timeout: float) -> str:
@@ -140,3 +158,38 @@ def sse_events(server: ServerProcess, job_id: str, on_event=None,
     return events
 
 
+def open_half_requests(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` connections, each having sent only a request line."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.setblocking(False)
+        try:
+            sock.send(b"GET /v1/health HTTP/1.1\r\n")
+        except OSError:
+            pass
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Has the server closed this non-blocking socket (end-of-file or a reset)?"""
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with the openssl CLI:
+    (cert.pem, key.pem, its SHA-256 fingerprint as openssl prints it, "AB:CD:...")."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    printed = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+    return cert, key, printed.strip().split("=", 1)[1]
