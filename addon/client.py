@@ -252,6 +252,12 @@ class ServerClient:
         """POST /v1/imports → a finished job (kind "import") whose stack is the layered file
         `body["path"]` on the server's machine; `warnings` say what did not carry over."""
         return self._json("POST", f"{API}/imports", body, timeout=max(self.timeout, IMPORT_TIMEOUT))
+    def extend(self, job_id: str, body: dict) -> dict:
+        """POST /v1/jobs/{id}/extend → a new queued job (kind "extend") whose stack grows every
+        layer of job `job_id` so that `body["margins"]` (left, top, right, bottom, fractions of
+        the frame) fit around the same frame. 404: the server does not know the job; 409: it has
+        no finished stack; 422: margins it cannot serve (e.g. beyond the 2048-pixel cap)."""
+        return self._json("POST", f"{API}/jobs/{urllib.parse.quote(job_id)}/extend", body)
 
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"{API}/jobs/{urllib.parse.quote(job_id)}")

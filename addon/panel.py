@@ -10,8 +10,8 @@ from __future__ import annotations
 import bpy
 from bpy.types import Panel, UIList
 
-from . import generate, history, installer, layer_list, preferences
-from .generate import generation_size
+from . import generate, history, installer, layer_list, preferences, shot, shot_operators
+from .canvas import CANVAS_MAX_SIDE
 from .watcher import WatchState, watcher
 
 PHASE_ICONS = {
@@ -123,6 +123,35 @@ def draw_regenerate(layout, settings, item, busy: bool) -> None:
     op.seed = settings.regenerate_seed
 
 
+def draw_canvas(layout, scene) -> None:
+    """The canvas Generate will ask for: its size, the frame's effective resolution inside it,
+    the margins of the shot as last read, and whether the size cap lowers detail."""
+    settings = scene.multiplane
+    margins = tuple(settings.shot_margins) if settings.use_shot_margins else shot.NO_MARGINS
+    row = layout.row(align=True)
+    row.prop(settings, "use_shot_margins")
+    row.operator(shot_operators.MULTIPLANE_OT_read_shot.bl_idname, text="", icon="CAMERA_DATA")
+    try:
+        plan = shot.plan_for_scene(scene, settings.model, margins)
+    except shot.ShotError as error:
+        for line in wrap(str(error), 48):
+            layout.label(text=line, icon="ERROR")
+        return
+    column = layout.column(align=True)
+    column.label(text=f"Canvas: {plan.width} x {plan.height}", icon="IMAGE_DATA")
+    column.label(text=f"Frame: {plan.frame_width:.0f} x {plan.frame_height:.0f} px (the render's aspect)")
+    if settings.use_shot_margins:
+        column.label(text=f"Margins: {shot.describe_margins(margins)}")
+    if settings.shot_warning:
+        box = layout.box()
+        for line in wrap(settings.shot_warning, 48):
+            box.label(text=line, icon="ERROR")
+        box.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
+    if plan.capped:
+        column.label(text=f"Capped at {CANVAS_MAX_SIDE} px a side: less detail than the model's native size",
+                     icon="INFO")
+
+
 def draw_panel(layout, context) -> None:
     scene = context.scene
     settings = scene.multiplane
@@ -146,10 +175,13 @@ def draw_panel(layout, context) -> None:
     side.separator()
     side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_UP").direction = "UP"
     side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_DOWN").direction = "DOWN"
+    side.separator()
+    side.operator(shot_operators.MULTIPLANE_OT_layers_from_selected.bl_idname, text="", icon="OBJECT_DATA")
     if 0 <= settings.layer_index < len(settings.layers):
         layer = settings.layers[settings.layer_index]
         box = column.box()
         box.prop(layer, "prompt")
+        box.prop(layer, "proxy")
         box.prop(layer, "depth")
         box.prop(layer, "use_box")
         if layer.use_box:
@@ -158,13 +190,7 @@ def draw_panel(layout, context) -> None:
     column.separator()
     column.prop(settings, "method")
     column.prop(settings, "model")
-    width, height, render_w, render_h = generation_size(scene)
-    size_row = column.row()
-    size_row.label(text=f"Size: {width} x {height}", icon="IMAGE_DATA")
-    if (width, height) != (render_w, render_h):
-        note = column.column(align=True)
-        note.label(text=f"Render {render_w} x {render_h}, rounded to multiples of 64", icon="INFO")
-        note.label(text="(the decoder's tile size); planes still fill the frame")
+    draw_canvas(column, scene)
     column.prop(settings, "steps")
     column.prop(settings, "guidance")
     seed_row = column.row(align=True)
@@ -209,6 +235,9 @@ def draw_panel(layout, context) -> None:
             item = settings.history[settings.history_index]
             layout.label(text=item.prompt[:60], icon="TEXT")
             draw_regenerate(layout, settings, item, busy)
+            extend = layout.row()
+            extend.enabled = not busy
+            extend.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
 
     layout.separator()
     row = layout.row(align=True)

@@ -67,11 +67,16 @@ class MultiplaneLayer(PropertyGroup):
                            default="", maxlen=limits.MAX_PROMPT_CHARS)
     use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False)
     box: FloatVectorProperty(
-        name="Box", description="Layout box: left, top, right, bottom, as fractions of the image (top-left origin)",
+        name="Box", description="Layout box: left, top, right, bottom, as fractions of the camera frame at the "
+                                "shot's first frame (top-left origin; the canvas's margins lie outside it)",
         size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE")
     depth: FloatProperty(
         name="Depth", description="Distance from the camera when imported (0: spread automatically)",
         default=0.0, min=0.0, soft_max=100.0, unit="LENGTH")
+    proxy: PointerProperty(
+        name="Proxy", type=bpy.types.Object,
+        description="Blockout object this layer is laid out from: its box and depth are read again from the "
+                    "object's place in the camera frame at the shot's first frame on every Generate")
 
 
 class MultiplaneHistoryLayer(PropertyGroup):
@@ -135,6 +140,20 @@ class MultiplaneSceneSettings(PropertyGroup):
                                       default="", maxlen=limits.MAX_PROMPT_CHARS)
     regenerate_seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP")
     regenerate_seed: IntProperty(name="New Seed", default=0, min=0)
+
+    use_shot_margins: BoolProperty(
+        name="Margins for the Camera Move",
+        description="Generate beyond the camera frame as far as the camera's motion over the scene's frame range "
+                    "sees (read at every Generate), so the move never shows a plane's edge",
+        default=True)
+    shot_margins: FloatVectorProperty(
+        name="Shot Margins", size=4, min=0.0, default=(0.0, 0.0, 0.0, 0.0),
+        description="Margins the camera move needed when last read: left, top, right, bottom, as fractions "
+                    "of the frame (Read Shot or Generate updates them)")
+    shot_warning: StringProperty(
+        name="Shot Warning",
+        description="What the backdrop lacks for the camera move, as Read Shot or Parallax Camera Move last found "
+                    "(empty: nothing)")
 
     stack_path: StringProperty(
         name="Stack",

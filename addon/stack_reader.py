@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .geometry import WHOLE_FRAME, frame_margins
+
 FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "stack.json"
@@ -61,11 +63,20 @@ class StackInfo:
     format_version: int
     exports: tuple[str, ...] = ()  # extra files in the folder (stack.psd, stack.ora, stack.exr)
     import_warnings: tuple[str, ...] = ()  # what a layered-file import could not carry over
+    # The camera frame at the shot's start inside the canvas: x0, y0, x1, y1, normalized,
+    # origin top-left, y down. The rest of the canvas is margin for a moving camera.
+    frame: tuple[float, float, float, float] = WHOLE_FRAME
 
     @property
     def exr_path(self) -> Path | None:
         """The stack's multilayer OpenEXR, when it was written with one."""
         return self.folder / EXR_FILE if EXR_FILE in self.exports else None
+
+    @property
+    def margins(self) -> tuple[float, float, float, float]:
+        """The margins the canvas has around the frame: left, top, right, bottom, as
+        fractions of the frame's width (left/right) and height (top/bottom)."""
+        return frame_margins(self.frame)
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -141,7 +152,8 @@ def read_stack(path: str | os.PathLike, check_images: bool = True) -> StackInfo:
     stack = StackInfo(folder=folder, name=name, width=width, height=height, layers=layers,
                       composite=composite, format_version=version,
                       exports=tuple(_file_name(v, f"{source}: exports[{i}]") for i, v in enumerate(exports)),
-                      import_warnings=_import_warnings(data.get("imported")))
+                      import_warnings=_import_warnings(data.get("imported")),
+                      frame=_frame_field(data.get("frame"), source))
     if check_images:
         for layer in layers:
             check_png(layer.path, width, height, need_alpha=not layer.is_background,
@@ -221,6 +233,21 @@ def _read_layer(item: object, index: int, folder: Path, source: str) -> LayerInf
     prompt = item.get("prompt")
     return LayerInfo(index=index, name=name, kind=kind, file=file_name, path=folder / file_name,
                      depth=depth, prompt=prompt if isinstance(prompt, str) else "")
+
+
+def _frame_field(value: object, source: str) -> tuple[float, float, float, float]:
+    """The manifest's optional 'frame' (absent or null: the whole image), checked."""
+    if value is None:
+        return WHOLE_FRAME
+    rule = ("'frame' must be null or [x0, y0, x1, y1]: the camera frame inside the image, "
+            "normalized, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    if not isinstance(value, list) or len(value) != 4 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        raise StackReadError(f"{source}: {rule}, got {value!r}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise StackReadError(f"{source}: {rule}, got {value!r}")
+    return x0, y0, x1, y1
 
 
 def _str_field(data: dict, key: str, where: str) -> str:

@@ -67,6 +67,8 @@ class JobPlan:
     source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
     # Import a layered file instead (then `body` is the POST /v1/imports body).
     import_file: bool = False
+    # Extend for a new shot: the source job's id (then `body` is the /extend body).
+    extend_from: str = ""
 
 
 def server_identity(settings) -> str:
@@ -293,22 +295,15 @@ class Watcher:
     def _submit(client: ServerClient, plan: JobPlan) -> dict:
         if plan.import_file:
             return client.import_layers(plan.body)
+        if plan.extend_from:
+            return _submit_edit(lambda: client.extend(plan.extend_from, plan.body), plan.extend_from, plan,
+                                "the stack to extend", "extend",
+                                "Press Generate instead: it plans the margins for the shot.")
         if not plan.regenerate_from:
             return client.submit(plan.body)
-        try:
-            return client.regenerate(plan.regenerate_from, plan.body)
-        except ServerError as error:
-            where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
-            if error.status == 404:
-                raise ServerError(
-                    f"The server no longer knows job {plan.regenerate_from}, the stack this layer belongs "
-                    f"to (it was restarted with another output folder, its outputs were deleted, or the "
-                    f"stack came from another server).{where} Change the layer's prompt in the panel and "
-                    f"press Generate instead.", 404) from None
-            if error.status == 409:
-                raise ServerError(f"Job {plan.regenerate_from} on the server has no finished stack to "
-                                  f"edit.{where}", 409) from None
-            raise
+        return _submit_edit(lambda: client.regenerate(plan.regenerate_from, plan.body), plan.regenerate_from, plan,
+                            "the stack this layer belongs to", "edit",
+                            "Change the layer's prompt in the panel and press Generate instead.")
 
     def _connect(self, plan: JobPlan, cancel: threading.Event, token: str):
         settings = plan.settings
@@ -354,6 +349,23 @@ class Watcher:
                 version = job.get("version", 0)
                 self._post(token, "job", job)
         return job
+
+
+def _submit_edit(submit, source: str, plan: JobPlan, what: str, verb: str, instead: str) -> dict:
+    """Submit an edit of job `source`'s stack, with a forgotten job (404) or one without a
+    finished stack (409) said for the artist: where its files still are, what to do instead."""
+    try:
+        return submit()
+    except ServerError as error:
+        where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
+        if error.status == 404:
+            raise ServerError(
+                f"The server no longer knows job {source}, {what} (it was restarted with another output "
+                f"folder, its outputs were deleted, or the stack came from another server).{where} {instead}",
+                404) from None
+        if error.status == 409:
+            raise ServerError(f"Job {source} on the server has no finished stack to {verb}.{where}", 409) from None
+        raise
 
 
 def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:

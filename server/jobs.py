@@ -23,15 +23,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from inference.errors import StackFormatError
 from inference.models import preset_names
 from inference.progress import CancelToken, Progress, WorkPlan
-from inference.request import StackRequest, validate_layer_edit, validate_layer_index
+from inference.request import StackRequest, extension_plan, validate_layer_edit, validate_layer_index
 from inference.stack import IMPORTED_METHOD, cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .journal import JobJournal, interrupted
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import (TERMINAL_STATES, ImportIn, JobCreate, JobOut, ProgressOut, RegenerateIn,
+from .schemas import (TERMINAL_STATES, ExtendIn, ImportIn, JobCreate, JobOut, ProgressOut, RegenerateIn,
                       StackOut, layered_path_problem, model_path_problem)
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, Worker, download_model, failure, generate_stack, generation_plan, is_out_of_memory
@@ -54,12 +55,12 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
 @dataclass(eq=False)
 class Job:
     id: str
-    kind: str  # "generate", "regenerate", "download" or "import"
+    kind: str  # "generate", "regenerate", "extend", "download" or "import"
     created: float
     body: Optional[JobCreate] = None
     request: Optional[StackRequest] = None  # generate: the body as the engine's request
-    edit: Optional[RegenerateIn] = None
-    source: Optional[str] = None  # regenerate: the job whose stack is edited
+    edit: Optional[RegenerateIn | ExtendIn] = None
+    source: Optional[str] = None  # regenerate, extend: the job whose stack is edited
     model: Optional[str] = None
     status: str = "queued"
     started: Optional[float] = None
@@ -306,6 +307,30 @@ class JobManager:
             job.fraction = 1.0
             self._finish(job, "succeeded")
             return job.snapshot()
+    def submit_extend(self, source_id: str, body: ExtendIn) -> JobOut:
+        """Queue extending a finished stack (a new job, a new stack folder). The new canvas is
+        planned now, so bad or too large margins are refused before anything is queued."""
+        with self._lock:
+            self._check_open()
+            source = self._job(source_id)
+            if source.status != "succeeded" or source.stack_dir is None:
+                raise Conflict(f"job {source_id} has no finished stack to extend (status {source.status})")
+            if source.kind == "import":
+                raise Conflict(f"job {source_id} is an imported layered file: it has no model or prompts to "
+                               f"grow its margins from; paint the larger canvas and import it again")
+            stack_dir = source.stack_dir
+        try:
+            stack = read_stack(stack_dir)  # outside the lock: a file read
+        except (StackFormatError, OSError) as exc:
+            raise Conflict(f"the stack of job {source_id} cannot be read: {exc}") from None
+        extension_plan("margins", stack.width, stack.height, stack.frame, body.margins)
+        with self._lock:
+            self._check_open()
+            self._check_room()
+            job = Job(id=self._new_id(), kind="extend", created=self._now(), edit=body,
+                      source=source_id, model=source.model)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
 
     def submit_download(self, model: str) -> JobOut:
         """Queue a download of a preset's weights; raises NotFound for an unknown preset."""

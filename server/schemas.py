@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from inference import request as limits
+from inference.canvas import MAX_MARGIN
 from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
 from inference.stack.layered_import import MAX_IMPORT_LAYERS, SUFFIXES
@@ -27,7 +28,7 @@ from inference.stack.layered_import import MAX_IMPORT_LAYERS, SUFFIXES
 LAYERED_SUFFIXES = tuple(SUFFIXES)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "regenerate", "download", "import"]
+JobKind = Literal["generate", "regenerate", "extend", "download", "import"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
 MAX_NAME_CHARS = limits.MAX_NAME_CHARS
@@ -194,6 +195,12 @@ class JobCreate(_Closed):
         **_published(minimum=limits.MIN_MASK_GUIDANCE, maximum=limits.MAX_MASK_GUIDANCE))
     tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
     name: str = Field(default="", description="stack display name", **NAME)
+    frame: Optional[list[float]] = Field(
+        default=None, min_length=4, max_length=4,
+        description="the camera frame inside the width x height canvas, normalized [x0, y0, x1, y1] "
+                    "(origin top-left, y down; 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1); null = the whole "
+                    "image. Layer boxes are in frame coordinates. Recorded in stack.json",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
     export_psd: bool = False
     export_ora: bool = False
     export_exr: bool = Field(default=False, description="also write stack.exr: one multilayer OpenEXR "
@@ -211,6 +218,7 @@ class JobCreate(_Closed):
         "mask_guidance": partial(limits.validate_number, lo=limits.MIN_MASK_GUIDANCE,
                                  hi=limits.MAX_MASK_GUIDANCE),
         "tta_passes": limits.validate_tta_passes, "name": limits.validate_name,
+        "frame": limits.validate_frame,
     }
 
     @field_validator("layers")
@@ -238,7 +246,9 @@ class JobCreate(_Closed):
                             seed=self.seed, method=self.method, tta_passes=self.tta_passes,
                             background_seed=self.background_seed, name=self.name,
                             inter_layer_strength=float(self.inter_layer_strength),
-                            mask_guidance=float(self.mask_guidance)).validated()
+                            mask_guidance=float(self.mask_guidance),
+                            frame=tuple(float(v) for v in self.frame) if self.frame is not None else None,
+                            ).validated()
 
 
 class RegenerateIn(_Closed):
@@ -328,6 +338,20 @@ class ImportIn(_Closed):
         if not value.lower().endswith(LAYERED_SUFFIXES):
             raise ValueError(f"path {value!r} must name a .psd, .psb or .ora file")
         return value
+class ExtendIn(_Closed):
+    """Extend a finished stack for a new shot (outpainting): every layer's canvas grows so the
+    margins fit around the same frame; a new stack, whose old pixels are the source's (a
+    feathered seam of a few pixels aside). The new canvas: `inference.canvas.plan_extension`."""
+
+    margins: list[float] = Field(
+        min_length=4, max_length=4,
+        description="[left, top, right, bottom] the new shot needs around the same frame, fractions of "
+                    "the frame's width (left, right) and height (top, bottom); the canvas grows where "
+                    "it lacks them (multiples of 64, at most 2048 per side; more is refused)",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": MAX_MARGIN}})
+    tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
+
+    engine_checks = {"margins": limits.validate_margins, "tta_passes": limits.validate_tta_passes}
 
 
 class ProgressOut(BaseModel):

@@ -312,6 +312,8 @@ def test_api_import_is_a_finished_job_with_files_and_warnings(source, tmp_path):
         refused = api.client.post(f"/v1/jobs/{job['id']}/regenerate", json={"layer_index": 1, "seed": 3},
                                   headers=AUTH)
         assert refused.status_code == 409 and "imported layered file" in refused.json()["detail"]
+        refused = api.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [0.2, 0, 0, 0]}, headers=AUTH)
+        assert refused.status_code == 409 and "imported layered file" in refused.json()["detail"]
         for body, text in (({"path": "relative.psd"}, "must be absolute"),
                            ({"path": str(tmp_path / "notes.txt")}, "must name a .psd, .psb or .ora file"),
                            ({"path": str(edited), "extra": 1}, "Extra inputs"),

@@ -172,5 +172,5 @@ def export_exr(source: str | Path | LayerStack, out_path: str | Path,
     stack, images = _resolve(source, folder)
     out_path = Path(out_path)
     _replace_atomically(out_path, lambda temp: write_exr(temp, stack.layers, images, stack.width, stack.height,
-                                                          getattr(stack, "frame", None)))
+                                                          stack.frame_rect))
     return out_path

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .composite import check_image_array
+from .composite import check_image_array, srgb_to_linear
 from .manifest import Box, StackLayer
 
 COMPOSITE_LAYER = "Composite"
@@ -48,10 +48,9 @@ def exr_layer_names(names: Sequence[str]) -> list[str]:
     return [*result, COMPOSITE_LAYER]
 
 
-# The sRGB transfer function inverted (IEC 61966-2-1) for each 8-bit code: a table lookup
-# keeps the per-pixel work (and memory) small.
-_CODES = np.arange(256, dtype=np.float64) / 255.0
-SRGB_TO_LINEAR = np.where(_CODES <= 0.04045, _CODES / 12.92, ((_CODES + 0.055) / 1.055) ** 2.4).astype(np.float32)
+# The sRGB transfer function inverted (composite.py's curve) for each 8-bit code: a table
+# lookup keeps the per-pixel work (and memory) small.
+SRGB_TO_LINEAR = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
 
 
 def linear_premultiplied(image: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InvalidRequest, StackFormatError
-from ..request import validate_box
+from ..request import validate_box, validate_frame
 
 FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
@@ -127,6 +127,10 @@ class LayerStack:
     exports: list[str] = field(default_factory=list)
     # Optional: where an imported stack came from and what did not carry over (see _check_imported).
     imported: Optional[dict] = None
+    # Optional keys (absent in older stacks): the camera frame inside the canvas (None = the
+    # whole image) and the engine's provenance of the shot (readers must not depend on it).
+    frame: Optional[Box] = None
+    shot: Optional[dict] = None
 
     @property
     def foregrounds(self) -> list[StackLayer]:
@@ -153,7 +157,14 @@ class LayerStack:
             "timings": copy.deepcopy(self.timings),
             "exports": list(self.exports),
             **({} if self.imported is None else {"imported": copy.deepcopy(self.imported)}),
+            "frame": None if self.frame is None else list(self.frame),
+            "shot": copy.deepcopy(self.shot),
         }
+
+    @property
+    def frame_rect(self) -> Box:
+        """The camera frame inside the canvas, the whole image when the stack has none."""
+        return self.frame if self.frame is not None else (0.0, 0.0, 1.0, 1.0)
 
     def to_json(self) -> str:
         """Pretty, UTF-8-safe JSON; NaN/Infinity are refused rather than written."""
@@ -250,6 +261,28 @@ def _check_box(value: Any, source: str, field_name: str) -> Optional[Box]:
     return box
 
 
+def _check_frame(value: Any, source: str) -> Optional[Box]:
+    """Optional: absent or null = the whole image; else a normalized rectangle like a box."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise _fail(source, "frame", f"must be null or [x0, y0, x1, y1] (the camera frame inside the "
+                                     f"canvas, normalized), got {value!r}")
+    frame = tuple(_check_number(v, source, f"frame[{i}]") for i, v in enumerate(value))
+    try:
+        validate_frame("frame", frame)
+    except InvalidRequest as error:
+        raise _fail(source, "frame", f"{error.message}, got {list(value)}") from None
+    return frame
+
+
+def _check_shot(value: Any, source: str) -> Optional[dict]:
+    """Optional provenance object; only its type is checked (readers must not rely on it)."""
+    if value is not None and not isinstance(value, dict):
+        raise _fail(source, "shot", f"must be null or an object, got {type(value).__name__}")
+    return None if value is None else copy.deepcopy(value)
+
+
 def _check_model(value: Any, source: str) -> dict:
     if not isinstance(value, dict):
         raise _fail(source, "model", f"must be an object, got {type(value).__name__}")
@@ -331,6 +364,8 @@ def _manifest_from_dict(data: Any, source: str) -> LayerStack:
         timings=timings,
         exports=exports,
         imported=_check_imported(data.get("imported"), source),
+        frame=_check_frame(data.get("frame"), source),
+        shot=_check_shot(data.get("shot"), source),
     )
 
 

@@ -201,7 +201,7 @@ def _write_files(folder: Path, final: LayerStack, images: list[np.ndarray],
         jobs.append((folder / BLENDED_FILE, lambda: blended))
     _write_pngs(jobs, checkpoint)
     def write_frame_exr(path, layers, images, width, height):
-        write_exr(path, layers, images, width, height, getattr(final, "frame", None))
+        write_exr(path, layers, images, width, height, final.frame_rect)
 
     for name, write in ((PSD_FILE, write_psd), (ORA_FILE, write_ora), (EXR_FILE, write_frame_exr)):
         if name in final.exports:
