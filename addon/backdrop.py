@@ -134,6 +134,17 @@ class MULTIPLANE_OT_build_compositor(Operator):
         description="Exclude the backdrop's planes from the render, so the layers are not there twice",
         default=True,
     )
+    source: EnumProperty(
+        name="Layers From",
+        description="Which files of the stack the compositor reads",
+        items=(
+            ("AUTO", "Automatic", "The stack's multilayer EXR when it has one, else the layer PNGs"),
+            ("PNG", "Layer PNGs", "One Image node per layer (the images the planes show)"),
+            ("EXR", "Multilayer EXR", "One Image node on the stack's stack.exr, one output per layer "
+                                      "(generate with 'Multilayer EXR' on)"),
+        ),
+        default="AUTO",
+    )
 
     def execute(self, context):
         scene = context.scene
@@ -141,11 +152,12 @@ class MULTIPLANE_OT_build_compositor(Operator):
         if collection is None:
             return {"CANCELLED"}
         try:
-            result = compositor.build_compositor(scene, collection, self.behind, self.hide_planes)
+            result = compositor.build_compositor(scene, collection, self.behind, self.hide_planes, self.source)
         except compositor.CompositorFailed as error:
             self.report({"ERROR"}, f"Cannot build the compositor: {error}")
             return {"CANCELLED"}
-        self.report({"INFO"}, "Compositor: " + " < ".join(reversed(result.order)) + " (front to back)")
+        self.report({"INFO"}, f"Compositor (from {result.source}): " + " < ".join(reversed(result.order))
+                    + " (front to back)")
         return {"FINISHED"}
 
 

@@ -98,6 +98,9 @@ def build_request(scene) -> dict:
         "tta_passes": int(settings.tta_passes),
         "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
+    for export in ("export_psd", "export_exr"):
+        if getattr(settings, export):
+            body[export] = True
     if not plan.whole:  # absent = the whole image (what servers before issue 10 understand)
         body["frame"] = list(plan.frame)
     return body

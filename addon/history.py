@@ -18,6 +18,8 @@ from .properties import REGENERATE_SEED_MODES
 from .stack_reader import LayerInfo, read_stack
 from .watcher import JobPlan, describe_server_identity, ensure_timer, server_identity, watcher
 
+IMPORTED = ("This stack was imported from a layered file: it has no model or prompts to regenerate a "
+            "layer from; edit the file in the painting program and import it again")
 NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
              "version): regenerating one layer needs the job on the server that made it")
 
@@ -121,13 +123,16 @@ def same_server_or_report(operator, item, settings, otherwise: str) -> bool:
 
 def selected_job_poll(operator_class, context) -> bool:
     """Poll of the operators that edit the selected stack on its server: it needs a job id
-    (the greyed-out button's tooltip says why not)."""
+    and a generated (not imported) stack (the greyed-out button's tooltip says why not)."""
     item = _selected_history_item(context)
     if item is None:
         operator_class.poll_message_set("Select a generated stack in the list first")
         return False
     if not item.job_id:
         operator_class.poll_message_set(NO_JOB_ID)
+        return False
+    if item.method == "imported":
+        operator_class.poll_message_set(IMPORTED)
         return False
     return True
 
@@ -161,8 +166,8 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
-        if not item.job_id:
-            self.report({"ERROR"}, NO_JOB_ID)
+        if not item.job_id or item.method == "imported":
+            self.report({"ERROR"}, IMPORTED if item.job_id else NO_JOB_ID)
             return {"CANCELLED"}
         if not ready_to_start_or_report(self, scene):
             return {"CANCELLED"}

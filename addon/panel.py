@@ -86,6 +86,18 @@ def wrap(text: str, width: int) -> list[str]:
     return lines[:12]
 
 
+def draw_import_warnings(layout, warnings) -> None:
+    """What the last layered-file import could not carry over (blend modes, adjustments...)."""
+    box = layout.box()
+    box.label(text=f"{len(warnings)} import warning(s)", icon="ERROR")
+    column = box.column(align=True)
+    for warning in warnings[:6]:
+        for line in wrap(warning, 48)[:3]:
+            column.label(text=line)
+    if len(warnings) > 6:
+        column.label(text=f"… and {len(warnings) - 6} more (stack.json, 'imported')")
+
+
 def draw_regenerate(layout, settings, item, busy: bool) -> None:
     """Regenerate one layer of the selected stack: which layer, its new prompt and/or seed."""
     box = layout.box()
@@ -186,6 +198,9 @@ def draw_panel(layout, context) -> None:
     seed_row.operator(generate.MULTIPLANE_OT_randomize_seed.bl_idname, text="", icon="FILE_REFRESH")
     column.prop(settings, "randomize_seed")
     column.prop(settings, "tta_passes")
+    row = column.row(align=True)
+    row.prop(settings, "export_psd")
+    row.prop(settings, "export_exr")
 
     layout.separator()
     if busy:
@@ -196,6 +211,8 @@ def draw_panel(layout, context) -> None:
         row.operator(generate.MULTIPLANE_OT_generate.bl_idname, icon="RENDER_STILL")
         if state.phase == "succeeded" and state.imported:
             layout.label(text=f"Done: {state.imported}", icon="CHECKMARK")
+            if state.warnings:
+                draw_import_warnings(layout, state.warnings)
         elif state.phase == "cancelled":
             layout.label(text="Cancelled", icon="CANCEL")
 
@@ -226,6 +243,7 @@ def draw_panel(layout, context) -> None:
     row = layout.row(align=True)
     row.operator("multiplane.import_stack", text="Import Stack…", icon="FILE_IMAGE")
     row.operator("multiplane.build_compositor", text="Compositor", icon="NODE_COMPOSITING")
+    layout.operator("multiplane.import_layered_file", text="Import Layered File (PSD/ORA)…", icon="FILE_IMAGE")
     layout.operator("multiplane.parallax_move", icon="CAMERA_DATA")
 
 

@@ -126,6 +126,12 @@ class MultiplaneSceneSettings(PropertyGroup):
     tta_passes: EnumProperty(
         name="Decoder Passes", description="Transparent decoder passes (more: cleaner alpha edges, slower)",
         items=TTA_CHOICES, default="4")
+    export_psd: BoolProperty(
+        name="Layered PSD", description="Also write stack.psd, a layer per stack layer, to finish the backdrop "
+        "in a painting program and bring it back with Import Layered File", default=False)
+    export_exr: BoolProperty(
+        name="Multilayer EXR", description="Also write stack.exr: every layer and the composite in one "
+        "linear, premultiplied OpenEXR, for compositors (Build Compositor can use it)", default=False)
     history: CollectionProperty(type=MultiplaneHistoryItem, name="History")
     history_index: IntProperty(name="Active Stack", default=0, min=0)
     regenerate_layer: EnumProperty(name="Layer", description="The layer of the selected stack to regenerate "

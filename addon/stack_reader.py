@@ -20,6 +20,8 @@ from .geometry import WHOLE_FRAME, frame_margins
 FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "stack.json"
+EXR_FILE = "stack.exr"
+EXR_COMPOSITE_LAYER = "Composite"
 KINDS = ("background", "foreground")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -59,9 +61,16 @@ class StackInfo:
     layers: tuple[LayerInfo, ...]
     composite: Path
     format_version: int
+    exports: tuple[str, ...] = ()  # extra files in the folder (stack.psd, stack.ora, stack.exr)
+    import_warnings: tuple[str, ...] = ()  # what a layered-file import could not carry over
     # The camera frame at the shot's start inside the canvas: x0, y0, x1, y1, normalized,
     # origin top-left, y down. The rest of the canvas is margin for a moving camera.
     frame: tuple[float, float, float, float] = WHOLE_FRAME
+
+    @property
+    def exr_path(self) -> Path | None:
+        """The stack's multilayer OpenEXR, when it was written with one."""
+        return self.folder / EXR_FILE if EXR_FILE in self.exports else None
 
     @property
     def margins(self) -> tuple[float, float, float, float]:
@@ -137,9 +146,14 @@ def read_stack(path: str | os.PathLike, check_images: bool = True) -> StackInfo:
         seen[layer.name] = layer.index
 
     composite = folder / _file_name(data.get("composite"), f"{source}: 'composite'")
-    frame = _frame_field(data.get("frame"), source)
+    exports = data.get("exports") or []
+    if not isinstance(exports, list):
+        raise StackReadError(f"{source}: 'exports' must be a list of file names, got {exports!r}")
     stack = StackInfo(folder=folder, name=name, width=width, height=height, layers=layers,
-                      composite=composite, format_version=version, frame=frame)
+                      composite=composite, format_version=version,
+                      exports=tuple(_file_name(v, f"{source}: exports[{i}]") for i, v in enumerate(exports)),
+                      import_warnings=_import_warnings(data.get("imported")),
+                      frame=_frame_field(data.get("frame"), source))
     if check_images:
         for layer in layers:
             check_png(layer.path, width, height, need_alpha=not layer.is_background,
@@ -170,6 +184,29 @@ def check_png(path: Path, width: int, height: int, need_alpha: bool, what: str) 
                              f"but the stack is {width}x{height}")
     if need_alpha and color_type not in _PNG_ALPHA_COLOR_TYPES:
         raise StackReadError(f"{what}: {path.name} has no alpha channel; foreground layers are RGBA")
+
+
+def exr_layer_names(names) -> list[str]:
+    """The EXR layer (Blender: pass) name of each stack layer name, then the composite's:
+    '.' becomes '_', and a repeat gets " 2", " 3"... (the engine's `inference.stack.exr.
+    exr_layer_names`, mirrored here because the add-on cannot import the engine)."""
+    taken = {EXR_COMPOSITE_LAYER}
+    result = []
+    for name in names:
+        base = name.replace(".", "_").strip() or "layer"
+        candidate, count = base, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{base} {count}"
+        taken.add(candidate)
+        result.append(candidate)
+    return [*result, EXR_COMPOSITE_LAYER]
+
+
+def _import_warnings(imported: object) -> tuple[str, ...]:
+    """The warnings a layered import recorded (`imported.warnings`); () for generated stacks."""
+    warnings = imported.get("warnings") if isinstance(imported, dict) else None
+    return tuple(w for w in warnings if isinstance(w, str)) if isinstance(warnings, list) else ()
 
 
 def safe_folder_name(name: str) -> str:

@@ -47,6 +47,7 @@ class WatchState:
     scene_name: str = ""
     started: float = 0.0
     imported: str = ""  # name of the backdrop collection made from the last stack
+    warnings: tuple = ()  # what a layered-file import could not carry over (shown in the panel)
 
     @property
     def busy(self) -> bool:
@@ -64,6 +65,8 @@ class JobPlan:
     # Regenerate one layer: the source job's id (then `body` is the /regenerate body).
     regenerate_from: str = ""
     source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
+    # Import a layered file instead (then `body` is the POST /v1/imports body).
+    import_file: bool = False
     # Extend for a new shot: the source job's id (then `body` is the /extend body).
     extend_from: str = ""
 
@@ -243,6 +246,10 @@ class Watcher:
         if self._plan is not None:
             fields["server"] = server_identity(self._plan.settings)
         add_history(scene, folder, fields, state.job_id)
+        try:
+            state.warnings = read_stack(folder, check_images=False).import_warnings
+        except StackReadError:
+            state.warnings = ()
         # A timer is no operator, so nothing records the import for Ctrl+Z unless we do.
         if bpy.ops.ed.undo_push.poll():
             bpy.ops.ed.undo_push(message=f"Import Multiplane Stack {result.collection.name}")
@@ -286,6 +293,8 @@ class Watcher:
 
     @staticmethod
     def _submit(client: ServerClient, plan: JobPlan) -> dict:
+        if plan.import_file:
+            return client.import_layers(plan.body)
         if plan.extend_from:
             return _submit_edit(lambda: client.extend(plan.extend_from, plan.body), plan.extend_from, plan,
                                 "the stack to extend", "extend",

@@ -111,7 +111,7 @@ class Engine:
     # -- generation and editing ----------------------------------------------------------
     def generate(self, request: StackRequest, model: str, out_dir: Path, *,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 export_psd: bool = False, export_ora: bool = False):
+                 export_psd: bool = False, export_ora: bool = False, export_exr: bool = False):
         """Generate `request` with `model` and write the stack to `out_dir` (must not exist).
 
         Returns the written LayerStack. On cancel or error nothing is left at `out_dir`.
@@ -122,7 +122,7 @@ class Engine:
         out_dir = _new_stack_dir(out_dir)
         return self._run(request, model, out_dir, lambda loaded, progress, cancel: run_method(
             loaded, request, progress=progress, cancel=cancel), progress, cancel,
-            exports=dict(export_psd=export_psd, export_ora=export_ora))
+            exports=dict(export_psd=export_psd, export_ora=export_ora, export_exr=export_exr))
 
     def regenerate(self, stack_dir, layer_index: int, out_dir, *, new_prompt: Optional[str] = None,
                    new_seed: Optional[int] = None, model: Optional[str] = None, tta_passes: int = 8,

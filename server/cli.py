@@ -1,4 +1,4 @@
-"""Command line: `python -m server generate|regenerate|restyle|extend|serve`.
+"""Command line: `python -m server generate|regenerate|restyle|extend|import-layers|serve`.
 
 Bad input prints one clear line on stderr and exits with code 2, before anything is
 written or loaded. Engine errors (missing weights...) exit with 1 and their message.
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     restyle.add_argument("--style", required=True, help="added to the global prompt")
     add_edit_arguments(restyle)
 
+    layered = sub.add_parser("import-layers", help="a layered PSD or OpenRaster file as a new stack")
+    layered.add_argument("file", type=Path, help="the .psd or .ora file (bottom layer = background)")
+    layered.add_argument("--out", required=True, type=Path, help="stack folder to create (must not exist)")
+    layered.add_argument("--name", default="", help="the stack's display name (default: the file's name)")
+    layered.add_argument("--exr", action="store_true", help="also write a multilayer OpenEXR stack.exr")
     extend = sub.add_parser("extend", help="grow every layer of a stack around the same frame for a new shot "
                                            "(outpainting); the old pixels stay")
     extend.add_argument("--stack", required=True, type=Path, help="the existing stack folder (or its stack.json)")
@@ -128,6 +133,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
+    p.add_argument("--exr", action="store_true",
+                   help="also write a multilayer OpenEXR stack.exr (linear, premultiplied) for compositors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -240,7 +247,7 @@ def cmd_generate(args) -> int:
     cancel = CancelToken()
     try:
         stack = engine.generate(request, args.model, out, progress=bar, cancel=cancel,
-                                export_psd=args.psd, export_ora=args.ora)
+                                export_psd=args.psd, export_ora=args.ora, export_exr=args.exr)
     except KeyboardInterrupt:
         cancel.cancel("interrupted")
         raise
@@ -291,6 +298,20 @@ def cmd_restyle(args) -> int:
         args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
+def cmd_import_layers(args) -> int:
+    """Warnings (what the stack could not carry over) go to stderr, one per line."""
+    from inference.request import validate_name
+    from inference.stack.layered_import import import_layered
+
+    if args.out.exists():
+        raise UsageError(f"--out: {args.out} already exists; choose a new folder")
+    validate_name("name", args.name)
+    stack = import_layered(args.file, args.out, name=args.name, export_exr=args.exr)
+    for warning in stack.imported["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height}, "
+          f"{len(stack.imported['warnings'])} warning(s))")
+    return EXIT_OK
 def cmd_extend(args) -> int:
     return run_edit(args, lambda engine, **kw: engine.extend(
         args.stack, args.margins, args.out, model=args.model, tta_passes=args.tta, **kw))
@@ -319,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"generate": cmd_generate, "regenerate": cmd_regenerate, "restyle": cmd_restyle,
-                   "extend": cmd_extend, "serve": cmd_serve}[args.command]
+                   "extend": cmd_extend, "import-layers": cmd_import_layers, "serve": cmd_serve}[args.command]
         return handler(args)
     except (UsageError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -106,7 +106,8 @@ def generate_stack(engine, job, output_root: Path, progress: ProgressCallback) -
                           tta_passes=job.edit.tta_passes, progress=progress, cancel=job.cancel)
         else:
             engine.generate(job.request, job.model, out_dir, progress=progress, cancel=job.cancel,
-                            export_psd=job.body.export_psd, export_ora=job.body.export_ora)
+                            export_psd=job.body.export_psd, export_ora=job.body.export_ora,
+                            export_exr=job.body.export_exr)
     except BaseException:
         if out_dir.exists() and not (out_dir / "stack.json").is_file():
             shutil.rmtree(out_dir, ignore_errors=True)  # never leave half a stack

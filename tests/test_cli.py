@@ -84,10 +84,10 @@ def test_malformed_box(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_writes_a_stack_with_psd(tmp_path):
+def test_generate_writes_a_stack_with_psd_and_exr(tmp_path):
     out = tmp_path / "stack"
     result = run_cli("generate", *GOOD, "--layer", "a rock", "--box", "0,0,0.5,1", "--tta", "1",
-                     "--method", "independent", "--out", str(out), "--psd", "--offline")
+                     "--method", "independent", "--out", str(out), "--psd", "--exr", "--offline")
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
     from inference.stack import load_stack
@@ -96,6 +96,7 @@ def test_generate_writes_a_stack_with_psd(tmp_path):
     assert [layer.prompt for layer in stack.layers[1:]] == ["a fox", "a rock"]
     assert stack.layers[1].box == (0.0, 0.0, 0.5, 1.0) or list(stack.layers[1].box) == [0.0, 0.0, 0.5, 1.0]
     assert "stack.psd" in stack.exports and (out / "stack.psd").is_file()
+    assert "stack.exr" in stack.exports and (out / "stack.exr").read_bytes()[:4] == b"\x76\x2f\x31\x01"
     assert "Traceback" not in result.stderr
 
 

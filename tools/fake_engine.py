@@ -46,7 +46,7 @@ class FakeEngine:
 
     def generate(self, request: StackRequest, model: str, out_dir: Path, *, progress=None,
                  cancel: Optional[CancelToken] = None, export_psd: bool = False,
-                 export_ora: bool = False):
+                 export_ora: bool = False, export_exr: bool = False):
         request = request.validated()
         progress = progress or ignore_progress
         cancel = cancel or CancelToken()
@@ -67,7 +67,8 @@ class FakeEngine:
                 progress(Progress(phase="decode", step=1, total=1, layer=layer, layers=plan.layers))
             cancel.raise_if_cancelled()
             progress(Progress(phase="save", layers=plan.layers))
-            return self._write(request, model, out_dir, export_psd, export_ora, cancel)
+            return self._write(request, model, out_dir, dict(export_psd=export_psd, export_ora=export_ora,
+                                                                 export_exr=export_exr), cancel)
 
     def extend(self, stack_dir, margins, out_dir, *, model: Optional[str] = None, tta_passes: int = 8,
                progress=None, cancel: Optional[CancelToken] = None, **_settings):
@@ -115,8 +116,7 @@ class FakeEngine:
         if self.fail_with is not None:
             raise self.fail_with
 
-    def _write(self, request: StackRequest, model: str, out_dir: Path, export_psd: bool,
-               export_ora: bool, cancel: CancelToken):
+    def _write(self, request: StackRequest, model: str, out_dir: Path, exports: dict, cancel: CancelToken):
         """A flat-coloured but valid stack, through the real atomic writer. The request's
         frame is recorded and painted: the margins around it are a darker background."""
         import numpy as np
@@ -133,8 +133,7 @@ class FakeEngine:
                        for _ in request.layers]
         stack = stack_manifest(request, out_dir, {"preset": model, "base": "fake", "files": {}},
                                layer_seeds(request), timings={})
-        return write_stack(out_dir, stack, background, foregrounds, export_psd=export_psd,
-                           export_ora=export_ora, cancel=cancel)
+        return write_stack(out_dir, stack, background, foregrounds, cancel=cancel, **exports)
 
 
 class BrokenEngine(FakeEngine):

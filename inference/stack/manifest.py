@@ -26,7 +26,10 @@ COMPOSITE_FILE = "composite.png"
 BLENDED_FILE = "blended.png"
 PSD_FILE = "stack.psd"
 ORA_FILE = "stack.ora"
+EXR_FILE = "stack.exr"
 KINDS = ("background", "foreground")
+IMPORTED_METHOD = "imported"  # `method` of a stack made from a layered file, not generated
+IMPORTED_FORMATS = ("psd", "ora")
 
 # The hidden sibling a stack (or an export) is written into before it is renamed into place.
 SCRATCH_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<token>[0-9a-f]{8})$")
@@ -122,6 +125,8 @@ class LayerStack:
     blended: Optional[str] = None
     timings: dict = field(default_factory=dict)
     exports: list[str] = field(default_factory=list)
+    # Optional: where an imported stack came from and what did not carry over (see _check_imported).
+    imported: Optional[dict] = None
     # Optional keys (absent in older stacks): the camera frame inside the canvas (None = the
     # whole image) and the engine's provenance of the shot (readers must not depend on it).
     frame: Optional[Box] = None
@@ -151,6 +156,7 @@ class LayerStack:
             "blended": self.blended,
             "timings": copy.deepcopy(self.timings),
             "exports": list(self.exports),
+            **({} if self.imported is None else {"imported": copy.deepcopy(self.imported)}),
             "frame": None if self.frame is None else list(self.frame),
             "shot": copy.deepcopy(self.shot),
         }
@@ -357,6 +363,7 @@ def _manifest_from_dict(data: Any, source: str) -> LayerStack:
         blended=blended,
         timings=timings,
         exports=exports,
+        imported=_check_imported(data.get("imported"), source),
         frame=_check_frame(data.get("frame"), source),
         shot=_check_shot(data.get("shot"), source),
     )
@@ -433,3 +440,21 @@ def _check_exports(value: Any, source: str) -> list[str]:
     if not isinstance(value, list):
         raise _fail(source, "exports", f"must be a list, got {type(value).__name__}")
     return [_check_file_name(v, source, f"exports[{i}]", suffix=None) for i, v in enumerate(value)]
+
+
+def _check_imported(value: Any, source: str) -> Optional[dict]:
+    """The optional `imported` key of a stack made from a layered file: the file's name, its
+    format and the warnings of the import (what it could not carry over), in order."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(source, "imported", f"must be null or an object, got {type(value).__name__}")
+    file_name = _check_str(_require(value, "source", source, "imported."), source, "imported.source")
+    fmt = _check_str(_require(value, "format", source, "imported."), source, "imported.format")
+    if fmt not in IMPORTED_FORMATS:
+        raise _fail(source, "imported.format", f"must be one of {', '.join(IMPORTED_FORMATS)}, got {fmt!r}")
+    warnings = _require(value, "warnings", source, "imported.")
+    if not isinstance(warnings, list):
+        raise _fail(source, "imported.warnings", f"must be a list, got {type(warnings).__name__}")
+    return {"source": file_name, "format": fmt,
+            "warnings": [_check_str(w, source, f"imported.warnings[{i}]") for i, w in enumerate(warnings)]}

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 QUEUE_FULL = {429: {"model": ErrorOut, "description": "the queue is full"}}
 MEDIA_TYPES = {"png": "image/png", "json": "application/json", "psd": "image/vnd.adobe.photoshop",
-               "ora": "image/openraster"}
+               "ora": "image/openraster", "exr": "image/x-exr"}
 
 
 @router.post("", status_code=202, response_model=JobOut,
