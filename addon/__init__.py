@@ -9,8 +9,8 @@ having `register()` and `unregister()` and being listed in `_module_names`.
 import importlib
 
 # Registered in this order, unregistered in reverse.
-_module_names = ("properties", "backdrop", "preferences", "generate", "layer_list", "history", "history_library", "panel", "overlay",
-                 "watcher")
+_module_names = ("properties", "backdrop", "preferences", "generate", "layer_list", "history", "history_library",
+                 "interchange", "shot_operators", "panel", "overlay", "watcher")
 
 
 def _modules() -> list:

@@ -12,7 +12,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, St
 from bpy.types import Operator
 from bpy_extras.io_utils import ImportHelper
 
-from . import compositor, importer, parallax, viewport
+from . import compositor, importer, parallax, shot, viewport
 
 DEFAULTS = importer.ImportSettings()
 
@@ -184,6 +184,17 @@ class MULTIPLANE_OT_build_compositor(Operator):
         description="Exclude the backdrop's planes from the render, so the layers are not there twice",
         default=True,
     )
+    source: EnumProperty(
+        name="Layers From",
+        description="Which files of the stack the compositor reads",
+        items=(
+            ("AUTO", "Automatic", "The stack's multilayer EXR when it has one, else the layer PNGs"),
+            ("PNG", "Layer PNGs", "One Image node per layer (the images the planes show)"),
+            ("EXR", "Multilayer EXR", "One Image node on the stack's stack.exr, one output per layer "
+                                      "(generate with 'Multilayer EXR' on)"),
+        ),
+        default="AUTO",
+    )
 
     def execute(self, context):
         scene = context.scene
@@ -191,16 +202,17 @@ class MULTIPLANE_OT_build_compositor(Operator):
         if collection is None:
             return {"CANCELLED"}
         try:
-            result = compositor.build_compositor(scene, collection, self.behind, self.hide_planes)
+            result = compositor.build_compositor(scene, collection, self.behind, self.hide_planes, self.source)
         except compositor.CompositorFailed as error:
             self.report({"ERROR"}, f"Cannot build the compositor: {error}")
             return {"CANCELLED"}
-        self.report({"INFO"}, "Compositor: " + " < ".join(reversed(result.order)) + " (front to back)")
+        self.report({"INFO"}, f"Compositor (from {result.source}): " + " < ".join(reversed(result.order))
+                    + " (front to back)")
         return {"FINISHED"}
 
 
 class MULTIPLANE_OT_parallax_move(Operator):
-    """Key a camera move over the scene's frame range and enlarge the backdrop planes so their edges never show"""
+    """Key a camera move over the scene's frame range and say whether the backdrop's margins cover it (planes are enlarged only with Scale Planes)"""
 
     bl_idname = "multiplane.parallax_move"
     bl_label = "Parallax Camera Move"
@@ -218,8 +230,15 @@ class MULTIPLANE_OT_parallax_move(Operator):
         name="Dolly", description="Move forward, along the view axis (negative: backward)",
         default=0.0, soft_min=-10.0, soft_max=10.0, unit="LENGTH",
     )
+    scale_planes: BoolProperty(
+        name="Scale Planes",
+        description="Enlarge the planes about the frame centre until the move shows no edge. This magnifies "
+                    "the layers (frame 1 no longer matches the approved framing); without it, a backdrop that "
+                    "lacks margins for the move is reported, to be extended with Extend for Shot",
+        default=False,
+    )
     margin: FloatProperty(
-        name="Margin", description="Extra overscan on top of what the move needs",
+        name="Margin", description="Extra overscan on top of what the move needs (with Scale Planes)",
         default=0.01, min=0.0, max=1.0, subtype="FACTOR",
     )
     interpolation: EnumProperty(
@@ -242,13 +261,27 @@ class MULTIPLANE_OT_parallax_move(Operator):
             return {"CANCELLED"}
         try:
             result = parallax.parallax_move(scene, collection, self.truck, self.pedestal, self.dolly,
-                                            self.margin, self.interpolation)
+                                            self.margin, self.interpolation, self.scale_planes)
         except parallax.ParallaxFailed as error:
             self.report({"ERROR"}, f"Cannot make the camera move: {error}")
             return {"CANCELLED"}
+        keyed = f"Keyed the camera move on frames {result.frame_start}-{result.frame_end}"
+        settings = scene.multiplane
+        settings.shot_warning = ""
+        if not self.scale_planes:
+            if result.shortfall_error:
+                settings.shot_warning = f"The backdrop cannot fill this move: {result.shortfall_error}"
+                self.report({"WARNING"}, f"{keyed}, but the backdrop cannot fill it: {result.shortfall_error}")
+            elif result.shortfall is not None and result.shortfall.lacking:
+                settings.shot_warning = f"{collection.name}: {shot.describe_shortfall(result.shortfall)}"
+                self.report({"WARNING"}, f"{keyed}; {shot.describe_shortfall(result.shortfall)}")
+            else:
+                self.report({"INFO"}, f"{keyed}; the backdrop's margins cover it (planes unchanged)")
+            return {"FINISHED"}
         largest = max(result.overscans.values())
-        self.report({"INFO"}, f"Keyed the camera move on frames {result.frame_start}-{result.frame_end}; "
-                              f"planes enlarged up to {largest:.3f}x so their edges stay out of view")
+        self.report({"INFO"}, f"{keyed}; "
+                              f"planes enlarged up to {largest:.3f}x so their edges stay out of view "
+                              "(the layers are magnified: frame 1 no longer matches the framing before the move)")
         if largest > 2.0:
             self.report({"WARNING"}, f"overscan {largest:.2f}x stretches the nearest layer a lot; "
                                      "a smaller move or farther layers keep it sharper")

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 API = "/v1"
 DEFAULT_TIMEOUT = 5.0
+IMPORT_TIMEOUT = 120.0  # a layered import is done before the server answers (big PSDs: seconds)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -246,6 +247,17 @@ class ServerClient:
         keeps every layer of job `job_id` but `body["layer_index"]`, which gets the new
         prompt and/or seed. 404: the server does not know the job; 409: it has no finished stack."""
         return self._json("POST", f"{API}/jobs/{urllib.parse.quote(job_id)}/regenerate", body)
+
+    def import_layers(self, body: dict) -> dict:
+        """POST /v1/imports → a finished job (kind "import") whose stack is the layered file
+        `body["path"]` on the server's machine; `warnings` say what did not carry over."""
+        return self._json("POST", f"{API}/imports", body, timeout=max(self.timeout, IMPORT_TIMEOUT))
+    def extend(self, job_id: str, body: dict) -> dict:
+        """POST /v1/jobs/{id}/extend → a new queued job (kind "extend") whose stack grows every
+        layer of job `job_id` so that `body["margins"]` (left, top, right, bottom, fractions of
+        the frame) fit around the same frame. 404: the server does not know the job; 409: it has
+        no finished stack; 422: margins it cannot serve (e.g. beyond the 2048-pixel cap)."""
+        return self._json("POST", f"{API}/jobs/{urllib.parse.quote(job_id)}/extend", body)
 
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"{API}/jobs/{urllib.parse.quote(job_id)}")

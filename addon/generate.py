@@ -13,31 +13,48 @@ import random
 import bpy
 from bpy.types import Operator
 
-from . import backend, installer, preferences
-from .limits import MAX_FOREGROUNDS, MAX_NAME_CHARS, MAX_SEED, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+from . import backend, installer, preferences, shot, shot_operators
+from .canvas import CanvasPlan
+from .geometry import GeometryError, check_depth_order
+from .limits import MAX_FOREGROUNDS, MAX_NAME_CHARS, MAX_SEED
 from .watcher import JobPlan, ensure_timer, watcher
 
 
-def round_size(value: float) -> int:
-    """Nearest multiple of 64 inside the server's limits (the transparent decoder works on
-    64-pixel tiles)."""
-    rounded = int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE
-    return max(MIN_SIZE, min(MAX_SIZE, rounded))
+def plan_request_canvas(scene) -> tuple[CanvasPlan, tuple[float, float, float, float]]:
+    """(canvas plan, shot margins) for the scene: the render's exact aspect, the margins the
+    camera's motion needs for the layers' depths (when 'Margins for the Camera Move' is on),
+    the model's pixel budget. The margins are remembered on the scene for the panel.
+
+    Raises ValueError (shot.ShotError) with an artist-facing sentence."""
+    settings = scene.multiplane
+    margins = shot.NO_MARGINS
+    if settings.use_shot_margins and scene.camera is not None:
+        distances = shot.generation_distances([layer.depth for layer in settings.layers])
+        margins = shot.margins_for(shot.read_shot(scene), distances)
+    plan = shot.plan_for_scene(scene, settings.model, margins)
+    settings.shot_margins = margins
+    if settings.use_shot_margins:
+        settings.shot_warning = ""  # the new stack is planned for this shot
+    return plan, margins
 
 
-def generation_size(scene) -> tuple[int, int, int, int]:
-    """(width, height, render width, render height): the render size (with its percentage)
-    rounded to multiples of 64. The planes are fitted to the camera frame on import, so a
-    slightly different aspect ratio is stretched back to the frame."""
-    render = scene.render
-    scale = render.resolution_percentage / 100.0
-    rw, rh = round(render.resolution_x * scale), round(render.resolution_y * scale)
-    return round_size(rw), round_size(rh), rw, rh
+def check_layer_depths(settings) -> None:
+    """ValueError (artist-facing) unless the layers' depths, as the importer will place them,
+    get nearer from back to front - caught before generating, not at the import after it."""
+    distances = shot.generation_distances([layer.depth for layer in settings.layers])
+    try:
+        check_depth_order(distances)
+    except GeometryError as error:
+        raise ValueError(f"Depths: {error} (layer 0 is the background, at {distances[0]:g}; depth 0 spreads a "
+                         "layer automatically): change the layers' depths or their order") from None
 
 
 def build_request(scene) -> dict:
     """The POST /v1/jobs body for the scene's settings. A layer's depth (0 = spread between
-    the importer's Near and Far) travels in it: the engine writes it into the stack.
+    the importer's Near and Far) travels in it: the engine writes it into the stack. Layers
+    laid out from proxy objects get their box and depth from them first; the canvas is
+    planned from the frame's aspect, the shot's margins and the model (`frame` says where
+    the camera frame sits in it; boxes stay in frame coordinates).
 
     Raises ValueError with an artist-facing sentence for settings the server would refuse."""
     settings = scene.multiplane
@@ -46,6 +63,8 @@ def build_request(scene) -> dict:
         raise ValueError("Write a prompt for the whole scene first (the Prompt field in the Multiplane panel)")
     if len(settings.layers) > MAX_FOREGROUNDS:
         raise ValueError(f"At most {MAX_FOREGROUNDS} foreground layers; remove {len(settings.layers) - MAX_FOREGROUNDS}")
+    shot_operators.refresh_proxy_layers(scene)
+    check_layer_depths(settings)
     layers = []
     for index, layer in enumerate(settings.layers, start=1):
         text = layer.prompt.strip()
@@ -60,8 +79,10 @@ def build_request(scene) -> dict:
             item["box"] = [x0, y0, x1, y1]
         if layer.depth > 0:
             item["depth"] = float(layer.depth)
+        if layer.proxy is not None and shot_operators.proxy_layer_name(layer.proxy):
+            item["name"] = shot_operators.proxy_layer_name(layer.proxy)  # the layer is named after its proxy
         layers.append(item)
-    width, height, _rw, _rh = generation_size(scene)
+    plan, _margins = plan_request_canvas(scene)
     body = {
         "prompt": prompt,
         "negative_prompt": settings.negative_prompt.strip(),
@@ -69,14 +90,19 @@ def build_request(scene) -> dict:
         "layers": layers,
         "method": settings.method,
         "model": settings.model,
-        "width": width,
-        "height": height,
+        "width": plan.width,
+        "height": plan.height,
         "steps": int(settings.steps),
         "guidance": float(settings.guidance),
         "seed": int(settings.seed),
         "tta_passes": int(settings.tta_passes),
         "name": (settings.stack_name.strip() or f"{scene.name} backdrop")[:MAX_NAME_CHARS],
     }
+    for export in ("export_psd", "export_exr"):
+        if getattr(settings, export):
+            body[export] = True
+    if not plan.whole:  # absent = the whole image (what servers before issue 10 understand)
+        body["frame"] = list(plan.frame)
     return body
 
 
@@ -154,8 +180,10 @@ class MULTIPLANE_OT_generate(Operator):
                    "request": json.dumps(body)}
         watcher.start(JobPlan(body=body, settings=settings, scene_name=scene.name, history_fields=history))
         ensure_timer()
+        margins = shot.describe_margins(tuple(scene.multiplane.shot_margins))
         self.report({"INFO"}, f"Generating a {body['width']}x{body['height']} backdrop with "
-                              f"{len(body['layers'])} foreground layer(s) ({body['model']}, {body['method']})")
+                              f"{len(body['layers'])} foreground layer(s) ({body['model']}, {body['method']}; "
+                              f"margins for the camera move: {margins})")
         return {"FINISHED"}
 
 

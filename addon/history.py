@@ -17,6 +17,8 @@ from .properties import REGENERATE_SEED_MODES
 from .stack_reader import LayerInfo, read_stack
 from .watcher import JobPlan, describe_server_identity, ensure_timer, server_identity, watcher
 
+IMPORTED = ("This stack was imported from a layered file: it has no model or prompts to regenerate a "
+            "layer from; edit the file in the painting program and import it again")
 NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or made by an older "
              "version): regenerating one layer needs the job on the server that made it")
 
@@ -90,6 +92,34 @@ def build_regenerate_request(layers: Sequence[LayerInfo], layer_index: int, prom
     return body
 
 
+def same_server_or_report(operator, item, settings, otherwise: str) -> bool:
+    """False (with an ERROR report) when the stack's job lives on another server than the one
+    the preferences now point at (that one cannot edit it)."""
+    here = server_identity(settings)
+    if item.server and item.server != here:
+        operator.report({"ERROR"}, f"This stack was made by {describe_server_identity(item.server)}, but "
+                                   f"the add-on now uses {describe_server_identity(here)}, which does not "
+                                   f"know its job: switch back in the Multiplane preferences, or {otherwise}")
+        return False
+    return True
+
+
+def selected_job_poll(operator_class, context) -> bool:
+    """Poll of the operators that edit the selected stack on its server: it needs a job id
+    and a generated (not imported) stack (the greyed-out button's tooltip says why not)."""
+    item = _selected_history_item(context)
+    if item is None:
+        operator_class.poll_message_set("Select a generated stack in the list first")
+        return False
+    if not item.job_id:
+        operator_class.poll_message_set(NO_JOB_ID)
+        return False
+    if item.method == "imported":
+        operator_class.poll_message_set(IMPORTED)
+        return False
+    return True
+
+
 def _selected_history_item(context):
     settings = context.scene.multiplane
     if 0 <= settings.history_index < len(settings.history):
@@ -114,22 +144,15 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
 
     @classmethod
     def poll(cls, context):
-        item = _selected_history_item(context)
-        if item is None:
-            cls.poll_message_set("Select a generated stack in the list first")
-            return False
-        if not item.job_id:
-            cls.poll_message_set(NO_JOB_ID)
-            return False
-        return True
+        return selected_job_poll(cls, context)
 
     def execute(self, context):
         scene = context.scene
         item = self.history_item(context)
         if item is None:
             return {"CANCELLED"}
-        if not item.job_id:
-            self.report({"ERROR"}, NO_JOB_ID)
+        if not item.job_id or item.method == "imported":
+            self.report({"ERROR"}, IMPORTED if item.job_id else NO_JOB_ID)
             return {"CANCELLED"}
         if not ready_to_start_or_report(self, scene):
             return {"CANCELLED"}
@@ -149,12 +172,7 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
         settings = backend_settings_or_report(self, context)
         if settings is None:
             return {"CANCELLED"}
-        here = server_identity(settings)
-        if item.server and item.server != here:
-            self.report({"ERROR"}, f"This stack was made by {describe_server_identity(item.server)}, but "
-                                   f"the add-on now uses {describe_server_identity(here)}, which does not "
-                                   f"know its job: switch back in the Multiplane preferences, or change the "
-                                   f"layer's prompt and Generate again")
+        if not same_server_or_report(self, item, settings, "change the layer's prompt and Generate again"):
             return {"CANCELLED"}
         # The engine gives the new stack its source's name and depths, so its import replaces
         # the same backdrop collection in place (the previous version stays in the history).

@@ -2,7 +2,8 @@
 
 One collection per stack ("Backdrop: <name>"), one plane per layer, back to front at
 growing nearness, each sized by `geometry.fit_plane_to_camera` so the active camera sees
-it exactly filling the frame. Planes live in world space (not parented) and face the
+the stack's frame rectangle exactly filling its frame (the rest of the image, the margins
+a camera move needs, extends beyond it). Planes live in world space (not parented) and face the
 camera, so a moving camera sees real parallax. Materials are unlit by default: the texture's
 colour through an Emission shader of strength 1, mixed with a Transparent BSDF by the straight
 alpha - so a render with the Standard view transform gives back the image's own values (the
@@ -41,6 +42,7 @@ PROP_DEPTH = "multiplane_depth"
 PROP_OVERSCAN = "multiplane_overscan"
 PROP_FIT_MODE = "multiplane_fit_mode"
 PROP_IMAGE_SIZE = "multiplane_image_size"
+PROP_FRAME = "multiplane_frame"  # the stack's frame rectangle: what part of the plane the start frame sees
 
 IMAGE_FOLDER = "multiplane"  # images of saved files go to //multiplane/<stack>/
 COLLECTION_PREFIX = "Backdrop: "
@@ -306,15 +308,17 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
     if camera is None:
         raise ImportFailed("the scene has no active camera: add one and make it active "
                            "(View > Cameras > Set Active Object as Camera)")
+    from .shot import ShotError, camera_at_start  # shot builds on this module
+
     try:
         stack = read_stack(path)
-        spec = camera_spec(scene, camera)
-    except (StackReadError, GeometryError) as error:
+        basis, spec = camera_at_start(scene)  # planes are fitted to the shot's first frame
+    except (StackReadError, GeometryError, ShotError) as error:
         raise ImportFailed(str(error)) from None
     depths = layer_depths(stack, settings)
     try:
         fits = [fit_plane_to_camera(spec, depth, settings.overscan, settings.fit_mode,
-                                    (stack.width, stack.height)) for depth in depths]
+                                    (stack.width, stack.height), stack.frame) for depth in depths]
     except GeometryError as error:
         raise ImportFailed(str(error)) from None
     destination = _image_destination(stack)
@@ -336,7 +340,6 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
     for layer_name in set(existing) - {layer.name for layer in stack.layers}:
         _remove_plane(existing.pop(layer_name))
 
-    basis = camera_basis(camera)
     planes = []
     for layer, depth, fit in zip(stack.layers, depths, fits):
         name = _data_name(stack, layer)
@@ -366,6 +369,7 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
         obj[PROP_OVERSCAN] = settings.overscan
         obj[PROP_FIT_MODE] = settings.fit_mode
         obj[PROP_IMAGE_SIZE] = (stack.width, stack.height)
+        obj[PROP_FRAME] = stack.frame
         planes.append(obj)
 
     result = ImportResult(collection=collection, planes=planes, depths=depths,

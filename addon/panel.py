@@ -10,8 +10,8 @@ from __future__ import annotations
 import bpy
 from bpy.types import Panel, UIList
 
-from . import generate, history, history_library, installer, layer_list, library, preferences
-from .generate import generation_size
+from . import generate, history, history_library, installer, layer_list, library, preferences, shot, shot_operators
+from .canvas import CANVAS_MAX_SIDE
 from .watcher import WatchState, watcher
 
 PHASE_ICONS = {
@@ -116,6 +116,18 @@ def wrap(text: str, width: int) -> list[str]:
     return lines[:12]
 
 
+def draw_import_warnings(layout, warnings) -> None:
+    """What the last layered-file import could not carry over (blend modes, adjustments...)."""
+    box = layout.box()
+    box.label(text=f"{len(warnings)} import warning(s)", icon="ERROR")
+    column = box.column(align=True)
+    for warning in warnings[:6]:
+        for line in wrap(warning, 48)[:3]:
+            column.label(text=line)
+    if len(warnings) > 6:
+        column.label(text=f"… and {len(warnings) - 6} more (stack.json, 'imported')")
+
+
 def draw_regenerate(layout, settings, item, busy: bool) -> None:
     """Regenerate one layer of the selected stack: which layer, its new prompt and/or seed."""
     box = layout.box()
@@ -160,6 +172,35 @@ def draw_stack_details(layout, item) -> None:
               icon="INFO")
 
 
+def draw_canvas(layout, scene) -> None:
+    """The canvas Generate will ask for: its size, the frame's effective resolution inside it,
+    the margins of the shot as last read, and whether the size cap lowers detail."""
+    settings = scene.multiplane
+    margins = tuple(settings.shot_margins) if settings.use_shot_margins else shot.NO_MARGINS
+    row = layout.row(align=True)
+    row.prop(settings, "use_shot_margins")
+    row.operator(shot_operators.MULTIPLANE_OT_read_shot.bl_idname, text="", icon="CAMERA_DATA")
+    try:
+        plan = shot.plan_for_scene(scene, settings.model, margins)
+    except shot.ShotError as error:
+        for line in wrap(str(error), 48):
+            layout.label(text=line, icon="ERROR")
+        return
+    column = layout.column(align=True)
+    column.label(text=f"Canvas: {plan.width} x {plan.height}", icon="IMAGE_DATA")
+    column.label(text=f"Frame: {plan.frame_width:.0f} x {plan.frame_height:.0f} px (the render's aspect)")
+    if settings.use_shot_margins:
+        column.label(text=f"Margins: {shot.describe_margins(margins)}")
+    if settings.shot_warning:
+        box = layout.box()
+        for line in wrap(settings.shot_warning, 48):
+            box.label(text=line, icon="ERROR")
+        box.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
+    if plan.capped:
+        column.label(text=f"Capped at {CANVAS_MAX_SIDE} px a side: less detail than the model's native size",
+                     icon="INFO")
+
+
 def draw_history(layout, settings, busy: bool) -> None:
     """The library: every stack of the Stacks Folder, with its actions."""
     layout.separator()
@@ -180,6 +221,9 @@ def draw_history(layout, settings, busy: bool) -> None:
         item = settings.history[settings.history_index]
         draw_stack_details(layout, item)
         draw_regenerate(layout, settings, item, busy)
+        extend = layout.row()
+        extend.enabled = not busy
+        extend.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
 
 
 def draw_layer_list(column, settings) -> None:
@@ -193,10 +237,13 @@ def draw_layer_list(column, settings) -> None:
     side.separator()
     side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_UP").direction = "UP"
     side.operator(layer_list.MULTIPLANE_OT_layer_move.bl_idname, text="", icon="TRIA_DOWN").direction = "DOWN"
+    side.separator()
+    side.operator(shot_operators.MULTIPLANE_OT_layers_from_selected.bl_idname, text="", icon="OBJECT_DATA")
     if 0 <= settings.layer_index < len(settings.layers):
         layer = settings.layers[settings.layer_index]
         box = column.box()
         box.prop(layer, "prompt")
+        box.prop(layer, "proxy")
         box.prop(layer, "depth")
         box.prop(layer, "use_box")
         if layer.use_box:
@@ -223,13 +270,7 @@ def draw_panel(layout, context) -> None:
     column.separator()
     column.prop(settings, "method")
     column.prop(settings, "model")
-    width, height, render_w, render_h = generation_size(scene)
-    size_row = column.row()
-    size_row.label(text=f"Size: {width} x {height}", icon="IMAGE_DATA")
-    if (width, height) != (render_w, render_h):
-        note = column.column(align=True)
-        note.label(text=f"Render {render_w} x {render_h}, rounded to multiples of 64", icon="INFO")
-        note.label(text="(the decoder's tile size); planes still fill the frame")
+    draw_canvas(column, scene)
     column.prop(settings, "steps")
     column.prop(settings, "guidance")
     seed_row = column.row(align=True)
@@ -237,6 +278,9 @@ def draw_panel(layout, context) -> None:
     seed_row.operator(generate.MULTIPLANE_OT_randomize_seed.bl_idname, text="", icon="FILE_REFRESH")
     column.prop(settings, "randomize_seed")
     column.prop(settings, "tta_passes")
+    row = column.row(align=True)
+    row.prop(settings, "export_psd")
+    row.prop(settings, "export_exr")
 
     layout.separator()
     if busy:
@@ -248,6 +292,8 @@ def draw_panel(layout, context) -> None:
         row.operator(generate.MULTIPLANE_OT_generate.bl_idname, icon="RENDER_STILL")
         if state.phase == "succeeded" and state.imported:
             layout.label(text=f"Done: {state.imported}", icon="CHECKMARK")
+            if state.warnings:
+                draw_import_warnings(layout, state.warnings)
         elif state.phase == "cancelled":
             layout.label(text=state.text or "Cancelled", icon="CANCEL")
 
@@ -264,6 +310,7 @@ def draw_panel(layout, context) -> None:
     row = layout.row(align=True)
     row.operator("multiplane.import_stack", text="Import Stack…", icon="FILE_IMAGE")
     row.operator("multiplane.build_compositor", text="Compositor", icon="NODE_COMPOSITING")
+    layout.operator("multiplane.import_layered_file", text="Import Layered File (PSD/ORA)…", icon="FILE_IMAGE")
     row = layout.row(align=True)
     row.operator("multiplane.parallax_move", icon="CAMERA_DATA")
     row.operator("multiplane.show_layers_in_solid_mode", text="Solid Mode", icon="SHADING_TEXTURE")

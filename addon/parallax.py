@@ -3,8 +3,11 @@
 The camera is keyed from its pose at the scene's first frame to that pose moved by a
 truck (right), pedestal (up) and dolly (forward), in its own axes, at the last frame. The
 planes stay where they are in the world - that is what makes near layers slide faster
-than far ones - but each is re-fitted with the overscan it needs
-(`geometry.parallax_overscan`) so no plane edge comes into view at any point of the move.
+than far ones. A backdrop generated for the shot has the margins the move needs; when it
+lacks them the move says so (`shot.backdrop_shortfall`) and leaves the planes alone - the
+artist then extends the backdrop (`multiplane.extend_for_shot`) or, only when asked to
+(`scale_planes`), each plane is re-fitted with the overscan it needs
+(`geometry.parallax_overscan`), which magnifies the layers about the frame centre.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from . import compat
 from .geometry import GeometryError, fit_plane_to_camera, parallax_overscan
 from .importer import (
     PROP_FIT_MODE,
+    PROP_FRAME,
     ImportFailed,
     PROP_IMAGE_SIZE,
     PROP_OVERSCAN,
@@ -26,6 +30,7 @@ from .importer import (
     camera_spec,
     set_plane_size,
 )
+from .shot import Shortfall, ShotError, backdrop_shortfall
 
 # How far (radians) a plane may be turned away from facing the camera before the move is refused.
 _FACING_TOLERANCE = 1e-3
@@ -39,12 +44,16 @@ class ParallaxFailed(Exception):
 class ParallaxResult:
     frame_start: int
     frame_end: int
-    overscans: dict[str, float]  # plane name -> overscan applied
+    overscans: dict[str, float]  # plane name -> overscan applied (empty: the planes were left alone)
+    shortfall: Shortfall | None = None  # what the backdrop lacks for the move (not scaling)
+    shortfall_error: str = ""  # why the shortfall could not be measured
 
 
 def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truck: float, pedestal: float,
-                  dolly: float, margin: float = 0.0, interpolation: str = "BEZIER") -> ParallaxResult:
-    """Key the scene camera's move over the frame range and re-fit the planes of `collection`."""
+                  dolly: float, margin: float = 0.0, interpolation: str = "BEZIER",
+                  scale_planes: bool = False) -> ParallaxResult:
+    """Key the scene camera's move over the frame range; with `scale_planes`, re-fit the
+    planes of `collection` with the overscan the move needs, else measure what they lack."""
     camera = scene.camera
     if camera is None:
         raise ParallaxFailed("the scene has no active camera")
@@ -62,7 +71,10 @@ def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truc
     frame_before = scene.frame_current
     try:
         # Everything is worked out before anything changes.
-        start_matrix, new_sizes = _plan(scene, camera, planes, frame_start, frame_end, move, margin)
+        if scale_planes:
+            start_matrix, new_sizes = _plan(scene, camera, planes, frame_start, frame_end, move, margin)
+        else:
+            start_matrix, new_sizes = _start_pose(scene, camera, planes, frame_start, dolly), {}
     finally:
         scene.frame_set(frame_before)
     basis = start_matrix.normalized()
@@ -80,13 +92,33 @@ def parallax_move(scene: bpy.types.Scene, collection: bpy.types.Collection, truc
                 point.interpolation = interpolation
         fcurve.update()
 
-    for plane in planes:
+    for plane in planes if scale_planes else ():
         width, height, overscan = new_sizes[plane.name]
         set_plane_size(plane, width, height)
         plane.scale = (1.0, 1.0, 1.0)  # the size lives in the mesh
         plane[PROP_OVERSCAN] = overscan
     scene.frame_set(frame_before)
-    return ParallaxResult(frame_start, frame_end, {name: size[2] for name, size in new_sizes.items()})
+    result = ParallaxResult(frame_start, frame_end, {name: size[2] for name, size in new_sizes.items()})
+    if not scale_planes:
+        try:
+            result.shortfall = backdrop_shortfall(scene, collection)
+        except ShotError as error:
+            result.shortfall_error = str(error)
+    return result
+
+
+def _start_pose(scene: bpy.types.Scene, camera: bpy.types.Object, planes: list, frame_start: int,
+                dolly: float) -> Matrix:
+    """The camera's start matrix, after checking the dolly stops short of every plane."""
+    scene.frame_set(frame_start)
+    start_matrix = camera.matrix_world.copy()
+    to_camera = camera_basis(camera).inverted()
+    for plane in planes:
+        distance = -(to_camera @ plane.matrix_world.translation).z
+        if dolly >= distance:
+            raise ParallaxFailed(f"a dolly of {dolly:g} would take the camera through the plane at "
+                                 f"distance {distance:g}")
+    return start_matrix
 
 
 def _turn_angle(rotation) -> float:
@@ -119,7 +151,8 @@ def _plan(scene: bpy.types.Scene, camera: bpy.types.Object, planes: list, frame_
         distance = -center.z
         image_size = tuple(plane.get(PROP_IMAGE_SIZE, (1, 1)))
         try:
-            base = fit_plane_to_camera(spec, distance, 1.0, str(plane.get(PROP_FIT_MODE, "FILL")), image_size)
+            frame = tuple(plane.get(PROP_FRAME, (0.0, 0.0, 1.0, 1.0)))
+            base = fit_plane_to_camera(spec, distance, 1.0, str(plane.get(PROP_FIT_MODE, "FILL")), image_size, frame)
             overscan = parallax_overscan(spec, distance, move, plane_size=(base.width, base.height),
                                          plane_center=(center.x, center.y))
         except GeometryError as error:

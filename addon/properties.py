@@ -76,11 +76,16 @@ class MultiplaneLayer(PropertyGroup):
     use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False,
                           update=_redraw_viewports)
     box: FloatVectorProperty(
-        name="Box", description="Layout box: left, top, right, bottom, as fractions of the image (top-left origin)",
+        name="Box", description="Layout box: left, top, right, bottom, as fractions of the camera frame at the "
+                                "shot's first frame (top-left origin; the canvas's margins lie outside it)",
         size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE", update=_redraw_viewports)
     depth: FloatProperty(
         name="Depth", description="Distance from the camera when imported (0: spread automatically)",
         default=0.0, min=0.0, soft_max=100.0, unit="LENGTH")
+    proxy: PointerProperty(
+        name="Proxy", type=bpy.types.Object,
+        description="Blockout object this layer is laid out from: its box and depth are read again from the "
+                    "object's place in the camera frame at the shot's first frame on every Generate")
 
 
 class MultiplaneHistoryLayer(PropertyGroup):
@@ -145,6 +150,12 @@ class MultiplaneSceneSettings(PropertyGroup):
     tta_passes: EnumProperty(
         name="Decoder Passes", description="Transparent decoder passes (more: cleaner alpha edges, slower)",
         items=TTA_CHOICES, default="4")
+    export_psd: BoolProperty(
+        name="Layered PSD", description="Also write stack.psd, a layer per stack layer, to finish the backdrop "
+        "in a painting program and bring it back with Import Layered File", default=False)
+    export_exr: BoolProperty(
+        name="Multilayer EXR", description="Also write stack.exr: every layer and the composite in one "
+        "linear, premultiplied OpenEXR, for compositors (Build Compositor can use it)", default=False)
     history: CollectionProperty(type=MultiplaneHistoryItem, name="History",
                                 description="Stacks generated for this scene, newest first")
     history_index: IntProperty(name="Active Stack", description="The selected stack of the history", default=0, min=0)
@@ -156,6 +167,20 @@ class MultiplaneSceneSettings(PropertyGroup):
                                        items=REGENERATE_SEED_MODES, default="KEEP")
     regenerate_seed: IntProperty(name="New Seed", description="The layer's seed when Seed is This Seed",
                                   default=0, min=0)
+
+    use_shot_margins: BoolProperty(
+        name="Margins for the Camera Move",
+        description="Generate beyond the camera frame as far as the camera's motion over the scene's frame range "
+                    "sees (read at every Generate), so the move never shows a plane's edge",
+        default=True)
+    shot_margins: FloatVectorProperty(
+        name="Shot Margins", size=4, min=0.0, default=(0.0, 0.0, 0.0, 0.0),
+        description="Margins the camera move needed when last read: left, top, right, bottom, as fractions "
+                    "of the frame (Read Shot or Generate updates them)")
+    shot_warning: StringProperty(
+        name="Shot Warning",
+        description="What the backdrop lacks for the camera move, as Read Shot or Parallax Camera Move last found "
+                    "(empty: nothing)")
 
     stack_path: StringProperty(
         name="Stack",

@@ -15,9 +15,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .geometry import WHOLE_FRAME, frame_margins
+
 FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "stack.json"
+EXR_FILE = "stack.exr"
+EXR_COMPOSITE_LAYER = "Composite"
 KINDS = ("background", "foreground")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,6 +61,22 @@ class StackInfo:
     layers: tuple[LayerInfo, ...]
     composite: Path
     format_version: int
+    exports: tuple[str, ...] = ()  # extra files in the folder (stack.psd, stack.ora, stack.exr)
+    import_warnings: tuple[str, ...] = ()  # what a layered-file import could not carry over
+    # The camera frame at the shot's start inside the canvas: x0, y0, x1, y1, normalized,
+    # origin top-left, y down. The rest of the canvas is margin for a moving camera.
+    frame: tuple[float, float, float, float] = WHOLE_FRAME
+
+    @property
+    def exr_path(self) -> Path | None:
+        """The stack's multilayer OpenEXR, when it was written with one."""
+        return self.folder / EXR_FILE if EXR_FILE in self.exports else None
+
+    @property
+    def margins(self) -> tuple[float, float, float, float]:
+        """The margins the canvas has around the frame: left, top, right, bottom, as
+        fractions of the frame's width (left/right) and height (top/bottom)."""
+        return frame_margins(self.frame)
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -116,8 +136,14 @@ def read_stack(path: str | os.PathLike, check_images: bool = True) -> StackInfo:
         seen[layer.name] = layer.index
 
     composite = folder / _file_name(data.get("composite"), f"{source}: 'composite'")
+    exports = data.get("exports") or []
+    if not isinstance(exports, list):
+        raise StackReadError(f"{source}: 'exports' must be a list of file names, got {exports!r}")
     stack = StackInfo(folder=folder, name=name, width=width, height=height, layers=layers,
-                      composite=composite, format_version=version)
+                      composite=composite, format_version=version,
+                      exports=tuple(_file_name(v, f"{source}: exports[{i}]") for i, v in enumerate(exports)),
+                      import_warnings=_import_warnings(data.get("imported")),
+                      frame=_frame_field(data.get("frame"), source))
     if check_images:
         for layer in layers:
             check_png(layer.path, width, height, need_alpha=not layer.is_background,
@@ -221,6 +247,29 @@ def check_png(path: Path, width: int, height: int, need_alpha: bool, what: str) 
         raise StackReadError(f"{what}: {path.name} has no alpha channel; foreground layers are RGBA")
 
 
+def exr_layer_names(names) -> list[str]:
+    """The EXR layer (Blender: pass) name of each stack layer name, then the composite's:
+    '.' becomes '_', and a repeat gets " 2", " 3"... (the engine's `inference.stack.exr.
+    exr_layer_names`, mirrored here because the add-on cannot import the engine)."""
+    taken = {EXR_COMPOSITE_LAYER}
+    result = []
+    for name in names:
+        base = name.replace(".", "_").strip() or "layer"
+        candidate, count = base, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{base} {count}"
+        taken.add(candidate)
+        result.append(candidate)
+    return [*result, EXR_COMPOSITE_LAYER]
+
+
+def _import_warnings(imported: object) -> tuple[str, ...]:
+    """The warnings a layered import recorded (`imported.warnings`); () for generated stacks."""
+    warnings = imported.get("warnings") if isinstance(imported, dict) else None
+    return tuple(w for w in warnings if isinstance(w, str)) if isinstance(warnings, list) else ()
+
+
 def safe_folder_name(name: str) -> str:
     """A file-system-safe folder name for a stack's display name (for //multiplane/<name>/)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
@@ -245,6 +294,21 @@ def _read_layer(item: object, index: int, folder: Path, source: str) -> LayerInf
     prompt = item.get("prompt")
     return LayerInfo(index=index, name=name, kind=kind, file=file_name, path=folder / file_name,
                      depth=depth, prompt=prompt if isinstance(prompt, str) else "")
+
+
+def _frame_field(value: object, source: str) -> tuple[float, float, float, float]:
+    """The manifest's optional 'frame' (absent or null: the whole image), checked."""
+    if value is None:
+        return WHOLE_FRAME
+    rule = ("'frame' must be null or [x0, y0, x1, y1]: the camera frame inside the image, "
+            "normalized, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    if not isinstance(value, list) or len(value) != 4 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        raise StackReadError(f"{source}: {rule}, got {value!r}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise StackReadError(f"{source}: {rule}, got {value!r}")
+    return x0, y0, x1, y1
 
 
 def _str_field(data: dict, key: str, where: str) -> str:

@@ -49,6 +49,7 @@ class WatchState:
     imported: str = ""  # name of the backdrop collection made from the last stack
     previews: dict = field(default_factory=dict)  # live previews: layer name → PNG file (while running)
     preview_step: int = 0
+    warnings: tuple = ()  # what a layered-file import could not carry over (shown in the panel)
 
     @property
     def busy(self) -> bool:
@@ -66,6 +67,10 @@ class JobPlan:
     # Regenerate one layer: the source job's id (then `body` is the /regenerate body).
     regenerate_from: str = ""
     source_folder: str = ""  # the source stack's copy, named in "the server forgot the job" errors
+    # Import a layered file instead (then `body` is the POST /v1/imports body).
+    import_file: bool = False
+    # Extend for a new shot: the source job's id (then `body` is the /extend body).
+    extend_from: str = ""
 
 
 def server_identity(settings) -> str:
@@ -262,6 +267,10 @@ class Watcher:
         if self._plan is not None:
             fields["server"] = server_identity(self._plan.settings)
         add_history(scene, folder, fields, state.job_id)
+        try:
+            state.warnings = read_stack(folder, check_images=False).import_warnings
+        except StackReadError:
+            state.warnings = ()
         # A timer is no operator, so nothing records the import for Ctrl+Z unless we do.
         if bpy.ops.ed.undo_push.poll():
             bpy.ops.ed.undo_push(message=f"Import Multiplane Stack {result.collection.name}")
@@ -308,22 +317,17 @@ class Watcher:
 
     @staticmethod
     def _submit(client: ServerClient, plan: JobPlan) -> dict:
+        if plan.import_file:
+            return client.import_layers(plan.body)
+        if plan.extend_from:
+            return _submit_edit(lambda: client.extend(plan.extend_from, plan.body), plan.extend_from, plan,
+                                "the stack to extend", "extend",
+                                "Press Generate instead: it plans the margins for the shot.")
         if not plan.regenerate_from:
             return client.submit(plan.body)
-        try:
-            return client.regenerate(plan.regenerate_from, plan.body)
-        except ServerError as error:
-            where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
-            if error.status == 404:
-                raise ServerError(
-                    f"The server no longer knows job {plan.regenerate_from}, the stack this layer belongs "
-                    f"to (it was restarted with another output folder, its outputs were deleted, or the "
-                    f"stack came from another server).{where} Change the layer's prompt in the panel and "
-                    f"press Generate instead.", 404) from None
-            if error.status == 409:
-                raise ServerError(f"Job {plan.regenerate_from} on the server has no finished stack to "
-                                  f"edit.{where}", 409) from None
-            raise
+        return _submit_edit(lambda: client.regenerate(plan.regenerate_from, plan.body), plan.regenerate_from, plan,
+                            "the stack this layer belongs to", "edit",
+                            "Change the layer's prompt in the panel and press Generate instead.")
 
     def _connect(self, plan: JobPlan, cancel: threading.Event, token: str):
         settings = plan.settings
@@ -400,6 +404,23 @@ def preview_folder(job_id: str) -> Path:
     import tempfile
 
     return Path(tempfile.gettempdir()) / "multiplane-previews" / safe_folder_name(job_id)
+
+
+def _submit_edit(submit, source: str, plan: JobPlan, what: str, verb: str, instead: str) -> dict:
+    """Submit an edit of job `source`'s stack, with a forgotten job (404) or one without a
+    finished stack (409) said for the artist: where its files still are, what to do instead."""
+    try:
+        return submit()
+    except ServerError as error:
+        where = f" Its files are still in {plan.source_folder}." if plan.source_folder else ""
+        if error.status == 404:
+            raise ServerError(
+                f"The server no longer knows job {source}, {what} (it was restarted with another output "
+                f"folder, its outputs were deleted, or the stack came from another server).{where} {instead}",
+                404) from None
+        if error.status == 409:
+            raise ServerError(f"Job {source} on the server has no finished stack to {verb}.{where}", 409) from None
+        raise
 
 
 def fetch_stack(client: ServerClient, job: dict, settings, local: bool,

@@ -114,3 +114,59 @@ def frame_to_canvas(box: Rect, frame: Rect) -> Rect:
     fx0, fy0, fx1, fy1 = frame
     x0, y0, x1, y1 = box
     return (fx0 + x0 * (fx1 - fx0), fy0 + y0 * (fy1 - fy0), fx0 + x1 * (fx1 - fx0), fy0 + y1 * (fy1 - fy0))
+
+
+EXTENSION_ALIGN = 8  # the old canvas lands on whole latent cells (the VAE's 8 pixels per cell)
+
+
+def _extend_axis(size: int, f0: float, f1: float, before: float, after: float, axis: str) -> tuple[int, int]:
+    """(new size, offset of the old canvas) on one axis for margins `before`/`after` (fractions
+    of the frame's extent f1 - f0, in pixels of the old canvas)."""
+    extent = f1 - f0
+    need_before = max(0, math.ceil(before * extent - f0 - 1e-6))
+    need_after = max(0, math.ceil(after * extent - (size - f1) - 1e-6))
+    new = math.ceil((size + need_before + need_after) / CANVAS_MULTIPLE - 1e-9) * CANVAS_MULTIPLE
+    while True:
+        if new > CANVAS_MAX_SIDE:
+            raise ValueError(f"margins: extending the {size}-pixel {axis} canvas needs {new} pixels, more than "
+                             f"the cap of {CANVAS_MAX_SIDE} per side; ask for smaller margins")
+        low, high = need_before, new - size - need_after  # where the old canvas may start
+        if need_before == 0:
+            return new, 0  # the leftover goes to the side that grows
+        if need_after == 0:
+            return new, new - size  # a multiple of 64, so of EXTENSION_ALIGN
+        offset = (low + high) // 2 // EXTENSION_ALIGN * EXTENSION_ALIGN
+        offset = max(offset, math.ceil(low / EXTENSION_ALIGN) * EXTENSION_ALIGN)
+        if offset <= high:
+            return new, offset
+        new += CANVAS_MULTIPLE  # no aligned start between both needs: one more row of tiles
+
+
+def _extension(width: int, height: int, frame: Rect | None, margins: Margins):
+    left, top, right, bottom = check_margins(margins)
+    fx0, fy0, fx1, fy1 = frame if frame is not None else (0.0, 0.0, 1.0, 1.0)
+    x = _extend_axis(width, fx0 * width, fx1 * width, left, right, "horizontal")
+    y = _extend_axis(height, fy0 * height, fy1 * height, top, bottom, "vertical")
+    return x, y, (fx0, fy0, fx1, fy1)
+
+
+def plan_extension(width: int, height: int, frame: Rect | None, margins: Margins) -> CanvasPlan:
+    """The canvas that extends a `width` x `height` canvas holding `frame` (None = the whole
+    canvas) so that `margins` fit around the same frame, for outpainting.
+
+    The old pixels keep their scale (no resampling): each side grows by the pixels the
+    margins still lack, the canvas rounds up to multiples of 64 (the leftover goes to the
+    growing side, split evenly when both grow) and the old canvas starts on a multiple of
+    EXTENSION_ALIGN pixels (`extension_offset`). More than 2048 pixels on a side is refused
+    (ValueError starting "margins:"); margins that already fit give the same canvas back.
+    """
+    (new_w, ox), (new_h, oy), (fx0, fy0, fx1, fy1) = _extension(width, height, frame, margins)
+    rect = tuple(_snap(v) for v in ((ox + fx0 * width) / new_w, (oy + fy0 * height) / new_h,
+                                    (ox + fx1 * width) / new_w, (oy + fy1 * height) / new_h))
+    return CanvasPlan(new_w, new_h, rect, (fx1 - fx0) * width, (fy1 - fy0) * height, False)
+
+
+def extension_offset(width: int, height: int, frame: Rect | None, margins: Margins) -> tuple[int, int]:
+    """Where the old canvas's top-left pixel lands in `plan_extension`'s canvas (x, y)."""
+    (_w, ox), (_h, oy), _frame = _extension(width, height, frame, margins)
+    return ox, oy

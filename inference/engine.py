@@ -1,8 +1,8 @@
 """The engine: keeps one model warm and turns a StackRequest into a layer stack on disk.
 
-Front ends (CLI, HTTP server, benchmarks) all go through `Engine.generate`, `regenerate` and
-`restyle`; methods in `inference/methods/` produce pixels, this module owns loading, timing
-and writing (one path for every job).
+Front ends (CLI, HTTP server, benchmarks) all go through `Engine.generate`, `regenerate`,
+`restyle` and `extend`; methods in `inference/methods/` produce pixels, this module owns
+loading, timing and writing (one path for every job).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class Engine:
     # -- generation and editing ----------------------------------------------------------
     def generate(self, request: StackRequest, model: str, out_dir: Path, *,
                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                 export_psd: bool = False, export_ora: bool = False):
+                 export_psd: bool = False, export_ora: bool = False, export_exr: bool = False):
         """Generate `request` with `model` and write the stack to `out_dir` (must not exist).
 
         Returns the written LayerStack. On cancel or error nothing is left at `out_dir`.
@@ -123,7 +123,7 @@ class Engine:
         out_dir = _new_stack_dir(out_dir)
         return self._run(request, model, out_dir, lambda loaded, progress, cancel: run_method(
             loaded, request, progress=progress, cancel=cancel), progress, cancel,
-            exports=dict(export_psd=export_psd, export_ora=export_ora))
+            exports=dict(export_psd=export_psd, export_ora=export_ora, export_exr=export_exr))
 
     def regenerate(self, stack_dir, layer_index: int, out_dir, *, new_prompt: Optional[str] = None,
                    new_seed: Optional[int] = None, model: Optional[str] = None, tta_passes: int = 8,
@@ -165,12 +165,34 @@ class Engine:
                              loaded, source, request, progress=progress, cancel=cancel),
                          progress, cancel, source=source.stack)
 
+    def extend(self, stack_dir, margins, out_dir, *, model: Optional[str] = None, tta_passes: int = 8,
+               inter_layer_strength: float = 0.3, mask_guidance: float = 0.5,
+               progress: ProgressCallback | None = None, cancel: CancelToken | None = None):
+        """Grow every layer of the stack at `stack_dir` so that `margins` (left, top, right,
+        bottom: fractions of its frame) fit around the same frame, into the new stack
+        `out_dir` (outpainting, one joint run); the old pixels stay as they were."""
+        from .methods.editing import SourceStack, extend_layers, extend_request
+
+        out_dir = _new_stack_dir(out_dir)
+        source = SourceStack.load(stack_dir)
+        request, offset = extend_request(source, margins, tta_passes=tta_passes,
+                                         inter_layer_strength=inter_layer_strength, mask_guidance=mask_guidance)
+        shot = {"extended_from": {"name": source.stack.name, "created": source.stack.created,
+                                  "width": source.stack.width, "height": source.stack.height,
+                                  "offset": list(offset)},
+                "margins": [float(m) for m in margins]}
+        return self._run(request, model or source.model_spec(), out_dir,
+                         lambda loaded, progress, cancel: extend_layers(
+                             loaded, source, request, offset, progress=progress, cancel=cancel),
+                         progress, cancel, source=source.stack, shot=shot)
+
     def _run(self, request: StackRequest, model: str, out_dir: Path, make_layers, progress, cancel, *,
-             exports: Optional[dict] = None, source=None):
+             exports: Optional[dict] = None, source=None, shot: Optional[dict] = None):
         """Load `model`, make the layers, write the stack: the one path every job takes.
 
         `source` (edits): the stack edited, whose background name carries over (its depths,
-        foreground names and stack name come through the request, like a new stack's).
+        foreground names and stack name come through the request, like a new stack's);
+        `shot`: provenance recorded in the stack (an extension's source and margins).
         """
         progress = progress or ignore_progress
         cancel = cancel or CancelToken()
@@ -184,7 +206,7 @@ class Engine:
             cancel.raise_if_cancelled()
             progress(Progress(phase="save", layers=1 + len(request.layers)))
             timings = {"load": t_load, **result.timings, "total": time.perf_counter() - t0}
-            stack = stack_manifest(request, out_dir, loaded.describe(), result.seeds, timings, source)
+            stack = stack_manifest(request, out_dir, loaded.describe(), result.seeds, timings, source, shot)
             from .stack import write_stack
 
             return write_stack(out_dir, stack, result.background, result.foregrounds, masks=result.masks,
@@ -201,10 +223,11 @@ def _new_stack_dir(out_dir) -> Path:
 
 
 def stack_manifest(request: StackRequest, out_dir: Path, model: dict, seeds: list[int], timings: dict,
-                   source=None):
+                   source=None, shot: Optional[dict] = None):
     """The LayerStack to write for `request` (file names are the stack writer's to fill in):
-    names and depths come from the request, so what a client asks for is what the stack says.
-    `source`: the stack an edit started from (its background's name carries over)."""
+    names, depths, boxes (frame coordinates) and the frame come from the request, so what a
+    client asks for is what the stack says. `source`: the stack an edit started from (its
+    background's name carries over); `shot`: provenance recorded as the stack's `shot`."""
     from .stack import LayerStack, StackLayer, layer_name
 
     background = source.layers[0].name if source is not None else layer_name(0)
@@ -217,4 +240,5 @@ def stack_manifest(request: StackRequest, out_dir: Path, model: dict, seeds: lis
     return LayerStack(name=request.name or out_dir.name, method=request.method, width=request.width,
                       height=request.height, prompt=request.prompt, negative_prompt=request.negative_prompt,
                       seed=request.seed, steps=request.steps, guidance=float(request.guidance), model=model,
-                      layers=layers, timings={k: round(v, 4) for k, v in timings.items()})
+                      layers=layers, timings={k: round(v, 4) for k, v in timings.items()},
+                      frame=request.frame, shot=shot)

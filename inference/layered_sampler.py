@@ -74,6 +74,17 @@ class LayeredSettings:
 
 
 @dataclass(frozen=True)
+class HeldRegion:
+    """Known pixels held in the latent (outpainting): inside `mask` every item's latent is
+    replaced at each step by its known clean latent noised to that step's level (with the
+    item's own initial noise), and by the clean latent itself at the end; outside it the
+    run generates freely, so new content grows out of the known one."""
+
+    latents: torch.Tensor  # [L, C, h, w] clean scaled latents, one per item (any value outside mask)
+    mask: torch.Tensor  # [h, w] 1 = known (held), 0 = generated; the same for every item
+
+
+@dataclass(frozen=True)
 class LayeredOptions:
     """What `harmonized` and editing change in a run; the defaults are plain `joint`.
 
@@ -93,6 +104,7 @@ class LayeredOptions:
     accumulate_capture: bool = False
     step_offset: int = 0
     total_steps: Optional[int] = None
+    held: Optional[HeldRegion] = None  # outpainting: known latents held at every step
 
 
 # ------------------------------------------------------------------ latent-space helpers
@@ -230,6 +242,7 @@ class LayeredSampler:
                     raise Cancelled(cancel.reason)
                 t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
                 latents = self._pin_kept_layers(latents, t)
+                latents = self._hold_known_region(latents, t)
                 self._schedule_attention(i)
                 eps = self._predict_noise(latents, t)
                 step_input = scheduler.scale_model_input(latents, t)
@@ -246,6 +259,7 @@ class LayeredSampler:
                                   layers=layers))
         if cancel.cancelled:
             raise Cancelled(cancel.reason)
+        latents = self._hold_known_region(latents, None)
         return LayeredResult(latents=latents, masks=self.masks, capture=self.capture)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -280,6 +294,16 @@ class LayeredSampler:
         for item, clean in self.pinned.items():
             latents[item:item + 1] = self.scheduler.add_noise(clean, self.noise[item:item + 1], t.reshape(1))
         return latents
+
+    def _hold_known_region(self, latents: torch.Tensor, t) -> torch.Tensor:
+        """Outpainting: the known region re-enters at this step's noise level (t None: clean)."""
+        held = self.options.held
+        if held is None:
+            return latents
+        clean = held.latents.to(device=self.device, dtype=latents.dtype)
+        known = clean if t is None else self.scheduler.add_noise(clean, self.noise, t.reshape(1))
+        mask = held.mask.to(device=self.device, dtype=latents.dtype)
+        return latents * (1 - mask) + known * mask
 
     def _schedule_attention(self, i: int) -> None:
         self.family.at_step(self.state, i, self.settings.inter_layer_strength, self.end_inter)

@@ -379,6 +379,25 @@ def unknown_model_error(spec: str) -> InvalidRequest:
                  "(with model_index.json) or to an SDXL/SD 1.5 .safetensors checkpoint")
 
 
+def pixel_budget(spec: str) -> int:
+    """The model's native pixel budget for the camera frame: its preset's `default_size`
+    squared (a local base: the preset of its family, read from its config or tensor names
+    without loading it). What `inference.canvas.plan_canvas` sizes a frame by."""
+    name = spec.strip().lower()
+    if name in PRESETS:
+        return PRESETS[name].default_size ** 2
+    if not _looks_like_path(spec):
+        raise unknown_model_error(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        family = inspect_diffusers_folder(path)[0]
+    elif path.is_file():
+        family = inspect_checkpoint(path)
+    else:
+        raise InvalidRequest("model", f"{path} does not exist")
+    return family_preset(family).default_size ** 2
+
+
 # -- resolution ------------------------------------------------------------------------------
 def resolve_model(spec: str, *, models_dir: Optional[Path] = None, allow_download: bool = True,
                   progress: Optional[ProgressCallback] = None,
@@ -512,7 +531,8 @@ def preset_availability(models_dir: Optional[Path] = None) -> list[dict]:
 
             out.append(dict(name=preset.name, family=preset.family, base=preset.base,
                             description=preset.description, default_size=preset.default_size,
-                            available=True, built=read_tiny_key(tiny_model_dir()) == tiny_model_key(TINY_SEED),
+                            pixel_budget=preset.default_size ** 2, available=True,
+                            built=read_tiny_key(tiny_model_dir()) == tiny_model_key(TINY_SEED),
                             files=[], missing=[], download_bytes=0))
             continue
         plan = plan_snapshot(preset.base, preset.base_files, models_dir=models_dir)
@@ -530,7 +550,7 @@ def preset_availability(models_dir: Optional[Path] = None) -> list[dict]:
                    and (e["role"] == "base" or e["role"] not in served)]
         out.append(dict(name=preset.name, family=preset.family, base=preset.base,
                         description=preset.description, default_size=preset.default_size,
-                        available=not missing, files=entries,
+                        pixel_budget=preset.default_size ** 2, available=not missing, files=entries,
                         missing=[f"{e['repo']}: {e['filename']}" for e in missing],
                         download_bytes=sum(e["size"] for e in missing)))
     return out

@@ -68,6 +68,9 @@ class StackRequest:
     # do not attend to each other), and how strongly estimated masks confine foregrounds.
     inter_layer_strength: float = 0.3
     mask_guidance: float = 0.5
+    # The camera frame inside the width x height canvas (x0, y0, x1, y1 normalized to the
+    # canvas); None = the whole canvas. Layer boxes are given in frame coordinates.
+    frame: Optional[Box] = None
 
     def validated(self) -> "StackRequest":
         """Return self (with layers as a tuple) or raise InvalidRequest naming the field."""
@@ -100,7 +103,19 @@ class StackRequest:
         validate_number("inter_layer_strength", self.inter_layer_strength, MIN_INTER_LAYER, MAX_INTER_LAYER)
         validate_number("mask_guidance", self.mask_guidance, MIN_MASK_GUIDANCE, MAX_MASK_GUIDANCE)
         validate_tta_passes("tta_passes", self.tta_passes)
-        return replace(self, layers=tuple(self.layers))
+        if self.frame is not None:
+            validate_frame("frame", self.frame)
+        frame = None if self.frame is None else tuple(float(v) for v in self.frame)
+        return replace(self, layers=tuple(self.layers), frame=frame)
+
+    def canvas_box(self, box: Optional[Box]) -> Optional[Box]:
+        """A layer's layout box (frame coordinates, as the user gave it) in canvas
+        coordinates, where the sampler's masks live; None stays None (no box)."""
+        if box is None or self.frame is None:
+            return box
+        from .canvas import frame_to_canvas
+
+        return frame_to_canvas(box, self.frame)
 
 
 # Each check raises InvalidRequest(field_name, message) and returns nothing; the message
@@ -221,6 +236,41 @@ def validate_depth(field_name: str, value: float) -> None:
         raise InvalidRequest(field_name, f"must be a finite number > 0 (the distance from the camera in scene "
                                          f"units), got {value!r}; leave it out to spread the layer between "
                                          f"the importer's Near and Far")
+
+
+def validate_frame(field_name: str, frame) -> None:
+    """The camera frame inside the canvas: a normalized rectangle, the same rule as a layout
+    box (finite, 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1); any aspect is allowed."""
+    validate_box(field_name, frame)
+
+
+def validate_margins(field_name: str, margins) -> None:
+    """Margins around the frame (left, top, right, bottom; fractions of the frame's width
+    and height), as `inference.canvas.check_margins` allows them."""
+    from .canvas import check_margins
+
+    try:
+        check_margins(tuple(margins))
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(field_name, str(error)) from None
+
+
+def extension_plan(field_name: str, width: int, height: int, frame: Optional[Box], margins):
+    """(CanvasPlan, offset of the old canvas) for extending a `width` x `height` stack holding
+    `frame` so that `margins` fit; InvalidRequest naming `field_name` for bad margins, a
+    canvas past the cap, or margins the canvas already holds (nothing to extend)."""
+    from .canvas import extension_offset, plan_extension
+
+    validate_margins(field_name, margins)
+    margins = tuple(margins)
+    try:
+        plan = plan_extension(width, height, frame, margins)
+    except ValueError as error:
+        raise InvalidRequest(field_name, str(error).removeprefix("margins: ")) from None
+    if (plan.width, plan.height) == (width, height):
+        raise InvalidRequest(field_name, f"the {width}x{height} canvas already holds these margins around its "
+                                         f"frame; nothing to extend")
+    return plan, extension_offset(width, height, frame, margins)
 
 
 def validate_box(field_name: str, box) -> None:

@@ -24,7 +24,7 @@ from inference.errors import InvalidRequest
 from .errors import Conflict, NotFound, QueueFull, ServiceError, ShuttingDown
 from .events import SSE_KEEPALIVE_SECONDS
 from .jobs import JobManager
-from .routers import health, jobs, models
+from .routers import health, imports, jobs, models
 from .schemas import ErrorOut
 from .security import BearerAuth, HostGuard
 from .state import ServerInfo
@@ -60,6 +60,7 @@ def create_app(manager: JobManager, *, token: str, hosts, info: ServerInfo,
                "responses": AUTH_ERRORS}
     app.include_router(jobs.router, **private)
     app.include_router(models.router, **private)
+    app.include_router(imports.router, **private)
     app.add_middleware(HostGuard, hosts=hosts, token=token, public_paths=public_paths(app))
     return app
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m server generate|regenerate|restyle|serve`.
+"""Command line: `python -m server generate|regenerate|restyle|extend|import-layers|serve`.
 
 Bad input prints one clear line on stderr and exits with code 2, before anything is
 written or loaded. Engine errors (missing weights...) exit with 1 and their message.
@@ -22,14 +22,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
+def _four_numbers(text: str, what: str, names: str) -> tuple[float, float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"box {text!r} must be x0,y0,x1,y1 numbers") from None
+        raise argparse.ArgumentTypeError(f"{what} {text!r} must be {names} numbers") from None
     if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"box {text!r} must have 4 numbers x0,y0,x1,y1")
+        raise argparse.ArgumentTypeError(f"{what} {text!r} must have 4 numbers {names}")
     return values  # type: ignore[return-value]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    return _four_numbers(text, "box", "x0,y0,x1,y1")
+
+
+def parse_margins(text: str) -> tuple[float, float, float, float]:
+    """L,T,R,B: fractions of the camera frame's width (left, right) and height (top, bottom)."""
+    return _four_numbers(text, "margins", "L,T,R,B")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     restyle.add_argument("--stack", required=True, type=Path)
     restyle.add_argument("--style", required=True, help="added to the global prompt")
     add_edit_arguments(restyle)
+
+    layered = sub.add_parser("import-layers", help="a layered PSD or OpenRaster file as a new stack")
+    layered.add_argument("file", type=Path, help="the .psd or .ora file (bottom layer = background)")
+    layered.add_argument("--out", required=True, type=Path, help="stack folder to create (must not exist)")
+    layered.add_argument("--name", default="", help="the stack's display name (default: the file's name)")
+    layered.add_argument("--exr", action="store_true", help="also write a multilayer OpenEXR stack.exr")
+    extend = sub.add_parser("extend", help="grow every layer of a stack around the same frame for a new shot "
+                                           "(outpainting); the old pixels stay")
+    extend.add_argument("--stack", required=True, type=Path, help="the existing stack folder (or its stack.json)")
+    extend.add_argument("--margins", required=True, type=parse_margins, metavar="L,T,R,B",
+                        help="what the new shot needs around the frame: fractions of its width/height")
+    add_edit_arguments(extend)
 
     serve = sub.add_parser("serve", help="run the HTTP API (the Blender add-on starts this)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -86,8 +107,15 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="a foreground layer's prompt, back to front; repeat for more layers")
     p.add_argument("--box", action="append", default=[], type=parse_box, metavar="X0,Y0,X1,Y1",
                    help="optional normalized layout box for the layer at the same position")
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--width", type=int, default=None, help=f"canvas pixels (default {d.width}); "
+                                                              f"not with --aspect")
+    p.add_argument("--height", type=int, default=None, help=f"canvas pixels (default {d.height}); "
+                                                               f"not with --aspect")
+    p.add_argument("--aspect", type=float, default=None,
+                   help="the camera frame's width/height: plans the canvas at the model's pixel budget "
+                        "(exact aspect, multiples of 64, at most 2048 per side); boxes are in frame coordinates")
+    p.add_argument("--margins", type=parse_margins, default=None, metavar="L,T,R,B",
+                   help="with --aspect: extra canvas around the frame, fractions of its width/height")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -105,6 +133,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
+    p.add_argument("--exr", action="store_true",
+                   help="also write a multilayer OpenEXR stack.exr (linear, premultiplied) for compositors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -118,6 +148,33 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def canvas_from_args(args):
+    """(width, height, frame, plan): from --aspect/--margins with the model's pixel budget
+    (`inference.canvas.plan_canvas`), else --width/--height with the frame the whole image
+    (plan None). Raises InvalidRequest naming the option."""
+    from inference.canvas import plan_canvas
+    from inference.errors import InvalidRequest
+    from inference.models import pixel_budget
+    from inference.request import StackRequest, validate_margins
+
+    if args.aspect is None:
+        if args.margins is not None:
+            raise InvalidRequest("margins", "--margins needs --aspect (the camera frame's width/height) "
+                                            "to plan the canvas around the frame")
+        default = StackRequest(prompt="")
+        return args.width or default.width, args.height or default.height, None, None
+    if args.width is not None or args.height is not None:
+        raise InvalidRequest("aspect", "--aspect/--margins plan the canvas size; leave out --width/--height "
+                                       "(or give only --width/--height for a canvas that is the whole frame)")
+    margins = args.margins or (0.0, 0.0, 0.0, 0.0)
+    validate_margins("margins", margins)
+    try:
+        plan = plan_canvas(args.aspect, margins, pixel_budget(args.model))
+    except ValueError as error:
+        raise InvalidRequest("aspect", str(error)) from None
+    return plan.width, plan.height, None if plan.whole else plan.frame, plan
+
+
 def request_from_args(args):
     """Build and validate the StackRequest; raises InvalidRequest naming the field."""
     from inference.errors import InvalidRequest
@@ -127,10 +184,11 @@ def request_from_args(args):
         raise InvalidRequest("box", f"{len(args.box)} boxes given for {len(args.layer)} layers")
     layers = tuple(LayerSpec(prompt=p, box=args.box[i] if i < len(args.box) else None)
                    for i, p in enumerate(args.layer))
+    width, height, frame, _plan = canvas_from_args(args)
     return StackRequest(prompt=args.prompt, background=args.background, layers=layers,
-                        negative_prompt=args.negative, width=args.width, height=args.height,
+                        negative_prompt=args.negative, width=width, height=height,
                         steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        method=args.method, tta_passes=args.tta).validated()
+                        method=args.method, tta_passes=args.tta, frame=frame).validated()
 
 
 class ProgressBar:
@@ -173,6 +231,10 @@ def cmd_generate(args) -> int:
     from inference.progress import CancelToken
 
     request = request_from_args(args)  # InvalidRequest → exit 2 in main()
+    plan = canvas_from_args(args)[3]
+    if plan is not None and plan.capped:
+        print(f"note: the canvas is capped at 2048 pixels per side: the frame gets {plan.frame_width:.0f}x"
+              f"{plan.frame_height:.0f} px, less detail than the model's native size", file=sys.stderr)
     out = args.out
     if out.exists():
         raise UsageError(f"--out: {out} already exists; choose a new folder")
@@ -185,19 +247,28 @@ def cmd_generate(args) -> int:
     cancel = CancelToken()
     try:
         stack = engine.generate(request, args.model, out, progress=bar, cancel=cancel,
-                                export_psd=args.psd, export_ora=args.ora)
+                                export_psd=args.psd, export_ora=args.ora, export_exr=args.exr)
     except KeyboardInterrupt:
         cancel.cancel("interrupted")
         raise
     finally:
         bar.close()
     print(f"wrote {out} ({len(stack.layers)} layers, {stack.width}x{stack.height}, "
-          f"{stack.timings.get('total', 0):.1f} s)")
+          f"{stack.timings.get('total', 0):.1f} s){frame_note(stack)}")
     return EXIT_OK
 
 
+def frame_note(stack) -> str:
+    """', frame W x H px at (x, y)' for a stack whose camera frame is not the whole canvas."""
+    if stack.frame is None:
+        return ""
+    x0, y0, x1, y1 = stack.frame
+    return (f", frame {(x1 - x0) * stack.width:.0f}x{(y1 - y0) * stack.height:.0f} px at "
+            f"({x0 * stack.width:.0f}, {y0 * stack.height:.0f})")
+
+
 def run_edit(args, edit) -> int:
-    """Shared by `regenerate` and `restyle`: engine set-up, progress bar, report."""
+    """Shared by `regenerate`, `restyle` and `extend`: engine set-up, progress bar, report."""
     from inference.engine import Engine, EngineSettings
     from inference.progress import CancelToken
 
@@ -212,7 +283,7 @@ def run_edit(args, edit) -> int:
         stack = edit(engine, progress=bar, cancel=CancelToken())
     finally:
         bar.close()
-    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height})")
+    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height}){frame_note(stack)}")
     return EXIT_OK
 
 
@@ -225,6 +296,25 @@ def cmd_regenerate(args) -> int:
 def cmd_restyle(args) -> int:
     return run_edit(args, lambda engine, **kw: engine.restyle(
         args.stack, args.style, args.out, model=args.model, tta_passes=args.tta, **kw))
+
+
+def cmd_import_layers(args) -> int:
+    """Warnings (what the stack could not carry over) go to stderr, one per line."""
+    from inference.request import validate_name
+    from inference.stack.layered_import import import_layered
+
+    if args.out.exists():
+        raise UsageError(f"--out: {args.out} already exists; choose a new folder")
+    validate_name("name", args.name)
+    stack = import_layered(args.file, args.out, name=args.name, export_exr=args.exr)
+    for warning in stack.imported["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out} ({len(stack.layers)} layers, {stack.width}x{stack.height}, "
+          f"{len(stack.imported['warnings'])} warning(s))")
+    return EXIT_OK
+def cmd_extend(args) -> int:
+    return run_edit(args, lambda engine, **kw: engine.extend(
+        args.stack, args.margins, args.out, model=args.model, tta_passes=args.tta, **kw))
 
 
 def cmd_serve(args, engine_factory=None) -> int:
@@ -250,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"generate": cmd_generate, "regenerate": cmd_regenerate, "restyle": cmd_restyle,
-                   "serve": cmd_serve}[args.command]
+                   "extend": cmd_extend, "import-layers": cmd_import_layers, "serve": cmd_serve}[args.command]
         return handler(args)
     except (UsageError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,17 +23,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from inference.errors import StackFormatError
 from inference.models import preset_names
 from inference.previews import PreviewCollector, collect_previews
 from inference.progress import CancelToken, Progress, WorkPlan
-from inference.request import StackRequest, validate_layer_edit, validate_layer_index
-from inference.stack import cleanup_temp, list_stacks
+from inference.request import StackRequest, extension_plan, validate_layer_edit, validate_layer_index
+from inference.stack import IMPORTED_METHOD, cleanup_temp, list_stacks
 
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .journal import JobJournal, interrupted
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import (TERMINAL_STATES, JobCreate, JobOut, PreviewsOut, ProgressOut, RegenerateIn, StackOut,
-                      model_path_problem)
+from .schemas import (TERMINAL_STATES, ExtendIn, ImportIn, JobCreate, JobOut, PreviewsOut, ProgressOut,
+                      RegenerateIn, StackOut, layered_path_problem, model_path_problem)
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, Worker, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
@@ -55,12 +56,12 @@ def iso_time(ts: Optional[float]) -> Optional[str]:
 @dataclass(eq=False)
 class Job:
     id: str
-    kind: str  # "generate", "regenerate" or "download"
+    kind: str  # "generate", "regenerate", "extend", "download" or "import"
     created: float
     body: Optional[JobCreate] = None
     request: Optional[StackRequest] = None  # generate: the body as the engine's request
-    edit: Optional[RegenerateIn] = None
-    source: Optional[str] = None  # regenerate: the job whose stack is edited
+    edit: Optional[RegenerateIn | ExtendIn] = None
+    source: Optional[str] = None  # regenerate, extend: the job whose stack is edited
     model: Optional[str] = None
     status: str = "queued"
     started: Optional[float] = None
@@ -80,6 +81,7 @@ class Job:
     work_start: Optional[tuple[float, float]] = None
     restored_request: Optional[dict] = None  # the request of a job read back from the journal
     device: Optional[str] = None  # the device of the worker that runs (ran) it
+    warnings: list[str] = field(default_factory=list)  # import: what the file could not carry over
     # live previews while it runs: {name: PNG} (inference/previews.py), and their step/version
     previews: dict = field(default_factory=dict)
     preview_step: int = 0
@@ -130,7 +132,7 @@ class Job:
                       created=iso_time(self.created), started=iso_time(self.started),
                       finished=iso_time(self.finished), stack=stack,
                       request=self.request_dump,  # shared by all snapshots: they are read-only
-                      device=self.device, version=self.version)
+                      device=self.device, version=self.version, warnings=list(self.warnings))
 
 
 Subscriber = Callable[[Optional[JobOut]], None]
@@ -190,10 +192,12 @@ class JobManager:
             except OSError as exc:
                 log.warning("not listing %s: %s", entry, exc)
                 continue
-            job = Job(id=entry.name, kind="generate", created=created, status="succeeded",
-                      started=created, finished=created, fraction=1.0, stack_dir=entry,
+            imported = stack.method == IMPORTED_METHOD
+            job = Job(id=entry.name, kind="import" if imported else "generate", created=created,
+                      status="succeeded", started=created, finished=created, fraction=1.0, stack_dir=entry,
                       stack_name=stack.name or entry.name, files=stack_files(stack),
-                      foregrounds=foreground_count(stack))
+                      foregrounds=foreground_count(stack),
+                      warnings=list((stack.imported or {}).get("warnings", [])) if imported else [])
             self._jobs[job.id] = job
             restored += 1
         return restored
@@ -272,9 +276,66 @@ class JobManager:
             source = self._job(source_id)
             if source.status != "succeeded" or source.stack_dir is None:
                 raise Conflict(f"job {source_id} has no finished stack to edit (status {source.status})")
+            if source.kind == "import":
+                raise Conflict(f"job {source_id} is an imported layered file: it has no model or prompts to "
+                               f"regenerate a layer from; edit it in the painting program and import it again")
             validate_layer_index("layer_index", edit.layer_index, source.foregrounds)
             self._check_room()
             job = Job(id=self._new_id(), kind="regenerate", created=self._now(), edit=edit,
+                      source=source_id, model=source.model)
+            snapshot = self._enqueue(self._generate, job)
+        return self._recorded(snapshot)
+
+    def import_layers(self, body: ImportIn) -> JobOut:
+        """Import a layered PSD/ORA file as a new stack, right away (no model, no queue: it
+        takes seconds at most): a finished job of kind "import"; InvalidRequest for a bad file."""
+        from inference.stack.layered_import import import_layered
+
+        missing = layered_path_problem(body.path)
+        if missing:
+            raise NotFound(missing)
+        with self._lock:
+            self._check_open()
+            job = Job(id=self._new_id(), kind="import", created=self._now(), status="running")
+            job.started = job.created
+            self._jobs[job.id] = job  # reserves the id (and its folder name)
+        out_dir = self.output_root / job.id
+        try:
+            written = import_layered(body.path, out_dir, name=body.name, export_exr=body.export_exr,
+                                     depths=body.depths)
+        except BaseException:
+            with self._lock:
+                del self._jobs[job.id]  # refused (422) or failed: no job to list, now or after a restart
+                self._journal_changed()
+            raise
+        self._apply_retention(keep=self.retention - 1)
+        with self._lock:
+            job.stack_dir, job.stack_name, job.files = out_dir, written.name, stack_files(written)
+            job.foregrounds, job.warnings = foreground_count(written), list(written.imported["warnings"])
+            job.fraction = 1.0
+            self._finish(job, "succeeded")
+            return job.snapshot()
+    def submit_extend(self, source_id: str, body: ExtendIn) -> JobOut:
+        """Queue extending a finished stack (a new job, a new stack folder). The new canvas is
+        planned now, so bad or too large margins are refused before anything is queued."""
+        with self._lock:
+            self._check_open()
+            source = self._job(source_id)
+            if source.status != "succeeded" or source.stack_dir is None:
+                raise Conflict(f"job {source_id} has no finished stack to extend (status {source.status})")
+            if source.kind == "import":
+                raise Conflict(f"job {source_id} is an imported layered file: it has no model or prompts to "
+                               f"grow its margins from; paint the larger canvas and import it again")
+            stack_dir = source.stack_dir
+        try:
+            stack = read_stack(stack_dir)  # outside the lock: a file read
+        except (StackFormatError, OSError) as exc:
+            raise Conflict(f"the stack of job {source_id} cannot be read: {exc}") from None
+        extension_plan("margins", stack.width, stack.height, stack.frame, body.margins)
+        with self._lock:
+            self._check_open()
+            self._check_room()
+            job = Job(id=self._new_id(), kind="extend", created=self._now(), edit=body,
                       source=source_id, model=source.model)
             snapshot = self._enqueue(self._generate, job)
         return self._recorded(snapshot)

@@ -20,11 +20,15 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from inference import request as limits
+from inference.canvas import MAX_MARGIN
 from inference.errors import InvalidRequest
 from inference.request import LayerSpec, StackRequest
+from inference.stack.layered_import import MAX_IMPORT_LAYERS, SUFFIXES
+
+LAYERED_SUFFIXES = tuple(SUFFIXES)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["generate", "regenerate", "download"]
+JobKind = Literal["generate", "regenerate", "extend", "download", "import"]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MODEL = "sdxl"
 MAX_NAME_CHARS = limits.MAX_NAME_CHARS
@@ -191,8 +195,17 @@ class JobCreate(_Closed):
         **_published(minimum=limits.MIN_MASK_GUIDANCE, maximum=limits.MAX_MASK_GUIDANCE))
     tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
     name: str = Field(default="", description="stack display name", **NAME)
+    frame: Optional[list[float]] = Field(
+        default=None, min_length=4, max_length=4,
+        description="the camera frame inside the width x height canvas, normalized [x0, y0, x1, y1] "
+                    "(origin top-left, y down; 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1); null = the whole "
+                    "image. Layer boxes are in frame coordinates. Recorded in stack.json",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
     export_psd: bool = False
     export_ora: bool = False
+    export_exr: bool = Field(default=False, description="also write stack.exr: one multilayer OpenEXR "
+                                                        "(a linear, premultiplied layer per stack layer "
+                                                        "and the composite) for compositors")
 
     engine_checks = {
         "prompt": REQUIRED_PROMPT_CHECK, "negative_prompt": limits.validate_prompt,
@@ -205,6 +218,7 @@ class JobCreate(_Closed):
         "mask_guidance": partial(limits.validate_number, lo=limits.MIN_MASK_GUIDANCE,
                                  hi=limits.MAX_MASK_GUIDANCE),
         "tta_passes": limits.validate_tta_passes, "name": limits.validate_name,
+        "frame": limits.validate_frame,
     }
 
     @field_validator("layers")
@@ -232,7 +246,9 @@ class JobCreate(_Closed):
                             seed=self.seed, method=self.method, tta_passes=self.tta_passes,
                             background_seed=self.background_seed, name=self.name,
                             inter_layer_strength=float(self.inter_layer_strength),
-                            mask_guidance=float(self.mask_guidance)).validated()
+                            mask_guidance=float(self.mask_guidance),
+                            frame=tuple(float(v) for v in self.frame) if self.frame is not None else None,
+                            ).validated()
 
 
 class RegenerateIn(_Closed):
@@ -266,6 +282,76 @@ class RegenerateIn(_Closed):
                 type=PydanticCustomError("value_error", error.message), loc=(error.field,),
                 input=getattr(self, error.field))]) from None
         return self
+
+
+# What `ImportIn.path` accepts, published: an absolute path on the server's OS ending in a
+# layered file's suffix (whether it exists is the job service's check: a 404).
+IMPORT_PATH_SCHEMA = {"pattern": (r"^([A-Za-z]:[\\/]|\\\\)" if sys.platform == "win32" else r"^/")
+                      + r".*\.([Pp][Ss][DdBb]|[Oo][Rr][Aa])$"}
+
+
+def layered_path_problem(path: str) -> Optional[str]:
+    """Why a layered file cannot be read on this machine, or None."""
+    try:
+        if Path(path).is_file():
+            return None
+    except (OSError, ValueError) as error:  # too long, a NUL byte, unreadable
+        return f"path {path[:200]!r} cannot be read on the server ({type(error).__name__})"
+    return f"path {path!r} does not exist on the server (or is not a file)"
+
+
+class ImportIn(_Closed):
+    """Body of POST /v1/imports: a layered file on the server's machine to import as a stack."""
+
+    path: str = Field(max_length=4096, description="absolute path of a .psd, .psb or .ora file on the "
+                                                   "server's machine (bottom layer = background)",
+                      json_schema_extra=IMPORT_PATH_SCHEMA)
+    name: str = Field(default="", description="the stack's display name (default: the file's name)", **NAME)
+    export_exr: bool = Field(default=False, description="also write the multilayer OpenEXR stack.exr")
+    depths: Optional[dict[str, float]] = Field(
+        default=None, description="layer name → depth to keep (the backdrop this import replaces); layers "
+                                  "not named get depths between their neighbours'",
+        **_published(maxProperties=MAX_IMPORT_LAYERS,
+                     propertyNames={"maxLength": limits.MAX_NAME_CHARS},
+                     additionalProperties={"type": "number", "exclusiveMinimum": 0}))
+
+    engine_checks = {"name": limits.validate_name}
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, depths: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if depths is not None and len(depths) > MAX_IMPORT_LAYERS:
+            raise PydanticCustomError("value_error", f"at most {MAX_IMPORT_LAYERS} layers, got {len(depths)}")
+        for name, depth in (depths or {}).items():
+            try:
+                limits.validate_name("depths", name)
+                limits.validate_depth("depths", depth)
+            except InvalidRequest as error:  # named by the layer, in the usual 422 shape
+                raise PydanticCustomError("value_error", f"layer {name[:40]!r}: {error.message}") from None
+        return depths
+
+    @field_validator("path")
+    @classmethod
+    def _layered_file_path(cls, value: str) -> str:
+        if not Path(value).is_absolute():
+            raise ValueError(f"path {value!r} must be absolute (the server's working folder is not the client's)")
+        if not value.lower().endswith(LAYERED_SUFFIXES):
+            raise ValueError(f"path {value!r} must name a .psd, .psb or .ora file")
+        return value
+class ExtendIn(_Closed):
+    """Extend a finished stack for a new shot (outpainting): every layer's canvas grows so the
+    margins fit around the same frame; a new stack, whose old pixels are the source's (a
+    feathered seam of a few pixels aside). The new canvas: `inference.canvas.plan_extension`."""
+
+    margins: list[float] = Field(
+        min_length=4, max_length=4,
+        description="[left, top, right, bottom] the new shot needs around the same frame, fractions of "
+                    "the frame's width (left, right) and height (top, bottom); the canvas grows where "
+                    "it lacks them (multiples of 64, at most 2048 per side; more is refused)",
+        json_schema_extra={"items": {"type": "number", "minimum": 0.0, "maximum": MAX_MARGIN}})
+    tta_passes: int = Field(default=StackRequest.tta_passes, description="transparent decoder passes", **TTA)
+
+    engine_checks = {"margins": limits.validate_margins, "tta_passes": limits.validate_tta_passes}
 
 
 class ProgressOut(BaseModel):
@@ -318,6 +404,8 @@ class JobOut(BaseModel):
     device: Optional[str] = Field(default=None, description="the device that runs (ran) it; null "
                                                             "until it starts, and for downloads")
     version: int = Field(default=0, description="bumped on every change of this job")
+    warnings: list[str] = Field(default_factory=list,
+                                description="import jobs: what the stack could not carry over from the file")
 
 
 class JobList(BaseModel):

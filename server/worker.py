@@ -79,19 +79,20 @@ class Worker:
 
 
 def generation_plan(job, output_root: Path) -> WorkPlan:
-    """The declared work of a generate or regenerate job (`jobs.Job`), for its fraction."""
+    """The declared work of a generate, regenerate or extend job (`jobs.Job`), for its
+    fraction (an extension decodes every layer, like a restyle)."""
     from inference.methods import edit_plan, work_plan
 
-    if job.kind != "regenerate":
+    if job.kind not in ("regenerate", "extend"):
         return work_plan(job.request)
     from inference.stack import load_stack
 
     source = load_stack(output_root / job.source, check_images=False)
-    return edit_plan(len(source.layers), source.steps, job.edit.layer_index)
+    return edit_plan(len(source.layers), source.steps, job.edit.layer_index if job.kind == "regenerate" else None)
 
 
 def generate_stack(engine, job, output_root: Path, progress: ProgressCallback) -> Path:
-    """Run a generate or regenerate job (`jobs.Job`) on the engine; returns its new stack
+    """Run a generate, regenerate or extend job (`jobs.Job`) on the engine; returns its new stack
     folder. On failure no half-written folder is left behind."""
     out_dir = output_root / job.id
     try:
@@ -100,9 +101,13 @@ def generate_stack(engine, job, output_root: Path, progress: ProgressCallback) -
             engine.regenerate(output_root / job.source, edit.layer_index, out_dir, new_prompt=edit.prompt,
                               new_seed=edit.seed, tta_passes=edit.tta_passes, progress=progress,
                               cancel=job.cancel)
+        elif job.kind == "extend":
+            engine.extend(output_root / job.source, tuple(job.edit.margins), out_dir,
+                          tta_passes=job.edit.tta_passes, progress=progress, cancel=job.cancel)
         else:
             engine.generate(job.request, job.model, out_dir, progress=progress, cancel=job.cancel,
-                            export_psd=job.body.export_psd, export_ora=job.body.export_ora)
+                            export_psd=job.body.export_psd, export_ora=job.body.export_ora,
+                            export_exr=job.body.export_exr)
     except BaseException:
         if out_dir.exists() and not (out_dir / "stack.json").is_file():
             shutil.rmtree(out_dir, ignore_errors=True)  # never leave half a stack

@@ -156,6 +156,56 @@ def make_stack(folder: Path, width: int = 64, height: int = 48, name: str = "Tes
     return folder
 
 
+def smooth_layers(width: int, height: int) -> list[np.ndarray]:
+    """Background RGB + two RGBA foregrounds with nothing sharper than a few pixels: smooth
+    gradients and wide soft-edged blobs, so a render resampled at other pixel centres
+    compares with the composite by its values, not by aliasing."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    u, v = (x + 0.5) / width, (y + 0.5) / height
+    background = np.stack([40 + 180 * u, 30 + 150 * v, 200 - 120 * u * v], axis=-1)
+    feather = max(6.0, 0.05 * min(width, height))
+
+    def blob(cx: float, cy: float, radius: float, color) -> np.ndarray:
+        distance = np.hypot((u - cx) * width, (v - cy) * height)
+        alpha = np.clip((radius * min(width, height) - distance) / feather + 0.5, 0.0, 1.0)
+        layer = np.zeros((height, width, 4), np.float64)
+        layer[..., :3] = color
+        layer[..., 3] = 255 * alpha
+        return np.clip(np.floor(layer + 0.5), 0, 255).astype(np.uint8)
+
+    return [np.clip(np.floor(background + 0.5), 0, 255).astype(np.uint8),
+            blob(0.35, 0.45, 0.25, (230, 60, 40)), blob(0.65, 0.55, 0.18, (40, 200, 90))]
+
+
+def make_framed_stack(folder: Path, width: int, height: int, frame, name: str = "Test Stack",
+                      depths: list[float | None] | None = None, layers: list[np.ndarray] | None = None) -> Path:
+    """make_stack, then record the camera `frame` (x0, y0, x1, y1) inside the canvas in stack.json."""
+    folder = make_stack(folder, width, height, name=name, depths=depths, layers=layers)
+    manifest = json.loads((folder / "stack.json").read_text(encoding="utf-8"))
+    manifest["frame"] = [float(v) for v in frame]
+    (folder / "stack.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return folder
+
+
+def covers_frame(corners, tolerance: float = 1e-6) -> float:
+    """How far a plane's projected quad (camera-view corners, in order) falls short of holding
+    the whole frame [0, 1]^2: <= 0 when it covers it (a convex quad holds the frame when it
+    holds the frame's four corners)."""
+    worst = -1.0
+    count = len(corners)
+    area = sum(corners[i][0] * corners[(i + 1) % count][1] - corners[(i + 1) % count][0] * corners[i][1]
+               for i in range(count))
+    orientation = 1.0 if area > 0 else -1.0
+    for px, py in ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)):
+        for i in range(count):
+            (ax, ay), (bx, by) = corners[i][:2], corners[(i + 1) % count][:2]
+            length = ((bx - ax) ** 2 + (by - ay) ** 2) ** 0.5
+            # Signed distance of the frame corner outside edge a->b (positive: outside).
+            outside = -orientation * ((bx - ax) * (py - ay) - (by - ay) * (px - ax)) / length
+            worst = max(worst, outside)
+    return worst - tolerance
+
+
 def load_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
@@ -209,6 +259,15 @@ def blender_pythons() -> list:
     return [pytest.param(None, id="bpy-current"),
             pytest.param(found, id="bpy-4.2",
                          marks=pytest.mark.skipif(found is None, reason="no bpy 4.2 environment (make bpy42)"))]
+
+
+def per_blender(kinds) -> list:
+    """pytest params (kind, python) of every kind on every Blender of blender_pythons() (the
+    4.2 variants skipped without its environment), for module-scoped scenario fixtures."""
+    import pytest
+
+    return [pytest.param((kind, python.values[0]), id=f"{kind}-{python.id}", marks=python.marks)
+            for kind in kinds for python in blender_pythons()]
 
 
 def run_in_blender(module_file: str, function: str, timeout: float = 120.0, python: str | None = None,
@@ -348,6 +407,18 @@ def register_as_extension(name: str = "multiplane"):
         bpy.context.preferences.addons.new().module = name
     package.register()
     return package
+
+
+def execute_recording(operator_class, context, **props) -> tuple[list[str], list[list]]:
+    """Run an operator's execute() on a stand-in carrying `props` and a recording report();
+    returns (result, [[kinds, message], ...]). bpy.ops shows only ERROR reports (as
+    RuntimeError), and a test must see the WARNING and INFO ones too."""
+    from types import SimpleNamespace
+
+    reports: list[list] = []
+    stand_in = SimpleNamespace(**props, report=lambda kinds, message: reports.append([sorted(kinds), message]))
+    result = operator_class.execute(stand_in, context)
+    return sorted(result), reports
 
 
 def import_module_from(path: Path, name: str):

@@ -29,19 +29,12 @@ def _source_name(socket) -> str:
     return node.name
 
 
-def blender_compositor(stack_dir: str, out_dir: str, runs: list[dict]) -> list[dict]:
+def _add_cg_card(scene):
+    """An opaque emissive card filling the view: the stand-in for the CG render."""
     import bpy
 
     from addon import compat
 
-    helpers.reset_blender()
-    helpers.register_addon()
-    scene = bpy.context.scene
-    helpers.add_camera(scene)
-    helpers.setup_exact_render(scene, 64, 48, samples=1)
-    bpy.ops.multiplane.import_stack(filepath=stack_dir)
-
-    # An opaque emissive card filling the view stands in for the CG render when asked.
     mesh = bpy.data.meshes.new("CG")
     mesh.from_pydata([(-5, -5, -2), (5, -5, -2), (5, 5, -2), (-5, 5, -2)], [], [(0, 1, 2, 3)])
     card = bpy.data.objects.new("CG", mesh)
@@ -55,6 +48,22 @@ def blender_compositor(stack_dir: str, out_dir: str, runs: list[dict]) -> list[d
     output = tree.nodes.new("ShaderNodeOutputMaterial")
     tree.links.new(emission.outputs[0], output.inputs["Surface"])
     mesh.materials.append(material)
+    return card
+
+
+def blender_compositor(stack_dir: str, out_dir: str, runs: list[dict]) -> list[dict]:
+    import bpy
+
+    from addon import compat
+
+    helpers.reset_blender()
+    helpers.register_addon()
+    scene = bpy.context.scene
+    helpers.add_camera(scene)
+    helpers.setup_exact_render(scene, 64, 48, samples=1)
+    bpy.ops.multiplane.import_stack(filepath=stack_dir)
+
+    card = _add_cg_card(scene)
 
     results = []
     for i, run in enumerate(runs):

@@ -55,11 +55,24 @@ def _edit_manifest(folder: Path, change) -> None:
     (lambda d: d["layers"][1].update(depth=-3), "positive number"),
     (lambda d: d["layers"][1].update(file="missing.png"), "missing.png is missing"),
     (lambda d: d.update(width=65), "is 64x48 pixels, but the stack is 65x48"),
+    (lambda d: d.update(frame=[0.5, 0.0, 0.4, 1.0]), r"'frame' must be null or \[x0, y0, x1, y1\].*0 <= x0 < x1 <= 1"),
+    (lambda d: d.update(frame=[0.0, 0.0, 1.0]), "'frame' must be null or"),
+    (lambda d: d.update(frame=[0.0, -0.1, 1.0, 1.0]), "'frame' must be null or"),
+    (lambda d: d.update(frame="whole"), "'frame' must be null or"),
 ])
 def test_reader_refuses_bad_manifests_with_a_precise_message(stack_dir, change, message):
     _edit_manifest(stack_dir, change)
     with pytest.raises(StackReadError, match=message):
         read_stack(stack_dir)
+
+
+def test_reader_reads_the_frame_and_its_margins(stack_dir):
+    assert read_stack(stack_dir).frame == (0.0, 0.0, 1.0, 1.0)  # absent: the whole image
+    _edit_manifest(stack_dir, lambda d: d.update(frame=None))
+    assert read_stack(stack_dir).frame == (0.0, 0.0, 1.0, 1.0) and read_stack(stack_dir).margins == (0, 0, 0, 0)
+    _edit_manifest(stack_dir, lambda d: d.update(frame=[0.25, 0, 0.75, 1]))
+    stack = read_stack(stack_dir)
+    assert stack.frame == (0.25, 0.0, 0.75, 1.0) and stack.margins == pytest.approx((0.5, 0.0, 0.5, 0.0))
 
 
 def test_reader_refuses_foregrounds_without_alpha_and_non_stacks(stack_dir, tmp_path):

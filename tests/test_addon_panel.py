@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import blender_helpers as helpers  # noqa: E402
 from blender_helpers import blender_pythons, run_in_blender  # noqa: E402
+from addon import canvas as addon_canvas  # noqa: E402
 
 NEW_CLASSES = ("MULTIPLANE_OT_generate", "MULTIPLANE_OT_cancel", "MULTIPLANE_OT_layer_add",
                "MULTIPLANE_OT_layer_remove", "MULTIPLANE_OT_layer_move", "MULTIPLANE_OT_randomize_seed",
@@ -20,7 +21,7 @@ NEW_CLASSES = ("MULTIPLANE_OT_generate", "MULTIPLANE_OT_cancel", "MULTIPLANE_OT_
                "MULTIPLANE_OT_restart_server", "MULTIPLANE_OT_install_environment",
                "MULTIPLANE_UL_layers", "MULTIPLANE_UL_history", "VIEW3D_PT_multiplane",
                "MultiplanePreferences", "MultiplaneLayer", "MultiplaneHistoryItem",
-               "MULTIPLANE_OT_import_stack")
+               "MULTIPLANE_OT_import_stack", "MULTIPLANE_OT_read_shot", "MULTIPLANE_OT_layers_from_selected")
 
 
 # --------------------------------------------------------------------------- inside Blender
@@ -110,9 +111,10 @@ def scenario_register_twice() -> dict:
     seen = []
 
     def classes():
-        from multiplane.addon import backdrop, generate, history, layer_list, panel, preferences, properties
+        from multiplane.addon import (backdrop, generate, history, layer_list, panel, preferences, properties,
+                                      shot_operators)
 
-        modules = (properties, backdrop, preferences, generate, layer_list, history, panel)
+        modules = (properties, backdrop, preferences, generate, layer_list, history, shot_operators, panel)
         return [cls for module in modules for cls in module.CLASSES]
 
     for _ in range(2):
@@ -133,7 +135,7 @@ def scenario_draw_states() -> dict:
 
     helpers.reset_blender()
     package = helpers.register_as_extension()
-    from multiplane.addon import generate, history, installer, panel, preferences
+    from multiplane.addon import generate, history, installer, panel, preferences, shot
     from multiplane.addon.watcher import WatchState, watcher
 
     scene = bpy.context.scene
@@ -149,6 +151,13 @@ def scenario_draw_states() -> dict:
     out = {}
 
     out["idle"] = _draw(draw, bpy.context)
+    settings.shot_margins = (1.0, 0.5, 1.0, 0.0)  # a wide move: 3 frames wide is past the cap
+    settings.shot_warning = "Backdrop: Lake: the camera move sees past the edges of background (missing right 0.30)"
+    out["capped"] = _draw(draw, bpy.context)
+    settings.shot_warning = ""
+    settings.shot_margins = (5.0, 0.0, 0.0, 0.0)  # beyond what a canvas may hold
+    out["too_wide"] = _draw(draw, bpy.context)
+    settings.shot_margins = (0.0, 0.0, 0.0, 0.0)
     watcher.state = WatchState(phase="running", text="Denoising step 3/10, layer 2 of 3", fraction=0.4)
     out["running"] = _draw(draw, bpy.context)
     watcher.state = WatchState(phase="failed", error="The inference server stopped unexpectedly "
@@ -177,7 +186,8 @@ def scenario_draw_states() -> dict:
     watcher.state = WatchState(phase="succeeded", imported="Backdrop: Forest")
     out["history"] = _draw(draw, bpy.context)
     out["regenerate_poll"] = history.MULTIPLANE_OT_history_regenerate_layer.poll(bpy.context)
-    out["size"] = list(generate.generation_size(scene))
+    plan = shot.plan_for_scene(scene, settings.model, shot.NO_MARGINS)
+    out["size"] = [plan.width, plan.height, round(plan.frame_width), round(plan.frame_height)]
     package.unregister()
     return out
 
@@ -203,8 +213,15 @@ def scenario_layer_operators_and_request() -> dict:
     after_remove = [layer.prompt for layer in settings.layers]
     settings.layers[0].use_box = True
     settings.layers[0].box = (0.1, 0.2, 0.6, 0.9)
-    settings.layers[1].depth = 7.5
-    errors = {}
+    settings.layers[1].depth = 7.5  # behind layer 0's automatic depth (7.27): refused
+    try:
+        settings.prompt = "a quiet lake"
+        generate.build_request(scene)
+    except ValueError as error:
+        depth_error = str(error)
+    settings.prompt = ""
+    settings.layers[1].depth = 3.5
+    errors = {"depths": depth_error}
     try:
         generate.build_request(scene)
     except ValueError as error:
@@ -260,10 +277,20 @@ def test_panel_draws_every_state_with_valid_calls(python):
     # Idle: Generate available, no progress bar; the size row explains the rounding.
     idle = out["idle"]
     assert "multiplane.generate" in idle["operators"] and not idle["progress"]
-    assert out["size"] == [960, 512, 960, 540]  # 540 / 64 = 8.4 -> 8 tiles
-    assert any("Size: 960 x 512" in t for t in idle["texts"])
-    assert any("rounded to multiples of 64" in t for t in idle["texts"])
+    # 1920 x 1080 at 50 %: the percentage is ignored; SDXL's 1024^2 budget at exactly 16:9,
+    # inside a canvas of 64-multiples (the leftover width is margin, never stretch).
+    assert out["size"] == [1408, 768, 1365, 768]
+    assert any("Canvas: 1408 x 768" in t for t in idle["texts"])
+    assert any("Frame: 1365 x 768 px" in t for t in idle["texts"])
+    assert "multiplane.read_shot" in idle["operators"] and "multiplane.layers_from_selected" in idle["operators"]
     assert any("not running" in t for t in idle["texts"])
+    assert any("Margins: left 1.00, top 0.50, right 1.00" in t for t in out["capped"]["texts"])
+    assert any("Capped at 2048 px a side" in t for t in out["capped"]["texts"])
+    assert "missing right 0.30" in " ".join(out["capped"]["texts"])
+    assert "multiplane.extend_for_shot" in out["capped"]["operators"]
+    assert any("Canvas: 2048 x" in t for t in out["capped"]["texts"])
+    assert not any("Capped" in t for t in idle["texts"])
+    assert "margins.left = 5 is outside 0..4" in " ".join(out["too_wide"]["texts"]), out["too_wide"]["texts"]
     # Running: a progress bar (4.2+ API) or a label, with the phase text, and Cancel; no Generate.
     running = out["running"]
     assert "multiplane.cancel" in running["operators"] and "multiplane.generate" not in running["operators"]
@@ -305,9 +332,13 @@ def test_layer_list_operators_and_request_body(python):
     assert "inside out" in out["errors"]["box"]
     body = out["body"]
     assert body["prompt"] == "a quiet lake"
-    assert (body["width"], body["height"]) == (1024, 512)
+    plan = addon_canvas.plan_canvas(2.0, (0.0, 0.0, 0.0, 0.0), 1024 * 1024)  # 1000 x 500, SDXL
+    assert (body["width"], body["height"]) == (plan.width, plan.height) == (1472, 768)
+    assert body["frame"] == pytest.approx(list(plan.frame)) and plan.frame[0] == 0.0 and plan.frame[1] > 0.0
     assert body["layers"] == [{"prompt": "layer 0", "box": pytest.approx([0.1, 0.2, 0.6, 0.9], abs=1e-6)},
-                              {"prompt": "layer 1", "depth": 7.5}]  # depth 0 (spread): left out
+                              {"prompt": "layer 1", "depth": 3.5}]  # depth 0 (spread): left out
+    assert "layer 2 depth 7.5 is not nearer than layer 1 depth 7.27273" in out["errors"]["depths"], out["errors"]
+    assert "change the layers' depths or their order" in out["errors"]["depths"]
     assert body["method"] == "joint" and body["model"] == "sdxl"
     assert out["seed"] != 5
     assert "no active camera" in out["reports"]["no_camera"]

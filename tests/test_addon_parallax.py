@@ -1,5 +1,6 @@
-"""multiplane.parallax_move: the camera is keyed, the planes stay put in the world, and no
-plane edge comes into view at any frame of the move."""
+"""multiplane.parallax_move: the camera is keyed and the planes stay put in the world. With
+Scale Planes no plane edge comes into view at any frame of the move; without it (the
+default) the planes are not touched and a backdrop lacking the margins is reported."""
 from __future__ import annotations
 
 import sys
@@ -34,7 +35,7 @@ def blender_parallax(stack_dir: str, projection: str, margin: float) -> dict:
     start_location = list(camera.matrix_world.translation)
     camera_axes = [list(camera.matrix_world.to_3x3().normalized().col[i]) for i in range(3)]
 
-    bpy.ops.multiplane.parallax_move(margin=margin, **MOVE)
+    bpy.ops.multiplane.parallax_move(margin=margin, scale_planes=True, **MOVE)
 
     def project(corners_by_plane) -> dict:
         return {name: [list(world_to_camera_view(scene, camera, matrix @ co))[:2] for co in corners]
@@ -64,7 +65,7 @@ def blender_parallax(stack_dir: str, projection: str, margin: float) -> dict:
     camera.rotation_euler.z += 0.2
     camera.keyframe_insert("rotation_euler", frame=48)
     try:
-        bpy.ops.multiplane.parallax_move(truck=1.0)
+        bpy.ops.multiplane.parallax_move(truck=1.0, scale_planes=True)
         errors["camera_turns"] = None
     except RuntimeError as error:
         errors["camera_turns"] = str(error)
@@ -153,3 +154,41 @@ def test_impossible_moves_are_reported(parallax):
     assert "the camera turns between frames 1 and 48" in errors["camera_turns"]
     for message in filter(None, errors.values()):
         assert "Traceback" not in message
+
+
+def blender_parallax_without_scaling(stack_dir: str) -> dict:
+    """The default move on a backdrop made for a static shot: planes untouched, shortfall said."""
+    import bpy
+
+    helpers.reset_blender()
+    helpers.register_addon()
+    scene = bpy.context.scene
+    helpers.add_camera(scene, location=(2.0, -1.0, 1.5), rotation=(1.4, 0.0, 0.3))
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.frame_start, scene.frame_end = 1, 12
+    bpy.ops.multiplane.import_stack(filepath=stack_dir)
+    planes = bpy.data.collections["Backdrop: Test Stack"].objects
+
+    def geometry() -> dict:
+        return {p.name: [list(p.matrix_world.col[3]), [list(v.co) for v in p.data.vertices]] for p in planes}
+
+    before = geometry()
+    from addon import backdrop
+
+    result, reports = helpers.execute_recording(
+        backdrop.MULTIPLANE_OT_parallax_move, bpy.context, truck=0.5, pedestal=0.0, dolly=0.0, margin=0.01,
+        interpolation="BEZIER", scale_planes=False)
+    return {"result": result, "unchanged": geometry() == before, "reports": reports,
+            "panel_warning": scene.multiplane.shot_warning}
+
+
+def test_without_scale_planes_the_planes_stay_and_the_shortfall_is_reported(tmp_path):
+    stack = make_stack(tmp_path / "stack", 64, 48, name="Test Stack")
+    info = run_in_blender(__file__, "blender_parallax_without_scaling", stack_dir=str(stack))
+    assert info["result"] == ["FINISHED"]
+    assert info["unchanged"], "the planes must not be scaled unless the artist asks"
+    kinds, message = info["reports"][-1]
+    assert kinds == ["WARNING"], info["reports"]
+    assert "sees past the edges of" in message and "right" in message and "Extend for Shot" in message, message
+    assert "left" not in message.split("missing")[1].split(")")[0], message  # a truck right needs the right side
+    assert "Extend for Shot" in info["panel_warning"] and "Backdrop: Test Stack" in info["panel_warning"]

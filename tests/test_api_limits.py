@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from inference import request as limits
 from inference.errors import InvalidRequest
 from inference.request import StackRequest
-from server.schemas import JobCreate, LayerIn, RegenerateIn
+from server.schemas import ExtendIn, JobCreate, LayerIn, RegenerateIn
 
 BASE = {"prompt": "a misty lake"}
 BODY = {**BASE, "model": "tiny"}
@@ -136,3 +136,26 @@ def test_non_finite_numbers_are_refused():
     for field in ("guidance", "inter_layer_strength", "mask_guidance"):
         error = field_error(JobCreate, {**BODY, field: math.nan})
         assert error["loc"] == (field,) and error["msg"] == engine_message(field, math.nan)
+
+
+def test_frame_is_published_and_refused_with_the_engines_message():
+    prop = JOB_SCHEMA["properties"]["frame"]
+    assert prop["items"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    for bad in ([0.5, 0.0, 0.4, 1.0], [0.0, 0.0, 1.0, 1.5]):
+        error = field_error(JobCreate, {**BODY, "frame": bad})
+        assert error["loc"] == ("frame",) and error["msg"] == engine_message("frame", tuple(bad))
+    assert JobCreate.model_validate({**BODY, "frame": [0.1, 0.0, 0.9, 1.0]}).to_stack_request().frame == \
+        (0.1, 0.0, 0.9, 1.0)
+
+
+def test_extend_margins_are_published_and_checked_by_the_engine():
+    from inference.canvas import MAX_MARGIN
+
+    prop = ExtendIn.model_json_schema()["properties"]["margins"]
+    assert prop["items"] == {"type": "number", "minimum": 0.0, "maximum": MAX_MARGIN}
+    assert prop["minItems"] == prop["maxItems"] == 4
+    ExtendIn.model_validate({"margins": [0.0, 0.0, MAX_MARGIN, 0.5]})
+    for bad, side in (([MAX_MARGIN + 0.01, 0, 0, 0], "left"), ([0, -0.01, 0, 0], "top"),
+                      ([0, 0, math.inf, 0], "right")):
+        error = field_error(ExtendIn, {"margins": bad})
+        assert error["loc"] == ("margins",) and f"margins.{side}" in error["msg"]

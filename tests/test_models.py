@@ -814,3 +814,14 @@ def test_real_single_file_load_offline_from_config_only_folder(tmp_path, tiny_lo
     save_file({k: v.detach().clone().contiguous() for k, v in checkpoint.items()}, str(ckpt))
     with pytest.raises(InvalidRequest, match="text_encoder_2 tensors text_projection.weight"):
         load_model(resolved, "cpu", torch.float32)
+
+
+def test_pixel_budget_is_the_presets_native_size_squared(tmp_path):
+    from inference.errors import InvalidRequest
+    from inference.models import pixel_budget
+
+    assert (pixel_budget("sdxl"), pixel_budget("SD15"), pixel_budget("tiny")) == (1024 ** 2, 512 ** 2, 256 ** 2)
+    with pytest.raises(InvalidRequest, match="unknown model"):
+        pixel_budget("no-such-model")
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        pixel_budget(str(tmp_path / "missing.safetensors"))

@@ -43,6 +43,11 @@ def test_valid_request_passes():
     (dict(layers=(LayerSpec("a", depth=float("nan")),)), "layers[0].depth"),
     (dict(layers=(LayerSpec("a", depth=True),)), "layers[0].depth"),
     (dict(background_depth=0), "background_depth"),
+    (dict(frame=(0.5, 0.1, 0.4, 0.9)), "frame"),
+    (dict(frame=(0.0, 0.0, 1.0, 1.5)), "frame"),
+    (dict(frame=(0.0, float("nan"), 1.0, 1.0)), "frame"),
+    (dict(frame=(0.0, 0.0, float("inf"), 1.0)), "frame"),
+    (dict(frame=(0.0, 0.0, 1.0)), "frame"),
 ])
 def test_each_bad_field_is_named(kw, field):
     with pytest.raises(InvalidRequest) as err:
@@ -62,3 +67,26 @@ def test_derived_seeds_are_stable_distinct_and_in_range():
     assert all(0 <= s < 2**32 for s in seeds)
     assert seeds == [derive_seed(123, i) for i in range(9)]
     assert derive_seed(124, 0) != seeds[0]
+
+
+def test_frame_is_optional_and_maps_boxes_from_frame_to_canvas():
+    plain = ok(layers=(LayerSpec("a fox", box=(0.0, 0.5, 0.5, 1.0)),)).validated()
+    assert plain.frame is None and plain.canvas_box(plain.layers[0].box) == (0.0, 0.5, 0.5, 1.0)
+    framed = ok(layers=plain.layers, frame=(0.25, 0.0, 0.75, 0.5)).validated()
+    assert framed.frame == (0.25, 0.0, 0.75, 0.5)
+    # The frame's left half, lower half → a quarter of the canvas inside the frame rectangle.
+    assert framed.canvas_box(framed.layers[0].box) == (0.25, 0.25, 0.5, 0.5)
+    assert framed.canvas_box(None) is None
+
+
+def test_margins_are_checked_by_side_name():
+    from inference.request import validate_margins
+
+    validate_margins("margins", (0.0, 0.1, 4.0, 0.25))
+    for bad, side in (((-0.1, 0, 0, 0), "left"), ((0, 5, 0, 0), "top"), ((0, 0, float("nan"), 0), "right"),
+                      ((0, 0, 0, float("inf")), "bottom")):
+        with pytest.raises(InvalidRequest, match=f"margins.{side}") as err:
+            validate_margins("margins", bad)
+        assert err.value.field == "margins"
+    with pytest.raises(InvalidRequest, match="four numbers"):
+        validate_margins("margins", (0.1, 0.1))

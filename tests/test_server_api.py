@@ -195,6 +195,10 @@ INVALID = [
     ({"model": "relative/path"}, ["model"]),
     ({"export_psd": "yes"}, ["export_psd"]),
     ({"colour": "red"}, ["colour"]),
+    ({"frame": [0.5, 0, 0.4, 1]}, ["frame"]),
+    ({"frame": [0, 0, 1, 1.2]}, ["frame"]),
+    ({"frame": [0, 0, 1]}, ["frame"]),
+    ({"frame": ["0", 0, 1, 1]}, ["frame", 0]),
 ]
 
 
@@ -267,6 +271,26 @@ def test_happy_path_files_are_served_from_the_stack(api):
         assert r.content == (Path(stack["path"]) / name).read_bytes()
     manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
     assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9]
+
+
+def test_the_frame_is_recorded_and_boxes_stay_in_frame_coordinates(api):
+    job = api.wait(api.submit(width=384, height=256, frame=[0.125, 0.0, 0.875, 0.75],
+                              layers=[{"prompt": "a heron", "box": [0.1, 0.2, 0.5, 0.9]}])["id"])
+    assert job["status"] == "succeeded", job
+    assert job["request"]["frame"] == [0.125, 0.0, 0.875, 0.75]
+    manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
+    assert manifest["frame"] == [0.125, 0.0, 0.875, 0.75] and manifest["width"] == 384
+    assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9]
+    import numpy as np
+    from PIL import Image
+
+    from tools.fake_engine import FAKE_FRAME_COLOUR, FAKE_MARGIN_COLOUR
+
+    background = np.asarray(Image.open(Path(job["stack"]["path"]) / "background.png"))
+    assert background[:192, 48:336].reshape(-1, 3).tolist() == [list(FAKE_FRAME_COLOUR)] * (192 * 288)
+    assert background[192:].reshape(-1, 3).tolist() == [list(FAKE_MARGIN_COLOUR)] * (64 * 384)
+    plain = api.wait(api.submit()["id"])
+    assert api.client.get(f"/v1/jobs/{plain['id']}/files/stack.json", headers=AUTH).json()["frame"] is None
 
 
 @pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "%2E%2E", ".hidden", "nothing.png",
@@ -513,6 +537,10 @@ def test_models_are_listed_with_availability(api, tmp_path):
     models = {m["name"]: m for m in r.json()["models"]}
     assert "tiny" in models and "sdxl" in models
     assert isinstance(models["sdxl"]["available"], bool)
+    # The canvas planner's budget per model: its native size squared.
+    for name, size in (("sdxl", 1024), ("sd15", 512), ("tiny", 256)):
+        assert models[name]["details"]["default_size"] == size
+        assert models[name]["details"]["pixel_budget"] == size * size
 
 
 def test_download_of_unknown_model_is_404(api):
@@ -591,6 +619,85 @@ def test_event_stream_sends_keepalives_and_ends_after_terminal_status():
     assert events[0].startswith("id: 1\nevent: status\ndata: ") and events[0].endswith("\n\n")
     assert chunks.count(": keep-alive\n\n") >= 1
     assert unsubscribed == [True]
+
+
+# -- extend (outpainting for a new shot) -----------------------------------------------
+
+@pytest.mark.parametrize("body, loc, needle", [
+    ({"margins": [0.25, -0.1, 0, 0]}, ["margins"], "margins.top = -0.1 is outside 0..4"),
+    ({"margins": [0.25, 0, 0]}, ["margins"], "at least 4"),
+    ({"margins": [0.25, 0, 0, "0"]}, ["margins", 3], ""),
+    ({"margins": [4, 0, 4, 0]}, ["margins"], "more than the cap of 2048"),
+    ({"margins": [0, 0, 0, 0]}, ["margins"], "nothing to extend"),
+    ({"margins": [0.25, 0, 0, 0], "tta_passes": 3}, ["tta_passes"], "must be one of"),
+    ({"margins": [0.25, 0, 0, 0], "seed": 1}, ["seed"], ""),
+])
+def test_extend_refuses_bad_margins_by_name_before_queueing(api, body, loc, needle):
+    job = api.wait(api.submit()["id"])
+    r = api.client.post(f"/v1/jobs/{job['id']}/extend", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    matching = [e for e in errors if e["loc"] == ["body", *loc]]
+    assert matching and needle in matching[0]["msg"], errors
+    assert [j.id for j in api.manager.list()] == [job["id"]]  # nothing was queued
+
+
+def test_extend_writes_a_new_larger_stack_and_leaves_the_old_one(api):
+    from inference.canvas import plan_extension
+
+    source = api.wait(api.submit(width=384, height=256, frame=[0.125, 0.0, 0.875, 0.75],
+                                 layers=[{"prompt": "a heron", "box": [0.1, 0.2, 0.5, 0.9], "depth": 4.0}],
+                                 name="Lake")["id"])
+    folder = Path(source["stack"]["path"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    r = api.client.post(f"/v1/jobs/{source['id']}/extend", json={"margins": [0.5, 0.1, 0.2, 0.0]}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert created["kind"] == "extend" and created["request"]["source"] == source["id"]
+    assert created["request"]["margins"] == [0.5, 0.1, 0.2, 0.0] and created["model"] == "tiny"
+    job = api.wait(created["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["fraction"] == 1.0
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    plan = plan_extension(384, 256, (0.125, 0.0, 0.875, 0.75), (0.5, 0.1, 0.2, 0.0))
+    manifest = api.client.get(f"/v1/jobs/{job['id']}/files/stack.json", headers=AUTH).json()
+    assert (manifest["width"], manifest["height"]) == (plan.width, plan.height)
+    assert manifest["frame"] == pytest.approx(list(plan.frame)) and manifest["name"] == "Lake"
+    assert manifest["layers"][1]["box"] == [0.1, 0.2, 0.5, 0.9] and manifest["layers"][1]["depth"] == 4.0
+    assert manifest["shot"]["margins"] == [0.5, 0.1, 0.2, 0.0]
+    # An extended stack can be extended again, like any finished one.
+    again = api.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [1.0, 0.1, 0.2, 0.0]}, headers=AUTH)
+    assert again.status_code == 202 and api.wait(again.json()["id"])["status"] == "succeeded"
+
+
+def test_extend_needs_a_finished_stack(api, tmp_path):
+    assert api.client.post("/v1/jobs/nope/extend", json={"margins": [0.1, 0, 0, 0]},
+                           headers=AUTH).status_code == 404
+    slow = Api(tmp_path / "slow", engine=FakeEngine(step_seconds=0.2))
+    try:
+        running = slow.submit(steps=50)
+        r = slow.client.post(f"/v1/jobs/{running['id']}/extend", json={"margins": [0.1, 0, 0, 0]}, headers=AUTH)
+        assert r.status_code == 409 and "no finished stack" in r.json()["detail"]
+        slow.client.delete(f"/v1/jobs/{running['id']}", headers=AUTH)
+    finally:
+        slow.close()
+
+
+def test_a_stack_from_an_earlier_run_can_be_extended(tmp_path):
+    """Like regenerate: a stack listed after a restart is a job, and extends by its id."""
+    root = tmp_path / "out"
+    a = Api(root)
+    job = a.wait(a.submit(name="Kept")["id"])
+    a.close()
+    b = Api(root)
+    try:
+        r = b.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [0.0, 0.5, 0.0, 0.0]}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        done = b.wait(r.json()["id"])
+        assert done["status"] == "succeeded", done
+        assert load_stack(done["stack"]["path"]).height == 384  # 256 + 128 above, in 64-pixel tiles
+    finally:
+        b.close()
 
 
 def test_several_engines_run_jobs_side_by_side_in_arrival_order(tmp_path):

@@ -39,12 +39,14 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP, headers=HEADERS)
 
 
 def states_only_json_schema_rules(body) -> bool:
-    """False for a job body breaking one of the three documented rules JSON Schema cannot
-    state (so the schema cannot promise them): a box's x0 < x1 and y0 < y1, unique layer
-    names, and a model that is a preset or an existing path on the server. Only these are
-    left out; every other body is sent and judged by every check."""
+    """False for a job body breaking one of the documented rules JSON Schema cannot state
+    (so the schema cannot promise them): a box's or the frame's x0 < x1 and y0 < y1, unique
+    layer names, and a model that is a preset or an existing path on the server. Only these
+    are left out; every other body is sent and judged by every check."""
     if not isinstance(body, dict):
         return True
+    if not _ordered_rect(body.get("frame")):
+        return False
     model = body.get("model")
     if isinstance(model, str) and model.lower() not in preset_names() and not os.path.exists(model):
         return False
@@ -54,11 +56,13 @@ def states_only_json_schema_rules(body) -> bool:
     names = [layer.get("name") for layer in layers if isinstance(layer, dict) and layer.get("name")]
     if len(names) != len(set(names)):
         return False
-    for layer in layers:
-        box = layer.get("box") if isinstance(layer, dict) else None
-        if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
-            if not (box[0] < box[2] and box[1] < box[3]):
-                return False
+    return all(_ordered_rect(layer.get("box") if isinstance(layer, dict) else None) for layer in layers)
+
+
+def _ordered_rect(rect) -> bool:
+    """False only for four numbers that are not x0 < x1 and y0 < y1."""
+    if isinstance(rect, list) and len(rect) == 4 and all(isinstance(v, (int, float)) for v in rect):
+        return rect[0] < rect[2] and rect[1] < rect[3]
     return True
 
 

@@ -249,3 +249,27 @@ def test_regenerate_one_layer_as_a_new_job(server):
     assert digest(edit["id"], "layer_01.png") == digest(job["id"], "layer_01.png")
     assert digest(edit["id"], "layer_02.png") != digest(job["id"], "layer_02.png")
     assert server.client.post("/v1/jobs/nope/regenerate", json={"layer_index": 0, "seed": 1}).status_code == 404
+
+
+def test_extend_a_stack_as_a_new_job(server):
+    """The worker runs the real Engine.extend: a larger stack, the old one untouched."""
+    import numpy as np
+
+    from inference.stack import load_layer_images
+
+    job = server.wait(server.submit(method="joint", layers=[{"prompt": "a heron", "box": [0.2, 0.2, 0.8, 1.0]}])["id"])
+    assert job["status"] == "succeeded", job["error"]
+    old_dir = Path(job["stack"]["path"])
+    before = {p.name: p.read_bytes() for p in old_dir.iterdir()}
+    r = server.client.post(f"/v1/jobs/{job['id']}/extend", json={"margins": [0.0, 0.0, 0.3, 0.0], "tta_passes": 1})
+    assert r.status_code == 202, r.text
+    done = [e for _, e in sse_events(server, r.json()["id"])][-1]
+    assert done["status"] == "succeeded", done["error"]
+    assert done["kind"] == "extend" and done["progress"]["fraction"] == 1.0
+    assert {p.name: p.read_bytes() for p in old_dir.iterdir()} == before
+    old, new = load_stack(old_dir), load_stack(done["stack"]["path"])
+    assert new.width > old.width and new.height == old.height and new.frame[0] == 0.0
+    assert [layer.name for layer in new.layers] == [layer.name for layer in old.layers]
+    kept = load_layer_images(old, old_dir)
+    for before_px, after_px in zip(kept, load_layer_images(new, done["stack"]["path"])):
+        np.testing.assert_array_equal(after_px[:, :old.width - 4], before_px[:, :old.width - 4])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -113,6 +114,26 @@ def test_round_trip(written):
                                           "layer_02.png", "mask_02.png", "stack.json"]
 
 
+def test_frame_round_trips_and_old_stacks_mean_the_whole_image(tmp_path):
+    background, fgs = make_layers()
+    stack = make_stack(frame=(0.125, 0.0, 0.875, 0.75), shot={"margins": [0.1, 0, 0.1, 0.33]})
+    written = write_stack(tmp_path / "framed", stack, background, fgs)
+    data = json.loads((tmp_path / "framed" / "stack.json").read_text())
+    assert data["frame"] == [0.125, 0.0, 0.875, 0.75] and data["shot"] == {"margins": [0.1, 0, 0.1, 0.33]}
+    loaded = load_stack(tmp_path / "framed")
+    assert loaded == written and loaded.frame == (0.125, 0.0, 0.875, 0.75)
+    assert loaded.layers[1].box == (0.1, 0.2, 0.6, 0.9)  # boxes stay in frame coordinates
+    # A stack written before frames existed has no key at all: the whole image.
+    plain = tmp_path / "plain"
+    write_stack(plain, make_stack(), background, fgs)
+    data = json.loads((plain / "stack.json").read_text())
+    assert data["frame"] is None
+    del data["frame"], data["shot"]
+    (plain / "stack.json").write_text(json.dumps(data))
+    old = load_stack(plain)
+    assert old.frame is None and old.shot is None and old.frame_rect == (0.0, 0.0, 1.0, 1.0)
+
+
 def test_json_round_trip_and_unknown_keys_ignored():
     stack = make_stack(created="2025-01-02T03:04:05Z")
     stack.layers[0].file = "background.png"
@@ -139,50 +160,71 @@ def test_caller_stack_not_modified(tmp_path):
 # --------------------------------------------------------------------------- compositing
 
 
-def test_alpha_over_matches_pillow():
+def _srgb_decode(value: int) -> float:
+    """Independent sRGB decode of one 8-bit value (IEC 61966-2-1), plain Python floats."""
+    c = value / 255.0
+    return c / 12.92 if c <= 0.04045 else math.pow((c + 0.055) / 1.055, 2.4)
+
+
+def _srgb_encode(linear: float) -> int:
+    """Independent sRGB encode to the nearest 8-bit value, by searching the decode table:
+    the code whose decoded value is nearest in encoded space (so no second copy of the curve)."""
+    linear = min(max(linear, 0.0), 1.0)
+    encoded = 1.055 * linear ** (1 / 2.4) - 0.055 if linear > 0.0031308 else 12.92 * linear
+    return int(math.floor(encoded * 255.0 + 0.5))
+
+
+def _linear_over_pixel(background, foregrounds) -> list[int]:
+    """One pixel composited in linear light with plain Python floats, channel by channel."""
+    out = []
+    for ch in range(3):
+        value = _srgb_decode(int(background[ch]))
+        for fg in foregrounds:
+            a = int(fg[3]) / 255.0
+            value = _srgb_decode(int(fg[ch])) * a + value * (1.0 - a)
+        out.append(_srgb_encode(value))
+    return out
+
+
+def test_alpha_over_is_the_linear_light_over_of_an_independent_implementation():
     background, fgs = make_layers(seed=3, foregrounds=3)
     ours = alpha_over([background, *fgs])
     assert ours.dtype == np.uint8 and ours.shape == (H, W, 3)
-    # Independent route: Pillow's integer alpha_composite on RGBA images.
+    rng = np.random.default_rng(7)
+    pixels = [(y, x) for y in range(0, H, 5) for x in range(0, W, 3)] + \
+        [tuple(p) for p in rng.integers(0, (H, W), (200, 2))]
+    for y, x in pixels:
+        want = _linear_over_pixel(background[y, x], [fg[y, x] for fg in fgs])
+        assert ours[y, x].tolist() == want, (y, x)
+
+
+def test_alpha_over_differs_from_the_encoded_value_over_only_where_partly_transparent():
+    background, fgs = make_layers(seed=5, foregrounds=1)
+    fg = fgs[0]
+    ours = alpha_over([background, fg]).astype(int)
     canvas = Image.fromarray(np.dstack([background, np.full((H, W), 255, np.uint8)]), "RGBA")
-    for fg in fgs:
-        canvas = Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA"))
-    theirs = np.asarray(canvas)
-    assert (theirs[..., 3] == 255).all()
-    diff = np.abs(ours.astype(int) - theirs[..., :3].astype(int))
-    assert diff.max() <= 1
-    assert diff.mean() < 0.5
-
-
-def test_alpha_over_equals_premultiplied_over():
-    background, fgs = make_layers(seed=5, foregrounds=2)
-    # Premultiplied route with an explicit result alpha and un-premultiply at the end.
-    color = background.astype(np.float64) / 255.0
-    alpha = np.ones((H, W, 1))
-    for fg in fgs:
-        a = fg[..., 3:4] / 255.0
-        premultiplied = fg[..., :3] / 255.0 * a
-        color = premultiplied + color * (1 - a)
-        alpha = a + alpha * (1 - a)
-    expected = np.rint(color / alpha * 255.0)
-    got = alpha_over([background, *fgs]).astype(float)
-    assert np.abs(got - expected).max() <= 1
-    assert (got == expected).mean() > 0.99
+    encoded = np.asarray(Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA")))[..., :3].astype(int)
+    opaque, clear = fg[..., 3] == 255, fg[..., 3] == 0
+    np.testing.assert_array_equal(ours[opaque], fg[..., :3][opaque])
+    np.testing.assert_array_equal(ours[clear], background[clear])
+    partial = ~(opaque | clear)
+    assert np.abs(ours - encoded)[partial].mean() > 3  # really a different blend, not a copy
 
 
 def test_alpha_over_edge_values():
-    background = np.full((2, 2, 3), 200, np.uint8)
+    background = np.zeros((2, 2, 3), np.uint8)
+    background[..., 1] = 255  # green
     fg = np.zeros((2, 2, 4), np.uint8)
-    fg[..., :3] = 100
+    fg[..., 0] = 255  # red
     fg[0, 0, 3] = 0      # invisible: background unchanged
     fg[0, 1, 3] = 255    # opaque: foreground exactly
-    fg[1, 0, 3] = 128    # 100*128/255 + 200*127/255 = 149.80 -> 150
-    fg[1, 1, 3] = 51     # 100*0.2 + 200*0.8 = 180
+    fg[1, 0, 3] = 128    # linear 0.502 red + 0.498 green -> sRGB 188, 187 (encoded-value over: 128, 127)
+    fg[1, 1, 3] = 51     # linear 0.2 red + 0.8 green -> 124, 231
     out = alpha_over([background, fg])
-    assert out[0, 0].tolist() == [200] * 3
-    assert out[0, 1].tolist() == [100] * 3
-    assert out[1, 0].tolist() == [150] * 3
-    assert out[1, 1].tolist() == [180] * 3
+    assert out[0, 0].tolist() == [0, 255, 0]
+    assert out[0, 1].tolist() == [255, 0, 0]
+    assert out[1, 0].tolist() == [188, 187, 0]
+    assert out[1, 1].tolist() == [124, 231, 0]
     np.testing.assert_array_equal(alpha_over([background]), background)
 
 
@@ -203,10 +245,9 @@ def test_composite_file_is_alpha_over_of_layers(written):
     folder, result, arrays = written
     composite = load_png(folder / result.composite, "RGB", W, H)
     np.testing.assert_array_equal(composite, alpha_over([arrays["background"], *arrays["foregrounds"]]))
-    canvas = Image.fromarray(np.dstack([arrays["background"], np.full((H, W), 255, np.uint8)]), "RGBA")
-    for fg in arrays["foregrounds"]:
-        canvas = Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA"))
-    assert np.abs(composite.astype(int) - np.asarray(canvas)[..., :3].astype(int)).max() <= 1
+    for y, x in ((0, 0), (10, 5), (20, 33), (47, 63)):
+        want = _linear_over_pixel(arrays["background"][y, x], [fg[y, x] for fg in arrays["foregrounds"]])
+        assert composite[y, x].tolist() == want
 
 
 # --------------------------------------------------------------------------- determinism
@@ -418,6 +459,12 @@ MANIFEST_CASES = [
     (lambda d: d.update(exports="stack.psd"), "exports: must be a list"),
     (lambda d: d.update(exports=["../stack.psd"]), "exports[0]"),
     (lambda d: d.update(blended=7), "blended: must be a string"),
+    (lambda d: d.update(frame=[0.1, 0.2, 0.05, 0.9]), "frame: needs x0 < x1"),
+    (lambda d: d.update(frame=[0.0, 0.0, 1.0, 1.25]), "frame: coordinates must lie in [0, 1]"),
+    (lambda d: d.update(frame=[0.0, 0.0, 1.0]), "frame: must be null or [x0, y0, x1, y1]"),
+    (lambda d: d.update(frame=[0.0, "a", 1.0, 1.0]), "frame[1]"),
+    (lambda d: d.update(frame="whole"), "frame: must be null or [x0, y0, x1, y1]"),
+    (lambda d: d.update(shot=[1]), "shot: must be null or an object"),
 ]
 
 
@@ -569,10 +616,18 @@ def test_psd_export_reads_back(written, tmp_path):
     for layer, want in zip(layers[1:], arrays["foregrounds"]):
         np.testing.assert_array_equal(np.asarray(layer.topil()), want)
     composite = load_png(folder / "composite.png", "RGB", W, H).astype(int)
+    # The layers are kept as they are: a painting program flattening them blends the encoded
+    # values (Pillow's over), while the stored merged image is the linear-light composite.
+    canvas = Image.fromarray(np.dstack([arrays["background"], np.full((H, W), 255, np.uint8)]), "RGBA")
+    for fg in arrays["foregrounds"]:
+        canvas = Image.alpha_composite(canvas, Image.fromarray(fg, "RGBA"))
+    encoded_over = np.asarray(canvas)[..., :3].astype(int)
     flattened = np.asarray(psd.composite())[..., :3].astype(int)
-    assert np.abs(flattened - composite).max() <= 1
-    merged = np.asarray(psd.topil())[..., :3].astype(int)  # the stored merged image
-    assert np.abs(merged - composite).max() <= 1
+    assert np.abs(flattened - encoded_over).max() <= 1
+    merged = np.asarray(psd.topil())[..., :3].astype(int)  # the stored merged image (psd-tools')
+    assert np.abs(merged - encoded_over).max() <= 1
+    opaque = np.all([fg[..., 3] == 255 for fg in arrays["foregrounds"][-1:]], axis=0)
+    assert np.abs(merged - composite)[opaque].max() <= 1  # opaque pixels agree with composite.png
 
 
 def test_psd_keeps_unicode_layer_names(written, tmp_path):

@@ -77,3 +77,12 @@ def test_restyle_reports_what_edit_plan_declares(engine, tmp_path):
     engine.restyle(tmp_path / "source", "watercolour", tmp_path / "styled", tta_passes=2,
                   progress=events.append)
     check_reports_follow_plan(edit_plan(3, req.steps), events)
+
+
+def test_extend_reports_what_edit_plan_declares(engine, tmp_path):
+    req = request("joint", 2)
+    engine.generate(req, "tiny", tmp_path / "source")
+    events: list[Progress] = []
+    engine.extend(tmp_path / "source", (0.3, 0.0, 0.0, 0.0), tmp_path / "grown", tta_passes=2,
+                  progress=events.append)
+    check_reports_follow_plan(edit_plan(3, req.steps), events)

@@ -68,6 +68,7 @@ def work_plan(request) -> WorkPlan:
 
 def edit_plan(layers: int, steps: int, regenerated: Optional[int] = None) -> WorkPlan:
     """What an edit of a `layers`-layer stack will report: one joint run, then decoding the
-    `regenerated` layer only (`Engine.regenerate`) or every layer (`Engine.restyle`)."""
+    `regenerated` layer only (`Engine.regenerate`) or every layer (`Engine.restyle`,
+    `Engine.extend`)."""
     return WorkPlan(layers=layers, steps=steps, joint=True,
                     decoded=None if regenerated is None else (regenerated,))

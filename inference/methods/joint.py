@@ -23,13 +23,14 @@ from . import GeneratedLayers
 
 def joint_items(pipe, request: StackRequest, seeds: list[int], vae, unet, device, dtype) -> list[LayerItem]:
     """[background, foregrounds..., blended] items for `request` with per-layer seeds; the
-    blended item starts from the background's noise, so it shares its layout from the start."""
+    blended item starts from the background's noise, so it shares its layout from the start.
+    Boxes are mapped from the request's frame to the canvas the sampler works on."""
     noise = lambda seed: initial_noise(seed, vae, unet, request.width, request.height, device, dtype)  # noqa: E731
     bg_noise = noise(seeds[0])
     items = [LayerItem("background", combine_prompts(request.background, request.prompt), bg_noise)]
     for i, layer in enumerate(request.layers, start=1):
         items.append(LayerItem("foreground", combine_prompts(layer.prompt, request.prompt), noise(seeds[i]),
-                               box=layer.box, content_tokens=prompt_token_positions(pipe.tokenizer, layer.prompt)))
+                               box=request.canvas_box(layer.box), content_tokens=prompt_token_positions(pipe.tokenizer, layer.prompt)))
     items.append(LayerItem("blended", blended_prompt(request), bg_noise.clone()))
     return items
 

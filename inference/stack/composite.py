@@ -9,30 +9,47 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def alpha_over(layers_back_to_front: Sequence[np.ndarray]) -> np.ndarray:
-    """Composite an opaque RGB background and straight-alpha RGBA foregrounds, back to front.
+def srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] → linear light (IEC 61966-2-1, the piecewise curve)."""
+    v = np.asarray(encoded, np.float64)
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
 
-    With a = A/255 for each foreground in turn, every channel becomes
+
+def linear_to_srgb(linear: np.ndarray) -> np.ndarray:
+    """Linear light in [0, 1] → sRGB-encoded values in [0, 1] (clipped first)."""
+    v = np.clip(np.asarray(linear, np.float64), 0.0, 1.0)
+    return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1.0 / 2.4) - 0.055)
+
+
+# The 256 possible 8-bit values decoded once: a lookup is exact and cheaper than the curve.
+_DECODE = srgb_to_linear(np.arange(256) / 255.0)
+
+
+def alpha_over(layers_back_to_front: Sequence[np.ndarray]) -> np.ndarray:
+    """Composite an opaque RGB background and straight-alpha RGBA foregrounds, back to front,
+    in linear light — what Blender renders from the imported planes.
+
+    The sRGB-encoded colours are decoded to linear light, then with a = A/255 (alpha is
+    linear already) for each foreground in turn every channel becomes
         C <- Cf * a + C * (1 - a)
-    which is the Porter-Duff "over" of a straight-alpha layer onto an opaque backdrop (the
-    result stays opaque, so no division by the result alpha is needed). It is what a
-    premultiplied over, Photoshop/GIMP "Normal" and Pillow's `alpha_composite` compute on
-    the sRGB-encoded values — so composite.png matches the PSD/ORA exports in any editor.
-    Blender composites in linear light instead: opaque pixels agree exactly, partly
-    transparent ones differ (50 % red over green: 128 here, about 188 in Blender). The sum
-    is kept in float64 across all layers and rounded to the nearest uint8 once at the end.
+    (the Porter-Duff "over" of a straight-alpha layer onto an opaque backdrop: the result
+    stays opaque), and the result is encoded back to sRGB and rounded to the nearest uint8
+    once at the end (float64 throughout). Opaque and fully transparent pixels are those of
+    the layer seen; partly transparent ones blend like light does (50 % red over green:
+    about 188, 188, 0 — an editor blending the encoded values gives 128, 127, 0). The PSD/ORA
+    exports keep their layers as they are; their merged image is this composite.
     """
     if len(layers_back_to_front) == 0:
         raise ValueError("alpha_over needs at least the background")
     background = layers_back_to_front[0]
     check_image_array(background, "layers_back_to_front[0] (background)", None, 3)
     height, width = background.shape[:2]
-    result = background.astype(np.float64)
+    result = _DECODE[background]
     for i, layer in enumerate(layers_back_to_front[1:], start=1):
         check_image_array(layer, f"layers_back_to_front[{i}]", (height, width), 4)
         alpha = layer[..., 3:4].astype(np.float64) / 255.0
-        result = layer[..., :3].astype(np.float64) * alpha + result * (1.0 - alpha)
-    return np.clip(np.floor(result + 0.5), 0, 255).astype(np.uint8)
+        result = _DECODE[layer[..., :3]] * alpha + result * (1.0 - alpha)
+    return np.clip(np.floor(linear_to_srgb(result) * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
 def check_image_array(array: Any, what: str, size_hw: tuple[int, int] | None, channels: int | None) -> None:

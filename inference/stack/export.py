@@ -161,3 +161,16 @@ def export_ora(source: str | Path | LayerStack, out_path: str | Path,
     out_path = Path(out_path)
     _replace_atomically(out_path, lambda temp: write_ora(temp, stack.layers, images, stack.width, stack.height))
     return out_path
+
+
+def export_exr(source: str | Path | LayerStack, out_path: str | Path,
+               folder: Optional[str | Path] = None) -> Path:
+    """Write the multilayer OpenEXR of an existing stack (see `exr.py`) to `out_path`,
+    atomically, with the stack's frame rectangle (the whole canvas when it has none)."""
+    from .exr import write_exr
+
+    stack, images = _resolve(source, folder)
+    out_path = Path(out_path)
+    _replace_atomically(out_path, lambda temp: write_exr(temp, stack.layers, images, stack.width, stack.height,
+                                                          stack.frame_rect))
+    return out_path

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InvalidRequest, StackFormatError
-from ..request import validate_box
+from ..request import validate_box, validate_frame
 
 FORMAT = "multiplane.stack"
 FORMAT_VERSION = 1
@@ -26,7 +26,10 @@ COMPOSITE_FILE = "composite.png"
 BLENDED_FILE = "blended.png"
 PSD_FILE = "stack.psd"
 ORA_FILE = "stack.ora"
+EXR_FILE = "stack.exr"
 KINDS = ("background", "foreground")
+IMPORTED_METHOD = "imported"  # `method` of a stack made from a layered file, not generated
+IMPORTED_FORMATS = ("psd", "ora")
 
 # The hidden sibling a stack (or an export) is written into before it is renamed into place.
 SCRATCH_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<token>[0-9a-f]{8})$")
@@ -122,6 +125,12 @@ class LayerStack:
     blended: Optional[str] = None
     timings: dict = field(default_factory=dict)
     exports: list[str] = field(default_factory=list)
+    # Optional: where an imported stack came from and what did not carry over (see _check_imported).
+    imported: Optional[dict] = None
+    # Optional keys (absent in older stacks): the camera frame inside the canvas (None = the
+    # whole image) and the engine's provenance of the shot (readers must not depend on it).
+    frame: Optional[Box] = None
+    shot: Optional[dict] = None
 
     @property
     def foregrounds(self) -> list[StackLayer]:
@@ -147,7 +156,15 @@ class LayerStack:
             "blended": self.blended,
             "timings": copy.deepcopy(self.timings),
             "exports": list(self.exports),
+            **({} if self.imported is None else {"imported": copy.deepcopy(self.imported)}),
+            "frame": None if self.frame is None else list(self.frame),
+            "shot": copy.deepcopy(self.shot),
         }
+
+    @property
+    def frame_rect(self) -> Box:
+        """The camera frame inside the canvas, the whole image when the stack has none."""
+        return self.frame if self.frame is not None else (0.0, 0.0, 1.0, 1.0)
 
     def to_json(self) -> str:
         """Pretty, UTF-8-safe JSON; NaN/Infinity are refused rather than written."""
@@ -244,6 +261,28 @@ def _check_box(value: Any, source: str, field_name: str) -> Optional[Box]:
     return box
 
 
+def _check_frame(value: Any, source: str) -> Optional[Box]:
+    """Optional: absent or null = the whole image; else a normalized rectangle like a box."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise _fail(source, "frame", f"must be null or [x0, y0, x1, y1] (the camera frame inside the "
+                                     f"canvas, normalized), got {value!r}")
+    frame = tuple(_check_number(v, source, f"frame[{i}]") for i, v in enumerate(value))
+    try:
+        validate_frame("frame", frame)
+    except InvalidRequest as error:
+        raise _fail(source, "frame", f"{error.message}, got {list(value)}") from None
+    return frame
+
+
+def _check_shot(value: Any, source: str) -> Optional[dict]:
+    """Optional provenance object; only its type is checked (readers must not rely on it)."""
+    if value is not None and not isinstance(value, dict):
+        raise _fail(source, "shot", f"must be null or an object, got {type(value).__name__}")
+    return None if value is None else copy.deepcopy(value)
+
+
 def _check_model(value: Any, source: str) -> dict:
     if not isinstance(value, dict):
         raise _fail(source, "model", f"must be an object, got {type(value).__name__}")
@@ -324,6 +363,9 @@ def _manifest_from_dict(data: Any, source: str) -> LayerStack:
         blended=blended,
         timings=timings,
         exports=exports,
+        imported=_check_imported(data.get("imported"), source),
+        frame=_check_frame(data.get("frame"), source),
+        shot=_check_shot(data.get("shot"), source),
     )
 
 
@@ -398,3 +440,21 @@ def _check_exports(value: Any, source: str) -> list[str]:
     if not isinstance(value, list):
         raise _fail(source, "exports", f"must be a list, got {type(value).__name__}")
     return [_check_file_name(v, source, f"exports[{i}]", suffix=None) for i, v in enumerate(value)]
+
+
+def _check_imported(value: Any, source: str) -> Optional[dict]:
+    """The optional `imported` key of a stack made from a layered file: the file's name, its
+    format and the warnings of the import (what it could not carry over), in order."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(source, "imported", f"must be null or an object, got {type(value).__name__}")
+    file_name = _check_str(_require(value, "source", source, "imported."), source, "imported.source")
+    fmt = _check_str(_require(value, "format", source, "imported."), source, "imported.format")
+    if fmt not in IMPORTED_FORMATS:
+        raise _fail(source, "imported.format", f"must be one of {', '.join(IMPORTED_FORMATS)}, got {fmt!r}")
+    warnings = _require(value, "warnings", source, "imported.")
+    if not isinstance(warnings, list):
+        raise _fail(source, "imported.warnings", f"must be a list, got {type(warnings).__name__}")
+    return {"source": file_name, "format": fmt,
+            "warnings": [_check_str(w, source, f"imported.warnings[{i}]") for i, w in enumerate(warnings)]}

@@ -17,11 +17,13 @@ import numpy as np
 from ..errors import MultiplaneError
 from ..progress import CancelToken
 from .composite import alpha_over, check_image_array
+from .exr import write_exr
 from .export import write_ora, write_psd
 from .files import fsync_dir, fsync_file, write_bytes, write_png
 from .manifest import (
     BLENDED_FILE,
     COMPOSITE_FILE,
+    EXR_FILE,
     MANIFEST_FILE,
     ORA_FILE,
     PSD_FILE,
@@ -83,6 +85,7 @@ def write_stack(
     export_psd: bool = False,
     export_ora: bool = False,
     cancel: Optional[CancelToken] = None,
+    export_exr: bool = False,
 ) -> LayerStack:
     """Write a complete stack folder at `dest` atomically and return the manifest written.
 
@@ -104,7 +107,7 @@ def write_stack(
     # 1. validate everything before touching the disk
     foregrounds = list(foregrounds)
     masks = _check_inputs(stack, background, foregrounds, masks, blended)
-    final = _final_manifest(stack, dest, masks, blended is not None, export_psd, export_ora)
+    final = _final_manifest(stack, dest, masks, blended is not None, export_psd, export_ora, export_exr)
     _refuse_existing(dest)
 
     def checkpoint() -> None:
@@ -158,7 +161,7 @@ def _check_inputs(stack: LayerStack, background: np.ndarray, foregrounds: list[n
 
 
 def _final_manifest(stack: LayerStack, dest: Path, masks: Sequence[Optional[np.ndarray]], has_blended: bool,
-                    export_psd: bool, export_ora: bool) -> LayerStack:
+                    export_psd: bool, export_ora: bool, export_exr: bool = False) -> LayerStack:
     """A copy of `stack` with what the format fixes filled in, checked like the reader checks it."""
     layers = []
     for i, layer in enumerate(stack.layers):
@@ -170,7 +173,8 @@ def _final_manifest(stack: LayerStack, dest: Path, masks: Sequence[Optional[np.n
             file=layer_file_name(i),
             mask=mask_file_name(i) if i > 0 and masks[i - 1] is not None else None,
         ))
-    exports = ([PSD_FILE] if export_psd else []) + ([ORA_FILE] if export_ora else [])
+    exports = ([PSD_FILE] if export_psd else []) + ([ORA_FILE] if export_ora else []) + \
+        ([EXR_FILE] if export_exr else [])
     described = replace(
         stack,
         name=stack.name or dest.name,
@@ -196,7 +200,10 @@ def _write_files(folder: Path, final: LayerStack, images: list[np.ndarray],
     if blended is not None:
         jobs.append((folder / BLENDED_FILE, lambda: blended))
     _write_pngs(jobs, checkpoint)
-    for name, write in ((PSD_FILE, write_psd), (ORA_FILE, write_ora)):
+    def write_frame_exr(path, layers, images, width, height):
+        write_exr(path, layers, images, width, height, final.frame_rect)
+
+    for name, write in ((PSD_FILE, write_psd), (ORA_FILE, write_ora), (EXR_FILE, write_frame_exr)):
         if name in final.exports:
             checkpoint()
             write(folder / name, final.layers, images, final.width, final.height)

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..events import SnapshotQueue, status_stream
 from ..jobs import JobManager
-from ..schemas import ErrorOut, JobCreate, JobList, JobOut, RegenerateIn
+from ..schemas import ErrorOut, ExtendIn, JobCreate, JobList, JobOut, RegenerateIn
 from . import NOT_FOUND
 from ..state import get_keepalive_seconds, get_manager
 
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 QUEUE_FULL = {429: {"model": ErrorOut, "description": "the queue is full"}}
 MEDIA_TYPES = {"png": "image/png", "json": "application/json", "psd": "image/vnd.adobe.photoshop",
-               "ora": "image/openraster"}
+               "ora": "image/openraster", "exr": "image/x-exr"}
 
 
 @router.post("", status_code=202, response_model=JobOut,
@@ -57,6 +57,15 @@ def regenerate_layer(job_id: str, body: RegenerateIn, manager: JobManager = Depe
     """Regenerate one layer of a finished stack as a new job (kind `regenerate`): a new
     stack whose other layers are byte-identical copies, the new layer attending to them."""
     return manager.submit_regenerate(job_id, body)
+
+
+@router.post("/{job_id}/extend", status_code=202, response_model=JobOut,
+             responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "no finished stack"},
+                        **QUEUE_FULL})
+def extend_stack(job_id: str, body: ExtendIn, manager: JobManager = Depends(get_manager)) -> JobOut:
+    """Extend a finished stack for a new shot as a new job (kind `extend`): every layer grows
+    around the same frame until the margins fit, in one joint run; the old stack stays."""
+    return manager.submit_extend(job_id, body)
 
 
 @router.get("/{job_id}/events",
