@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from . import backend, installer, library
 from .client import ServerClient, ServerError
-from .stack_reader import MANIFEST_FILE, StackReadError, safe_folder_name
+from .stack_reader import MANIFEST_FILE, StackReadError, read_stack, safe_folder_name
 
 TICK_SECONDS = 0.1
 POLL_SECONDS = 0.2
