@@ -2,15 +2,15 @@
 and preview parallax camera moves.
 
 Uses bpy and the standard library only (never the engine in `inference/`). The bpy-free
-modules (`geometry`, `stack_reader`, `limits`, `client`, `backend`, `installer`) import without Blender, so they can be tested and
+modules (`geometry`, `stack_reader`, `limits`, `client`, `backend`, `installer`, and `overlay`'s maths) import without Blender, so they can be tested and
 reused anywhere; the Blender modules load when the add-on registers. A module joins by
 having `register()` and `unregister()` and being listed in `_module_names`.
 """
 import importlib
 
 # Registered in this order, unregistered in reverse.
-_module_names = ("properties", "backdrop", "preferences", "generate", "layer_list", "history", "interchange",
-                 "shot_operators", "panel", "watcher")
+_module_names = ("properties", "backdrop", "preferences", "generate", "layer_list", "history", "history_library",
+                 "interchange", "shot_operators", "panel", "overlay", "watcher")
 
 
 def _modules() -> list:

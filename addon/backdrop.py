@@ -12,7 +12,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, St
 from bpy.types import Operator
 from bpy_extras.io_utils import ImportHelper
 
-from . import compositor, importer, parallax, shot
+from . import compositor, importer, parallax, shot, viewport
 
 DEFAULTS = importer.ImportSettings()
 
@@ -46,6 +46,7 @@ class ImportOptions:
     )
     fit_mode: EnumProperty(
         name="Fit",
+        description="How each layer's image is fitted to the camera frame when their aspects differ",
         items=(
             ("FILL", "Fill Frame", "Stretch each layer to exactly fill the camera frame"),
             ("COVER", "Cover Frame", "Keep the layer's proportions and cover the frame, cropping the overflow"),
@@ -59,6 +60,7 @@ class ImportOptions:
     )
     interpolation: EnumProperty(
         name="Interpolation",
+        description="Texture filtering of the layer images",
         items=(
             ("Linear", "Linear", "Smooth texture filtering"),
             ("Closest", "Closest", "No filtering: sharp texels"),
@@ -74,6 +76,28 @@ class ImportOptions:
             ("DITHERED", "Dithered", "Dithered alpha: works with render passes and ray tracing"),
         ),
         default=DEFAULTS.render_method,
+    )
+
+    shader: EnumProperty(
+        name="Shader",
+        description="How the planes are shaded (as in Import Images as Planes)",
+        items=(
+            ("EMISSION", "Emission (Unlit)", "The image's own colours, unaffected by lights: renders give them back"),
+            ("PRINCIPLED", "Principled", "A Principled BSDF coloured by the image: scene lights shade the planes"),
+            ("SHADELESS", "Shadeless", "Unlit and seen only by the camera: the planes light and reflect nothing"),
+        ),
+        default=DEFAULTS.shader,
+    )
+    emission_strength: FloatProperty(
+        name="Emission Strength",
+        description="Brightness of the Emission and Shadeless shaders (1: the image's own values)",
+        default=DEFAULTS.emission_strength, min=0.0, soft_max=10.0,
+    )
+    relative_paths: BoolProperty(
+        name="Relative Paths",
+        description="In a saved .blend, refer to the copied images relative to it (//multiplane/…), "
+                    "so the folder can move; off: absolute paths",
+        default=DEFAULTS.relative_paths,
     )
 
     def import_settings(self) -> importer.ImportSettings:
@@ -100,7 +124,13 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
 
     def execute(self, context):
         scene = context.scene
-        path = bpy.path.abspath(self.filepath or scene.multiplane.stack_path)
+        if not self.filepath.strip():
+            self.report({"ERROR"}, "Cannot import the layer stack: no stack given. Pick a stack's stack.json "
+                                   "(or its folder) in the file "
+                                   "browser; to import a generated stack again, use Import in the "
+                                   "Stacks Library")
+            return {"CANCELLED"}
+        path = bpy.path.abspath(self.filepath)
         try:
             result = importer.import_stack(context, path, self.import_settings())
         except importer.ImportFailed as error:
@@ -114,6 +144,26 @@ class MULTIPLANE_OT_import_stack(Operator, ImportHelper, ImportOptions):
                               f"at {result.depths[0]:g} to {result.depths[-1]:g} from the camera; images {storage}")
         for note in result.notes:
             self.report({"WARNING"}, note)
+        return {"FINISHED"}
+
+
+class MULTIPLANE_OT_show_layers_in_solid_mode(Operator):
+    """Make Solid mode show the layer images with their transparency: flat lighting and texture colour in this window's 3D Viewports and for Workbench renders (Material Preview needs nothing)"""
+
+    bl_idname = "multiplane.show_layers_in_solid_mode"
+    bl_label = "Show Layers in Solid Mode"
+    bl_options = {"REGISTER", "UNDO"}
+
+    standard_view: BoolProperty(
+        name="Standard View Transform",
+        description="Also set the scene's view transform to Standard, so the layers show their own colours",
+        default=True,
+    )
+
+    def execute(self, context):
+        changed = viewport.show_layers_in_solid_mode(context.scene, context.screen, self.standard_view)
+        self.report({"INFO"}, f"Solid mode shows the layer textures (flat lighting) in {changed} viewport(s) "
+                              "and Workbench renders")
         return {"FINISHED"}
 
 
@@ -193,6 +243,7 @@ class MULTIPLANE_OT_parallax_move(Operator):
     )
     interpolation: EnumProperty(
         name="Easing",
+        description="How the camera speeds up and slows down between the first and the last frame",
         items=(
             ("BEZIER", "Ease In/Out", "Start and stop smoothly"),
             ("LINEAR", "Linear", "Constant speed"),
@@ -243,6 +294,7 @@ def _menu_import(self, _context):
 
 CLASSES = (
     MULTIPLANE_OT_import_stack,
+    MULTIPLANE_OT_show_layers_in_solid_mode,
     MULTIPLANE_OT_build_compositor,
     MULTIPLANE_OT_parallax_move,
 )

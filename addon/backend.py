@@ -49,15 +49,47 @@ def engine_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def venv_python(venv: Path) -> Path:
-    return Path(venv) / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+def venv_python(venv: Path, platform: Optional[str] = None) -> Path:
+    """A virtual environment's interpreter: Scripts\\python.exe on Windows, bin/python elsewhere."""
+    if (platform or sys.platform) == "win32":
+        return Path(venv) / "Scripts" / "python.exe"
+    return Path(venv) / "bin" / "python"
+
+
+def child_process_options(platform: Optional[str] = None) -> dict:
+    """subprocess.Popen options for a child the add-on owns: its own process group (so
+    stopping it reaches whatever it starts), and no console window on Windows."""
+    if (platform or sys.platform) == "win32":
+        return {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+                | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)}
+    return {"start_new_session": True}
+
+
+def terminate_tree(proc: subprocess.Popen, platform: Optional[str] = None) -> None:
+    """Ask a child made with child_process_options, and everything it started, to stop:
+    taskkill /T on Windows (no process groups to signal there), SIGTERM to its group elsewhere."""
+    if proc.poll() is not None:
+        return
+    try:
+        if (platform or sys.platform) == "win32":
+            subprocess.run(["taskkill", "/PID", str(proc.pid), "/T", "/F"], capture_output=True, timeout=10)
+        else:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)
+    except (OSError, subprocess.SubprocessError):
+        proc.terminate()
+
+
+MANAGED_COMPLETE_MARKER = "multiplane-installed.txt"  # installer.COMPLETE_MARKER (kept equal by a test)
 
 
 def find_python(managed_venv: Optional[Path] = None) -> Optional[Path]:
     """Auto-detect the engine's interpreter: the checkout's `.venv` next to the extension
-    source (development), else the managed environment the installer made, else None."""
+    source (development), else the managed environment the installer finished (a failed or
+    cancelled install has no marker), else None."""
     candidates = [venv_python(engine_root() / ".venv")]
-    if managed_venv is not None:
+    if managed_venv is not None and (Path(managed_venv) / MANAGED_COMPLETE_MARKER).is_file():
         candidates.append(venv_python(managed_venv))
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -183,13 +215,10 @@ class ManagedServer:
             stderr = self._log_handle if self._log_handle is not None else subprocess.DEVNULL
             if self.output_root:
                 self.output_root.mkdir(parents=True, exist_ok=True)
-            kwargs = {}
-            if sys.platform == "win32":
-                kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
             try:
                 self._proc = subprocess.Popen(self.command(), cwd=str(self.cwd), env=env,
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=stderr, **kwargs)
+                                              stderr=stderr, **child_process_options())
             except OSError as error:
                 self._close_log()
                 raise BackendError(f"cannot run {self.python}: {error.strerror or error}") from None
@@ -273,23 +302,28 @@ class ManagedServer:
     def pid(self) -> Optional[int]:
         return self._proc.pid if self._proc else None
 
+    def close_stdin(self) -> None:
+        """The server's cue to cancel its jobs and exit (never blocks); `stop()` waits for it."""
+        self._stopped = True
+        proc = self._proc
+        try:
+            if proc is not None and proc.stdin:
+                proc.stdin.close()
+        except OSError:
+            pass
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Close stdin (the server's cue to cancel jobs and exit), then terminate, then kill."""
-        self._stopped = True
+        self.close_stdin()
         proc = self._proc
         if proc is None:
             return
         if proc.poll() is None:
             try:
-                if proc.stdin:
-                    proc.stdin.close()
-            except OSError:
-                pass
-            try:
                 # A server that never announced itself does not watch stdin yet: terminate now.
                 proc.wait(timeout / 2 if self.info is not None else 0.05)
             except subprocess.TimeoutExpired:
-                proc.terminate()
+                terminate_tree(proc)
                 try:
                     proc.wait(timeout / 2)
                 except subprocess.TimeoutExpired:
@@ -343,6 +377,20 @@ def stop_all() -> None:
         servers = list(_running)
     for server in servers:
         server.stop()
+
+
+def stop_all_in_background() -> threading.Thread:
+    """Stop every server without holding the caller (disabling the add-on runs on Blender's
+    UI thread): each process gets its cue to exit (stdin closed) at once; the waiting, and
+    terminating or killing one that does not exit, happen on a thread. Returns the thread."""
+    with _running_lock:
+        servers = [server for server in _running if not server._stopped]  # not already stopping
+    for server in servers:
+        server.close_stdin()
+    thread = threading.Thread(target=lambda: [server.stop() for server in servers],
+                              name="multiplane-server-stop", daemon=True)
+    thread.start()
+    return thread
 
 
 atexit.register(stop_all)

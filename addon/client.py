@@ -271,6 +271,12 @@ class ServerClient:
                 return None
             raise
 
+    def preview(self, job_id: str, name: str, timeout: float = 5.0) -> bytes:
+        """GET /v1/jobs/{id}/previews/{name}: a running job's live preview of one layer (PNG)."""
+        path = f"{API}/jobs/{urllib.parse.quote(job_id)}/previews/{urllib.parse.quote(name)}"
+        with self._open("GET", path, timeout=timeout) as response:
+            return response.read()
+
     def download_file(self, job_id: str, name: str, destination: Path, timeout: float = 60.0) -> Path:
         """GET /v1/jobs/{id}/files/{name} into `destination` (written whole, then renamed)."""
         destination = Path(destination)

@@ -112,7 +112,7 @@ def watcher_free_or_report(operator) -> bool:
         operator.report({"ERROR"}, "A backdrop is already being generated: wait for it or press Cancel")
         return False
     install = installer.current_install()
-    if install is not None and install.running:
+    if install is not None and install.running and not install.cancelled:  # a cancelled one is ending
         operator.report({"ERROR"}, "The inference environment is still being installed: wait for it or cancel it")
         return False
     return True

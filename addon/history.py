@@ -1,5 +1,5 @@
-"""The history of generated stacks: re-import one, open its folder, forget it, or
-regenerate one of its layers on the server that made it (a new stack; the others stay
+"""The history of generated stacks: re-import one, open its folder, or regenerate one of
+its layers on the server that made it (a new stack; the others stay
 byte-identical)."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 from bpy.types import Operator
 
 from .generate import backend_settings_or_report, random_seed, ready_to_start_or_report
-from .layer_list import clamped_index
 from .limits import MAX_PROMPT_CHARS
 from .properties import REGENERATE_SEED_MODES
 from .stack_reader import LayerInfo, read_stack
@@ -27,7 +26,8 @@ NO_JOB_ID = ("This stack has no server job id (it was imported from elsewhere or
 class OnHistoryItem:
     """Mix-in of the history operators: `index` says which stack (-1: the selected one)."""
 
-    index: IntProperty(default=-1, options={"SKIP_SAVE", "HIDDEN"})
+    index: IntProperty(name="Stack", description="Which stack of the history (-1: the selected one)",
+                        default=-1, options={"SKIP_SAVE", "HIDDEN"})
 
     def history_item(self, context):
         """The stack this operator works on, or None after an ERROR report."""
@@ -67,23 +67,6 @@ class MULTIPLANE_OT_history_open_folder(Operator, OnHistoryItem):
             self.report({"ERROR"}, f"The folder {item.path} no longer exists")
             return {"CANCELLED"}
         bpy.ops.wm.path_open(filepath=item.path)
-        return {"FINISHED"}
-
-
-class MULTIPLANE_OT_history_remove(Operator, OnHistoryItem):
-    """Forget this stack (its files stay on disk)"""
-
-    bl_idname = "multiplane.history_remove"
-    bl_label = "Remove from History"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context):
-        settings = context.scene.multiplane
-        item = self.history_item(context)
-        if item is None:
-            return {"CANCELLED"}
-        settings.history.remove(list(settings.history).index(item))
-        settings.history_index = clamped_index(settings.history_index, len(settings.history))
         return {"FINISHED"}
 
 
@@ -154,8 +137,10 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
                        default=1, min=0, options={"SKIP_SAVE"})
     prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
                            default="", options={"SKIP_SAVE"})
-    seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP", options={"SKIP_SAVE"})
-    seed: IntProperty(name="New Seed", default=0, min=0, options={"SKIP_SAVE"})
+    seed_mode: EnumProperty(name="Seed", description="Which seed the regenerated layer gets",
+                            items=REGENERATE_SEED_MODES, default="KEEP", options={"SKIP_SAVE"})
+    seed: IntProperty(name="New Seed", description="The layer's seed when Seed is This Seed",
+                      default=0, min=0, options={"SKIP_SAVE"})
 
     @classmethod
     def poll(cls, context):
@@ -207,7 +192,6 @@ class MULTIPLANE_OT_history_regenerate_layer(Operator, OnHistoryItem):
 CLASSES = (
     MULTIPLANE_OT_history_import,
     MULTIPLANE_OT_history_open_folder,
-    MULTIPLANE_OT_history_remove,
     MULTIPLANE_OT_history_regenerate_layer,
 )
 

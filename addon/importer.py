@@ -4,9 +4,10 @@ One collection per stack ("Backdrop: <name>"), one plane per layer, back to fron
 growing nearness, each sized by `geometry.fit_plane_to_camera` so the active camera sees
 the stack's frame rectangle exactly filling its frame (the rest of the image, the margins
 a camera move needs, extends beyond it). Planes live in world space (not parented) and face the
-camera, so a moving camera sees real parallax. Materials are unlit: the texture's colour
-through an Emission shader of strength 1, mixed with a Transparent BSDF by the straight
-alpha - so a render with the Standard view transform gives back the image's own values.
+camera, so a moving camera sees real parallax. Materials are unlit by default: the texture's
+colour through an Emission shader of strength 1, mixed with a Transparent BSDF by the straight
+alpha - so a render with the Standard view transform gives back the image's own values (the
+Shader option also offers a lit Principled BSDF and a camera-rays-only Shadeless emission).
 
 Everything that can fail (reading the stack, the camera, the depths, copying files) is
 checked before the first data-block is touched, so a failed import changes nothing.
@@ -62,6 +63,9 @@ class ImportSettings:
     overscan: float = 1.0
     interpolation: str = "Linear"
     render_method: str = "BLENDED"
+    shader: str = "EMISSION"  # EMISSION (unlit) | PRINCIPLED (lit) | SHADELESS (camera rays only)
+    emission_strength: float = 1.0
+    relative_paths: bool = True  # saved .blend: the copied images by //-relative paths
 
 
 @dataclass
@@ -184,8 +188,38 @@ def set_plane_size(obj: bpy.types.Object, width: float, height: float) -> None:
     _set_quad(obj.data, width, height)
 
 
+def _surface_shader(tree: bpy.types.NodeTree, texture: bpy.types.Node, settings: ImportSettings) -> bpy.types.NodeSocket:
+    """The plane's opaque surface for `settings.shader` (its output socket): unlit Emission of
+    the texture's colour; a lit Principled BSDF; or Shadeless, an emission only camera rays
+    see (other rays pass through, so the plane lights and reflects nothing)."""
+    nodes, links = tree.nodes, tree.links
+    if settings.shader == "PRINCIPLED":
+        principled = nodes.new("ShaderNodeBsdfPrincipled")
+        principled.location = (0, -120)
+        links.new(texture.outputs["Color"], principled.inputs["Base Color"])
+        return principled.outputs["BSDF"]
+    emission = nodes.new("ShaderNodeEmission")
+    emission.location = (-160, -200)
+    emission.inputs["Strength"].default_value = settings.emission_strength
+    links.new(texture.outputs["Color"], emission.inputs["Color"])
+    if settings.shader != "SHADELESS":
+        return emission.outputs["Emission"]
+    light_path = nodes.new("ShaderNodeLightPath")
+    light_path.location = (-160, -400)
+    unseen = nodes.new("ShaderNodeBsdfTransparent")
+    unseen.location = (-160, -60)
+    camera_only = nodes.new("ShaderNodeMixShader")
+    camera_only.location = (100, -200)
+    links.new(light_path.outputs["Is Camera Ray"], camera_only.inputs["Fac"])
+    links.new(unseen.outputs["BSDF"], camera_only.inputs[1])
+    links.new(emission.outputs["Emission"], camera_only.inputs[2])
+    return camera_only.outputs["Shader"]
+
+
 def _build_material(material: bpy.types.Material, image: bpy.types.Image, settings: ImportSettings) -> None:
-    """Unlit straight-alpha material: Emission(colour) mixed with Transparent by alpha."""
+    """Straight-alpha material: the surface `settings.shader` picks, mixed with Transparent
+    by the texture's alpha. The texture is the active node, so Solid mode's Texture colour
+    shows it (viewport.py)."""
     tree = compat.material_node_tree(material)
     nodes, links = tree.nodes, tree.links
     nodes.clear()
@@ -196,17 +230,14 @@ def _build_material(material: bpy.types.Material, image: bpy.types.Image, settin
     texture.image = image
     texture.interpolation = settings.interpolation
     texture.extension = "CLIP"
-    emission = nodes.new("ShaderNodeEmission")
-    emission.location = (0, -120)
-    emission.inputs["Strength"].default_value = 1.0
+    nodes.active = texture
     transparent = nodes.new("ShaderNodeBsdfTransparent")
     transparent.location = (0, 80)
     mix = nodes.new("ShaderNodeMixShader")
     mix.location = (300, 0)
-    links.new(texture.outputs["Color"], emission.inputs["Color"])
     links.new(texture.outputs["Alpha"], mix.inputs["Fac"])
     links.new(transparent.outputs["BSDF"], mix.inputs[1])
-    links.new(emission.outputs["Emission"], mix.inputs[2])
+    links.new(_surface_shader(tree, texture, settings), mix.inputs[2])
     links.new(mix.outputs["Shader"], output.inputs["Surface"])
     compat.set_surface_render_method(material, settings.render_method)
     material.use_backface_culling = False
@@ -323,7 +354,8 @@ def import_stack(context: bpy.types.Context, path: str, settings: ImportSettings
             obj.data.materials.clear()
             obj.data.materials.append(material)
         if destination is not None:
-            filepath, pack = destination[1] + layer.file, False
+            folder = destination[1] if settings.relative_paths else str(destination[0]) + os.sep
+            filepath, pack = folder + layer.file, False
         else:
             filepath, pack = str(layer.path), True
         image = _load_image(plane_image(obj), name, filepath, pack)

@@ -17,40 +17,107 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .backend import engine_root, venv_python
+from .backend import child_process_options, engine_root, terminate_tree, venv_python
 
 # Keep in step with the Makefile (TORCH_SPEC, OPEN_CLIP_SPEC).
 TORCH_SPEC = "torch==2.13.0"
 OPEN_CLIP_SPEC = "open_clip_torch==3.3.0"
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+# CUDA builds of TORCH_SPEC, newest first, with the lowest driver CUDA version each needs.
+CUDA_BUILDS = ((13.0, "cu130"), (12.8, "cu128"), (12.6, "cu126"))
+COMPLETE_MARKER = "multiplane-installed.txt"  # written last: only a finished install has it
 
 
 class InstallError(Exception):
     """Why the install cannot start or failed; for the artist."""
 
 
-def torch_index_url() -> Optional[str]:
-    """CPU wheels on Linux/Windows without an NVIDIA driver; pip's default elsewhere."""
-    if sys.platform == "darwin":
-        return None
-    return None if shutil.which("nvidia-smi") else TORCH_CPU_INDEX
+@dataclass(frozen=True)
+class TorchChoice:
+    """Which torch build the artist's machine gets, from where, and why (said in the panel)."""
+
+    build: str  # "cpu", "cu128", … or "default" (macOS: PyPI's build, with Metal)
+    index_url: Optional[str]  # None: pip's own sources (PyPI, or a local wheel it is pointed at)
+    reason: str
 
 
-def install_steps(venv: Path, base_python: str, requirements: Path) -> list[tuple[str, list[str]]]:
+def driver_cuda_version(nvidia_smi_output: str) -> Optional[float]:
+    """The CUDA version the NVIDIA driver supports, from `nvidia-smi`'s banner."""
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", nvidia_smi_output)
+    return float(f"{found.group(1)}.{found.group(2)}") if found else None
+
+
+def local_wheels(find_links: str) -> list[str]:
+    """Wheel file names in the local folders of a PIP_FIND_LINKS value (URLs are skipped)."""
+    names = []
+    for entry in find_links.split():
+        folder = Path(entry[len("file://"):] if entry.startswith("file://") else entry)
+        if "://" not in entry or entry.startswith("file://"):
+            try:
+                names += [p.name for p in folder.iterdir() if p.suffix == ".whl"]
+            except OSError:
+                continue
+    return names
+
+
+def choose_torch(platform: str, nvidia_smi_output: Optional[str], find_links: str = "") -> TorchChoice:
+    """The torch build for this machine: NVIDIA on Windows/Linux → the CUDA build the driver
+    can run; macOS → PyPI's build (Apple Metal); otherwise the CPU build. When this machine's
+    own package sources (PIP_FIND_LINKS folders) hold that build's wheel, pip takes it from
+    there instead of PyTorch's index."""
+    version = TORCH_SPEC.split("==", 1)[1]
+    if platform == "darwin":
+        return TorchChoice("default", None, "macOS: the standard build, which uses Apple Metal (MPS)")
+    cuda = driver_cuda_version(nvidia_smi_output) if nvidia_smi_output else None
+    build, reason = "cpu", "no NVIDIA GPU found: the CPU build (only the Tiny model is practical)"
+    if nvidia_smi_output is not None:
+        usable = [tag for needs, tag in CUDA_BUILDS if cuda is not None and cuda >= needs]
+        if usable:
+            build, reason = usable[0], f"NVIDIA driver with CUDA {cuda:g}: the {usable[0]} build"
+        else:
+            reason = (f"the NVIDIA driver (CUDA {cuda if cuda is not None else 'unknown'}) is older than "
+                      f"any CUDA build of {TORCH_SPEC} needs (update it for GPU use): the CPU build")
+    wheel = f"torch-{version}+{build}-"
+    if any(name.startswith(wheel) for name in local_wheels(find_links)):
+        return TorchChoice(build, None, f"{reason}, from this machine's package sources")
+    return TorchChoice(build, TORCH_INDEX + build, reason)
+
+
+def detect_torch_choice() -> TorchChoice:
+    """`choose_torch` for the machine Blender runs on."""
+    smi, output = shutil.which("nvidia-smi"), None
+    if smi:
+        try:
+            output = subprocess.run([smi], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            output = ""
+    return choose_torch(sys.platform, output, os.environ.get("PIP_FIND_LINKS", ""))
+
+
+def install_steps(venv: Path, base_python: str, requirements: Path,
+                  torch: Optional[TorchChoice] = None) -> list[tuple[str, list[str]]]:
     """(label, command) for each step; the last three run the venv's own pip."""
     py = str(venv_python(venv))
     pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
-    index = torch_index_url()
+    torch = torch or detect_torch_choice()
     constraints = venv / "constraints.txt"
     return [
         ("Creating the environment", [base_python, "-m", "venv", str(venv)]),
-        ("Installing torch", pip + (["--index-url", index] if index else []) + [TORCH_SPEC]),
+        (f"Installing torch ({torch.build})",
+         pip + (["--index-url", torch.index_url] if torch.index_url else []) + [TORCH_SPEC]),
         ("Installing the engine", pip + ["-c", str(constraints), "-r", str(requirements)]),
         ("Installing the tokenizer vocabulary", pip + ["--no-deps", OPEN_CLIP_SPEC]),
     ]
+
+
+def is_complete(venv: Path) -> bool:
+    """Whether `venv` is a finished managed environment (a failed or cancelled install
+    never leaves the marker, so it never looks usable)."""
+    return (Path(venv) / COMPLETE_MARKER).is_file()
 
 
 _COLLECTING = re.compile(r"^\s*Collecting (\S+)")
@@ -98,8 +165,9 @@ class InstallJob:
     """One run of the steps on a thread; read `status`, `fraction`, `error`, `done`."""
 
     def __init__(self, venv: Path, steps: list[tuple[str, list[str]]], log_path: Path,
-                 before_step: Optional[Callable[[int], None]] = None):
+                 before_step: Optional[Callable[[int], None]] = None, torch: Optional[TorchChoice] = None):
         self.venv = Path(venv)
+        self.torch = torch
         self.steps = steps
         self.log_path = Path(log_path)
         self.status = "waiting"
@@ -126,15 +194,15 @@ class InstallJob:
         return self.done
 
     def cancel(self) -> None:
+        """Stop the running step without holding the caller (Blender's UI thread): terminate
+        now; a thread kills the step if it has not exited after a few seconds."""
         with self._lock:
             self.cancelled = True
             proc = self._proc
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate_tree(proc)  # pip's own build subprocesses too
+            threading.Thread(target=_kill_if_still_running, args=(proc,), name="multiplane-install-kill",
+                             daemon=True).start()
 
     def _run(self) -> None:
         try:
@@ -152,12 +220,20 @@ class InstallJob:
                 self.status = "cancelled"
                 self.error = "Install cancelled; click Install Inference Environment to start again"
             elif self.error is None:
+                self._mark_complete()
                 self.status = "installed"
                 self.fraction = 1.0
         except OSError as error:
             self.error = f"Install failed: {error}"
         finally:
             self.done = True
+
+    def _mark_complete(self) -> None:
+        """The last act of a successful install: only now does the environment count."""
+        self.venv.mkdir(parents=True, exist_ok=True)
+        torch = f"torch build {self.torch.build}: {self.torch.reason}\n" if self.torch else ""
+        (self.venv / COMPLETE_MARKER).write_text(f"installed {time.strftime('%Y-%m-%d %H:%M:%S')}\n{torch}",
+                                                 encoding="utf-8")
 
     def _run_step(self, index: int, label: str, command: list[str], log) -> None:
         count = len(self.steps)
@@ -172,7 +248,8 @@ class InstallJob:
                 return
             try:
                 self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, text=True, errors="replace", env=env)
+                                              stdin=subprocess.DEVNULL, text=True, errors="replace", env=env,
+                                              **child_process_options())
             except OSError as error:
                 self.error = f"{label} failed: cannot run {command[0]}: {error.strerror or error}"
                 return
@@ -192,6 +269,13 @@ class InstallJob:
             self.error = f"{label} failed (exit code {code}): {last[:200]}. Full log: {self.log_path}"
         else:
             self.fraction = (index + 1) / count
+
+
+def _kill_if_still_running(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 _current: Optional[InstallJob] = None
@@ -223,13 +307,15 @@ def start_install(venv: Path, online_access: bool, base_python: Optional[str] = 
     if steps is None and not requirements.is_file():
         raise InstallError(f"{requirements} is missing (reinstall the Multiplane extension)")
     venv = Path(venv)
+    torch = detect_torch_choice() if steps is None else None
     # Blender's own Python makes the venv (sys.executable is the bundled interpreter in 4.2+).
-    steps = steps if steps is not None else install_steps(venv, base_python or sys.executable, requirements)
+    steps = steps if steps is not None else install_steps(venv, base_python or sys.executable, requirements, torch)
     constraints = venv / "constraints.txt"
+    (venv / COMPLETE_MARKER).unlink(missing_ok=True)  # a re-install counts only once it finished
 
     def before(index: int) -> None:
         if index == 2 and not constraints.exists():  # pin the engine to the torch just installed
             constraints.write_text(TORCH_SPEC + "\n", encoding="utf-8")
 
-    _current = InstallJob(venv, steps, venv.parent / "install.log", before_step=before).start()
+    _current = InstallJob(venv, steps, venv.parent / "install.log", before_step=before, torch=torch).start()
     return _current

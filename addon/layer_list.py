@@ -59,7 +59,8 @@ class MULTIPLANE_OT_layer_move(Operator):
     bl_label = "Move Layer"
     bl_options = {"REGISTER", "UNDO"}
 
-    direction: EnumProperty(items=(("UP", "Up", "Further back (earlier in the list)"),
+    direction: EnumProperty(name="Direction", description="Which way the layer moves in the list",
+                            items=(("UP", "Up", "Further back (earlier in the list)"),
                                    ("DOWN", "Down", "Further forward (later in the list)")))
 
     def execute(self, context):

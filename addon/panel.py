@@ -10,14 +10,13 @@ from __future__ import annotations
 import bpy
 from bpy.types import Panel, UIList
 
-from . import generate, history, installer, layer_list, preferences, shot, shot_operators
+from . import generate, history, history_library, installer, layer_list, library, preferences, shot, shot_operators
 from .canvas import CANVAS_MAX_SIDE
 from .watcher import WatchState, watcher
 
 PHASE_ICONS = {
     "installing": "IMPORT", "starting": "SORTTIME", "submitting": "URL", "queued": "SORTTIME",
     "running": "RENDER_STILL", "downloading": "IMPORT", "importing": "IMAGE_PLANE",
-    "cancelling": "CANCEL",
 }
 
 
@@ -32,13 +31,29 @@ class MULTIPLANE_UL_layers(UIList):
             row.label(text="", icon="SELECT_SET")
 
 
+def history_search_text(item) -> str:
+    """What the history's search field matches: name, prompts, model, method, size, date."""
+    return " ".join([item.name, item.prompt, item.model, item.method, item.size, item.created,
+                     *(layer.prompt for layer in item.layers)])
+
+
 class MULTIPLANE_UL_history(UIList):
-    """Stacks generated for this scene, newest first."""
+    """Every stack in the Stacks Folder, newest first; the search field matches any of its
+    words in the name, prompts, model, method, size or date."""
 
     def draw_item(self, _context, layout, _data, item, _icon, _active_data, _active_property, index=0, _flt_flag=0):
         row = layout.row(align=True)
-        row.label(text=item.name or item.path, icon="RENDERLAYERS")
+        icon = history_library.thumbnail_icon(item.thumbnail)
+        if icon:
+            row.label(text=item.name or item.path, icon_value=icon)
+        else:
+            row.label(text=item.name or item.path, icon="RENDERLAYERS")
         row.label(text=item.created)
+
+    def filter_items(self, _context, data, propname):
+        items = getattr(data, propname)
+        keep = library.filter_flags((history_search_text(item) for item in items), self.filter_name)
+        return [self.bitflag_filter_item if kept else 0 for kept in keep], []
 
 
 def draw_progress(layout, state: WatchState, install) -> None:
@@ -52,6 +67,21 @@ def draw_progress(layout, state: WatchState, install) -> None:
     else:
         row.label(text=f"{text} ({fraction:.0%})", icon=icon)
     row.operator(generate.MULTIPLANE_OT_cancel.bl_idname, text="", icon="CANCEL")
+
+
+def draw_live_previews(layout, state: WatchState) -> None:
+    """The running job's live previews, one small picture per layer (bpy.utils.previews)."""
+    if not state.previews:
+        return
+    box = layout.box()
+    box.label(text=f"Preview (step {state.preview_step})", icon="RENDER_RESULT")
+    row = box.row(align=True)
+    for name, path in state.previews.items():
+        column = row.column(align=True)
+        icon = history_library.thumbnail_icon(path)
+        if icon:
+            column.template_icon(icon_value=icon, scale=3.0)
+        column.label(text=name.replace("layer_", "#"))
 
 
 def draw_error(layout, message: str) -> None:
@@ -123,6 +153,25 @@ def draw_regenerate(layout, settings, item, busy: bool) -> None:
     op.seed = settings.regenerate_seed
 
 
+def draw_stack_details(layout, item) -> None:
+    """The selected stack: its composite and layer thumbnails, prompt, model, method, size, date."""
+    box = layout.box()
+    composite = history_library.thumbnail_icon(item.thumbnail)
+    if composite:
+        box.template_icon(icon_value=composite, scale=6.0)
+    thumbnails = [(layer, history_library.thumbnail_icon(layer.file)) for layer in item.layers]
+    if any(icon for _layer, icon in thumbnails):
+        row = box.row(align=True)
+        for layer, icon in thumbnails:
+            column = row.column(align=True)
+            column.template_icon(icon_value=icon, scale=2.0)
+            column.label(text=layer.name)
+    for line in wrap(item.prompt or "(no prompt)", 48)[:3]:
+        box.label(text=line)
+    box.label(text=" · ".join(part for part in (item.model, item.method, item.size, item.created) if part),
+              icon="INFO")
+
+
 def draw_canvas(layout, scene) -> None:
     """The canvas Generate will ask for: its size, the frame's effective resolution inside it,
     the margins of the shot as last read, and whether the size cap lowers detail."""
@@ -152,20 +201,33 @@ def draw_canvas(layout, scene) -> None:
                      icon="INFO")
 
 
-def draw_panel(layout, context) -> None:
-    scene = context.scene
-    settings = scene.multiplane
-    state = watcher.state
-    install = installer.current_install()
-    busy = watcher.busy or (install is not None and install.running)
+def draw_history(layout, settings, busy: bool) -> None:
+    """The library: every stack of the Stacks Folder, with its actions."""
+    layout.separator()
+    header = layout.row(align=True)
+    header.label(text="Stacks Library")
+    header.operator(history_library.MULTIPLANE_OT_history_refresh.bl_idname, text="", icon="FILE_REFRESH")
+    if not len(settings.history):
+        layout.label(text="No stacks yet: they appear here when generated", icon="INFO")
+        return
+    layout.template_list("MULTIPLANE_UL_history", "", settings, "history", settings, "history_index", rows=3)
+    row = layout.row(align=True)
+    row.operator(history.MULTIPLANE_OT_history_import.bl_idname, text="Import", icon="IMPORT")
+    row.operator(history_library.MULTIPLANE_OT_history_use_settings.bl_idname, text="Use Settings",
+                 icon="PASTEDOWN")
+    row.operator(history.MULTIPLANE_OT_history_open_folder.bl_idname, text="", icon="FILE_FOLDER")
+    row.operator(history_library.MULTIPLANE_OT_history_delete.bl_idname, text="", icon="TRASH")
+    if 0 <= settings.history_index < len(settings.history):
+        item = settings.history[settings.history_index]
+        draw_stack_details(layout, item)
+        draw_regenerate(layout, settings, item, busy)
+        extend = layout.row()
+        extend.enabled = not busy
+        extend.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
 
-    column = layout.column()
-    column.enabled = not busy
-    column.prop(settings, "stack_name")
-    column.prop(settings, "prompt")
-    column.prop(settings, "negative_prompt")
-    column.prop(settings, "background_prompt")
 
+def draw_layer_list(column, settings) -> None:
+    """The foreground layers, their buttons, and the selected layer's prompt, depth and box."""
     column.label(text="Foreground Layers (back to front)")
     row = column.row()
     row.template_list("MULTIPLANE_UL_layers", "", settings, "layers", settings, "layer_index", rows=3)
@@ -186,6 +248,24 @@ def draw_panel(layout, context) -> None:
         box.prop(layer, "use_box")
         if layer.use_box:
             box.prop(layer, "box", text="")
+            box.prop(settings, "show_layout_boxes")
+
+
+def draw_panel(layout, context) -> None:
+    scene = context.scene
+    settings = scene.multiplane
+    state = watcher.state
+    install = installer.current_install()
+    busy = watcher.busy or (install is not None and install.running)
+
+    column = layout.column()
+    column.enabled = not busy
+    column.prop(settings, "stack_name")
+    column.prop(settings, "prompt")
+    column.prop(settings, "negative_prompt")
+    column.prop(settings, "background_prompt")
+
+    draw_layer_list(column, settings)
 
     column.separator()
     column.prop(settings, "method")
@@ -205,6 +285,7 @@ def draw_panel(layout, context) -> None:
     layout.separator()
     if busy:
         draw_progress(layout, state, install)
+        draw_live_previews(layout, state)
     else:
         row = layout.row()
         row.scale_y = 1.5
@@ -214,7 +295,7 @@ def draw_panel(layout, context) -> None:
             if state.warnings:
                 draw_import_warnings(layout, state.warnings)
         elif state.phase == "cancelled":
-            layout.label(text="Cancelled", icon="CANCEL")
+            layout.label(text=state.text or "Cancelled", icon="CANCEL")
 
     error = state.error or (install.error if install is not None and install.done and not install.cancelled else "")
     if error:
@@ -223,28 +304,16 @@ def draw_panel(layout, context) -> None:
     text, icon = preferences.status_text(context)
     layout.label(text=text, icon=icon)
 
-    if len(settings.history):
-        layout.separator()
-        layout.label(text="Generated Stacks")
-        layout.template_list("MULTIPLANE_UL_history", "", settings, "history", settings, "history_index", rows=2)
-        row = layout.row(align=True)
-        row.operator(history.MULTIPLANE_OT_history_import.bl_idname, text="Re-import", icon="IMPORT")
-        row.operator(history.MULTIPLANE_OT_history_open_folder.bl_idname, text="Folder", icon="FILE_FOLDER")
-        row.operator(history.MULTIPLANE_OT_history_remove.bl_idname, text="", icon="X")
-        if 0 <= settings.history_index < len(settings.history):
-            item = settings.history[settings.history_index]
-            layout.label(text=item.prompt[:60], icon="TEXT")
-            draw_regenerate(layout, settings, item, busy)
-            extend = layout.row()
-            extend.enabled = not busy
-            extend.operator(shot_operators.MULTIPLANE_OT_extend_for_shot.bl_idname, icon="FULLSCREEN_ENTER")
+    draw_history(layout, settings, busy)
 
     layout.separator()
     row = layout.row(align=True)
     row.operator("multiplane.import_stack", text="Import Stack…", icon="FILE_IMAGE")
     row.operator("multiplane.build_compositor", text="Compositor", icon="NODE_COMPOSITING")
     layout.operator("multiplane.import_layered_file", text="Import Layered File (PSD/ORA)…", icon="FILE_IMAGE")
-    layout.operator("multiplane.parallax_move", icon="CAMERA_DATA")
+    row = layout.row(align=True)
+    row.operator("multiplane.parallax_move", icon="CAMERA_DATA")
+    row.operator("multiplane.show_layers_in_solid_mode", text="Solid Mode", icon="SHADING_TEXTURE")
 
 
 class VIEW3D_PT_multiplane(Panel):

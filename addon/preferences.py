@@ -130,6 +130,8 @@ def status_text(context=None) -> tuple[str, str]:
         return f"Remote server: {settings.url}", "URL"
     if installer.current_install() is not None and installer.current_install().running:
         return f"Installing: {installer.current_install().status}", "IMPORT"
+    if watcher.state.phase == "starting":  # the job is starting the server: one story, the watcher's
+        return "Local server starting…", "SORTTIME"
     server = backend.current_server()
     state = server.poll() if server is not None else "stopped"
     if state == "ready":
@@ -139,6 +141,9 @@ def status_text(context=None) -> tuple[str, str]:
     if state == "failed":
         return server.error or "Local server failed", "ERROR"
     if settings.python is None:
+        last = installer.current_install()
+        if last is not None and last.error and not last.cancelled:
+            return f"No inference environment: the install failed (log: {last.log_path})", "ERROR"
         return "No inference environment: click Install Inference Environment", "ERROR"
     if not settings.python.is_file():
         return f"Python not found: {settings.python} (fix it in the preferences)", "ERROR"
@@ -153,6 +158,7 @@ class MultiplanePreferences(AddonPreferences):
 
     backend: EnumProperty(
         name="Backend",
+        description="Where the images are made: a server Blender starts on this computer, or one running elsewhere",
         items=(
             ("LOCAL", "Start Local Process", "Run the inference server on this computer, started by Blender"),
             ("REMOTE", "Connect to Server", "Use a server running elsewhere (for example a GPU machine)"),
@@ -165,7 +171,8 @@ class MultiplanePreferences(AddonPreferences):
                     ".venv, else the environment made by Install Inference Environment",
         subtype="FILE_PATH", default="",
     )
-    device: EnumProperty(name="Device", items=DEVICES, default="auto")
+    device: EnumProperty(name="Device", description="What the local inference server computes on "
+                          "(used when it starts: Restart Server after a change)", items=DEVICES, default="auto")
     models_dir: StringProperty(
         name="Models Folder",
         description="Where model weights are looked up and downloaded (empty: the Hugging Face cache)",
@@ -328,7 +335,8 @@ class MULTIPLANE_OT_install_environment(Operator):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         ensure_timer()
-        self.report({"INFO"}, f"Installing the inference environment into {job.venv}; log: {job.log_path}")
+        torch = f"; torch: {job.torch.reason}" if job.torch else ""
+        self.report({"INFO"}, f"Installing the inference environment into {job.venv}{torch}; log: {job.log_path}")
         return {"FINISHED"}
 
 
@@ -365,5 +373,5 @@ def register() -> None:
 
 def unregister() -> None:
     installer.cancel_current_install()
-    backend.stop_all()
+    backend.stop_all_in_background()
     _unregister_classes()

@@ -23,7 +23,8 @@ MODELS = (
     ("sd15", "SD 1.5", "Stable Diffusion 1.5 with LayerDiffuse transparency (smaller, faster)"),
     ("tiny", "Tiny (test)", "Random-weight test model: noise images in seconds; checks the pipeline"),
 )
-TTA_CHOICES = tuple((str(passes), str(passes), "") for passes in limits.TTA_PASSES)
+TTA_CHOICES = tuple((str(passes), str(passes), f"{passes} transparent-decoder pass{'es' if passes > 1 else ''} "
+                     f"(flipped and rotated copies averaged)") for passes in limits.TTA_PASSES)
 
 
 REGENERATE_SEED_MODES = (
@@ -56,6 +57,13 @@ def _regenerate_layer_enum(self, _context):
     return _regenerate_layer_items
 
 
+def _redraw_viewports(_self, context) -> None:
+    """Layout boxes are drawn in the viewport (overlay.py): show an edit at once."""
+    for area in getattr(context.screen, "areas", ()):
+        if area.type == "VIEW_3D":
+            area.tag_redraw()
+
+
 def _is_backdrop(_self, collection: bpy.types.Collection) -> bool:
     return collection.get("multiplane_stack") is not None
 
@@ -65,11 +73,12 @@ class MultiplaneLayer(PropertyGroup):
 
     prompt: StringProperty(name="Prompt", description="What this layer shows (the global prompt is added)",
                            default="", maxlen=limits.MAX_PROMPT_CHARS)
-    use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False)
+    use_box: BoolProperty(name="Box", description="Confine the layer to a layout box", default=False,
+                          update=_redraw_viewports)
     box: FloatVectorProperty(
         name="Box", description="Layout box: left, top, right, bottom, as fractions of the camera frame at the "
                                 "shot's first frame (top-left origin; the canvas's margins lie outside it)",
-        size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE")
+        size=4, min=0.0, max=1.0, default=(0.25, 0.25, 0.75, 0.75), subtype="NONE", update=_redraw_viewports)
     depth: FloatProperty(
         name="Depth", description="Distance from the camera when imported (0: spread automatically)",
         default=0.0, min=0.0, soft_max=100.0, unit="LENGTH")
@@ -83,22 +92,28 @@ class MultiplaneHistoryLayer(PropertyGroup):
     """One layer of a generated stack as stack.json lists it (name = file stem), so the
     regenerate-one-layer menu can name the layers without reading files at every redraw."""
 
-    prompt: StringProperty(name="Prompt")
+    prompt: StringProperty(name="Prompt", description="The layer's prompt, as stack.json records it")
+    file: StringProperty(name="File", description="The layer's image (for its thumbnail)", subtype="FILE_PATH")
 
 
 class MultiplaneHistoryItem(PropertyGroup):
     """A stack generated for this scene (name = display name)."""
 
-    path: StringProperty(name="Folder", subtype="DIR_PATH")
+    path: StringProperty(name="Folder", description="The stack's folder (its PNGs and stack.json)",
+                        subtype="DIR_PATH")
     job_id: StringProperty(name="Job", description="The job's id on the server that made the stack")
     server: StringProperty(name="Server", description="Which server knows the job: "
                            "'REMOTE <url>' or 'LOCAL <output folder>'")
-    layers: CollectionProperty(type=MultiplaneHistoryLayer, name="Layers")
-    created: StringProperty(name="Created")
-    prompt: StringProperty(name="Prompt")
-    model: StringProperty(name="Model")
-    method: StringProperty(name="Method")
+    layers: CollectionProperty(type=MultiplaneHistoryLayer, name="Layers",
+                               description="The stack's layers, background first")
+    created: StringProperty(name="Created", description="When the stack was made (UTC, from its stack.json)")
+    prompt: StringProperty(name="Prompt", description="The whole scene's prompt the stack was made from")
+    model: StringProperty(name="Model", description="The model that made the stack")
+    method: StringProperty(name="Method", description="The method that made the stack")
     request: StringProperty(name="Request", description="The submitted request, as JSON")
+    size: StringProperty(name="Size", description="The stack's width x height in pixels")
+    thumbnail: StringProperty(name="Thumbnail", description="The stack's composite image (its thumbnail)",
+                              subtype="FILE_PATH")
 
 
 class MultiplaneSceneSettings(PropertyGroup):
@@ -112,10 +127,19 @@ class MultiplaneSceneSettings(PropertyGroup):
                                     default="", maxlen=limits.MAX_PROMPT_CHARS)
     background_prompt: StringProperty(name="Background", description="The background layer's own prompt",
                                       default="", maxlen=limits.MAX_PROMPT_CHARS)
-    layers: CollectionProperty(type=MultiplaneLayer, name="Foreground Layers")
-    layer_index: IntProperty(name="Active Layer", default=0, min=0)
-    method: EnumProperty(name="Method", items=METHOD_ITEMS, default="joint")
-    model: EnumProperty(name="Model", items=MODELS, default="sdxl")
+    layers: CollectionProperty(type=MultiplaneLayer, name="Foreground Layers",
+                               description="The foreground layers to generate, back to front")
+    layer_index: IntProperty(name="Active Layer", description="The selected foreground layer", default=0, min=0,
+                             update=_redraw_viewports)
+    show_layout_boxes: BoolProperty(
+        name="Show Boxes in Camera View",
+        description="Draw each boxed layer's layout box and name over the camera frame in the 3D Viewport "
+                    "(camera view only; the selected layer's box is highlighted)",
+        default=True, update=_redraw_viewports)
+    method: EnumProperty(name="Method", description="How the layers are made together", items=METHOD_ITEMS,
+                         default="joint")
+    model: EnumProperty(name="Model", description="The diffusion model (weights are downloaded once)",
+                        items=MODELS, default="sdxl")
     steps: IntProperty(name="Steps", description="Denoising steps", default=30,
                         min=limits.MIN_STEPS, max=limits.MAX_STEPS)
     guidance: FloatProperty(name="Guidance", description="How strictly to follow the prompts (CFG scale)",
@@ -132,14 +156,17 @@ class MultiplaneSceneSettings(PropertyGroup):
     export_exr: BoolProperty(
         name="Multilayer EXR", description="Also write stack.exr: every layer and the composite in one "
         "linear, premultiplied OpenEXR, for compositors (Build Compositor can use it)", default=False)
-    history: CollectionProperty(type=MultiplaneHistoryItem, name="History")
-    history_index: IntProperty(name="Active Stack", default=0, min=0)
+    history: CollectionProperty(type=MultiplaneHistoryItem, name="History",
+                                description="Stacks generated for this scene, newest first")
+    history_index: IntProperty(name="Active Stack", description="The selected stack of the history", default=0, min=0)
     regenerate_layer: EnumProperty(name="Layer", description="The layer of the selected stack to regenerate "
                                    "(the others stay exactly as they are)", items=_regenerate_layer_enum)
     regenerate_prompt: StringProperty(name="New Prompt", description="The layer's new prompt (empty: keep it)",
                                       default="", maxlen=limits.MAX_PROMPT_CHARS)
-    regenerate_seed_mode: EnumProperty(name="Seed", items=REGENERATE_SEED_MODES, default="KEEP")
-    regenerate_seed: IntProperty(name="New Seed", default=0, min=0)
+    regenerate_seed_mode: EnumProperty(name="Seed", description="Which seed the regenerated layer gets",
+                                       items=REGENERATE_SEED_MODES, default="KEEP")
+    regenerate_seed: IntProperty(name="New Seed", description="The layer's seed when Seed is This Seed",
+                                  default=0, min=0)
 
     use_shot_margins: BoolProperty(
         name="Margins for the Camera Move",

@@ -103,19 +103,9 @@ def read_stack(path: str | os.PathLike, check_images: bool = True) -> StackInfo:
     size (read from the PNG header; the pixels are not decoded), and foregrounds must
     carry an alpha channel.
     """
-    manifest = manifest_path(path)
+    manifest, data = _load_manifest(path)
     folder = manifest.parent
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise StackReadError(f"{manifest}: cannot read it ({error})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise StackReadError(f"{manifest}: not valid JSON ({error})") from None
     source = str(manifest)
-    if not isinstance(data, dict):
-        raise StackReadError(f"{source}: the manifest must be a JSON object")
     if data.get("format") != FORMAT:
         raise StackReadError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r} "
                              "(not a Multiplane layer stack)")
@@ -159,6 +149,77 @@ def read_stack(path: str | os.PathLike, check_images: bool = True) -> StackInfo:
             check_png(layer.path, width, height, need_alpha=not layer.is_background,
                       what=f"layer {layer.name!r}")
     return stack
+
+
+def _load_manifest(path: str | os.PathLike) -> tuple[Path, dict]:
+    manifest = manifest_path(path)
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StackReadError(f"{manifest}: cannot read it ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise StackReadError(f"{manifest}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise StackReadError(f"{manifest}: the manifest must be a JSON object")
+    return manifest, data
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """What made one layer: its prompt, seed, layout box (left, top, right, bottom) and depth."""
+
+    prompt: str
+    seed: int | None
+    box: tuple[float, float, float, float] | None
+    depth: float | None
+
+
+@dataclass(frozen=True)
+class StackRecipe:
+    """A stack's request as its manifest records it (the history shows it and "Use these
+    settings" puts it back into the panel). Informational fields a manifest lacks or has in
+    an unexpected type read as empty, never as an error: the stack itself is `read_stack`'s."""
+
+    stack: StackInfo
+    prompt: str
+    negative_prompt: str
+    method: str
+    model: str  # the preset name ("sdxl", "sd15", "tiny") or the model's base, "" if unknown
+    created: str
+    seed: int | None
+    steps: int | None
+    guidance: float | None
+    layers: tuple[LayerRecipe, ...]  # background first, as stack.layers
+
+
+def read_recipe(path: str | os.PathLike) -> StackRecipe:
+    """The stack at `path` with what made it; StackReadError if it is not a readable stack."""
+    stack = read_stack(path, check_images=False)
+    _manifest, data = _load_manifest(path)
+
+    def text(mapping: dict, key: str) -> str:
+        value = mapping.get(key)
+        return value if isinstance(value, str) else ""
+
+    def number(mapping: dict, key: str, kind):
+        value = mapping.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return kind(value) if ok and (kind is float or float(value).is_integer()) else None
+
+    model = data.get("model")
+    model = (text(model, "preset") or text(model, "base")) if isinstance(model, dict) else ""
+    layers = []
+    for layer, raw in zip(stack.layers, data.get("layers") or ()):
+        box = raw.get("box")
+        box = (tuple(float(v) for v in box) if isinstance(box, list) and len(box) == 4
+               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box) else None)
+        layers.append(LayerRecipe(prompt=layer.prompt, seed=number(raw, "seed", int), box=box, depth=layer.depth))
+    return StackRecipe(stack=stack, prompt=text(data, "prompt"), negative_prompt=text(data, "negative_prompt"),
+                       method=text(data, "method"), model=model, created=text(data, "created"),
+                       seed=number(data, "seed", int), steps=number(data, "steps", int),
+                       guidance=number(data, "guidance", float), layers=tuple(layers))
 
 
 def png_header(path: Path) -> tuple[int, int, int]:

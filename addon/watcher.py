@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from . import backend, installer, limits
+from . import backend, installer, library
 from .client import ServerClient, ServerError
 from .stack_reader import MANIFEST_FILE, StackReadError, read_stack, safe_folder_name
 
@@ -30,15 +30,15 @@ POLL_SECONDS = 0.2
 CANCEL_WAIT_SECONDS = 15.0
 UNREACHABLE_RETRIES = 5
 
-ACTIVE_PHASES = ("starting", "submitting", "queued", "running", "downloading", "importing", "cancelling")
+ACTIVE_PHASES = ("starting", "submitting", "queued", "running", "downloading", "importing")
 
 
 @dataclass
 class WatchState:
     """What the panel shows. Only the main thread writes it (in tick / start / cancel)."""
 
-    phase: str = "idle"  # idle | installing | starting | submitting | queued | running | downloading |
-    # importing | cancelling | succeeded | failed | cancelled
+    phase: str = "idle"  # idle | starting | submitting | queued | running | downloading |
+    # importing | succeeded | failed | cancelled (the install has its own state: installer.py)
     text: str = ""
     fraction: float = 0.0
     error: str = ""
@@ -47,6 +47,8 @@ class WatchState:
     scene_name: str = ""
     started: float = 0.0
     imported: str = ""  # name of the backdrop collection made from the last stack
+    previews: dict = field(default_factory=dict)  # live previews: layer name → PNG file (while running)
+    preview_step: int = 0
     warnings: tuple = ()  # what a layered-file import could not carry over (shown in the panel)
 
     @property
@@ -131,7 +133,9 @@ class Watcher:
 
     @property
     def busy(self) -> bool:
-        return self.state.busy or (self._thread is not None and self._thread.is_alive())
+        """A job is being watched. Only the state says so: a thread left behind by Cancel
+        (still telling the server to stop) never keeps the panel busy."""
+        return self.state.busy
 
     def start(self, plan: JobPlan) -> None:
         if self.busy:
@@ -149,26 +153,37 @@ class Watcher:
         self.changed = True
 
     def cancel(self) -> str:
-        """Cancel whatever runs; returns what was cancelled (for the operator's report)."""
+        """Cancel whatever runs; returns what was cancelled ("install", "job", or "" for
+        nothing). Idempotent, and final at once in every phase: the job's worker is detached
+        (its later messages are dropped) and, if the server has the job, goes on telling the
+        server to stop it in the background, so a second Cancel or a Generate right after
+        always finds the panel free."""
         job = installer.current_install()
-        if job is not None and job.running:
+        if job is not None and job.running and not job.cancelled:
             job.cancel()
             return "install"
         if not self.busy:
             return ""
         self._cancel.set()
-        if self.state.phase in ("starting", "submitting"):
-            # Nothing on the server yet: done right away (the worker notices and stops).
-            self.state.phase, self.state.text = "cancelled", "Cancelled"
-            self._token = ""
-        else:
-            self.state.phase, self.state.text = "cancelling", "Cancelling…"
-        self.changed = True
+        on_server = bool(self.state.job_id) and self.state.phase in ("queued", "running")
+        self._detach("cancelled", f"Cancelled (the server stops job {self.state.job_id})" if on_server
+                     else "Cancelled")
         return "job"
 
+    def _detach(self, phase: str, text: str) -> None:
+        """End the watched job on the add-on's side: forget its worker and its messages."""
+        self._token = ""
+        self._thread = None
+        self.state.phase, self.state.text, self.state.previews = phase, text, {}
+        self.changed = True
+
     def stop(self) -> None:
-        """Tell the worker to give up (unregister): it ends without touching Blender."""
+        """The add-on is being disabled: tell the worker to give up (it ends without touching
+        Blender; a server job is cancelled) and end the watched job with a message, so after
+        re-enabling the panel says what happened instead of showing a job nobody watches."""
         self._cancel.set()
+        if self.busy:
+            self._detach("cancelled", "Stopped: the add-on was disabled while this backdrop was being generated")
 
     def clear_error(self) -> None:
         self.state.error = ""
@@ -182,6 +197,7 @@ class Watcher:
         install = installer.current_install()
         if install is not None and install.running:
             self.changed = True
+        worker_alive = self._thread is not None and self._thread.is_alive()  # before draining
         while True:
             try:
                 token, kind, payload = self._queue.get_nowait()
@@ -194,6 +210,11 @@ class Watcher:
             except Exception as error:  # a bug must not kill Blender's timer and leave us "busy"
                 self.state.phase = "failed"
                 self.state.error = f"Unexpected error while {kind}: {type(error).__name__}: {error}"
+        if self.busy and not worker_alive:
+            # Every message the worker posted has been applied, and it still looks busy:
+            # nothing will ever move it on, so never wait for a thread that is gone.
+            self.state.error = "The job's worker stopped without a result; press Generate to try again"
+            self._detach("failed", "Failed")
         if self.changed:
             self.changed = False
             _redraw()
@@ -205,23 +226,23 @@ class Watcher:
         state = self.state
         self.changed = True
         if kind == "phase":
-            if state.phase != "cancelling":
-                state.phase, state.text = payload
+            state.phase, state.text = payload
         elif kind == "job":
             state.job_id = payload.get("id", state.job_id)
-            if state.phase == "cancelling":
-                return
             text, fraction = describe_progress(payload)
             state.phase = "queued" if payload.get("status") == "queued" else "running"
             state.text, state.fraction = text, fraction
+        elif kind == "previews":
+            state.previews, state.preview_step = payload
         elif kind == "files":
+            state.previews = {}
             state.phase, state.text, state.fraction = "importing", "Importing the planes", 1.0
             state.stack_dir = payload
             self._import(Path(payload))
         elif kind == "failed":
-            state.phase, state.text, state.error = "failed", "Failed", payload
+            state.phase, state.text, state.error, state.previews = "failed", "Failed", payload, {}
         elif kind == "cancelled":
-            state.phase, state.text = "cancelled", "Cancelled"
+            state.phase, state.text, state.previews = "cancelled", "Cancelled", {}
 
     def _import(self, folder: Path) -> None:
         import bpy
@@ -270,10 +291,13 @@ class Watcher:
             job = self._submit(client, plan)
             self._post(token, "job", job)
             job = self._follow(client, server, job, cancel, token)
+            shutil.rmtree(preview_folder(job["id"]), ignore_errors=True)  # the stack has the real images
             status = job.get("status")
-            if status == "succeeded":
+            if cancel.is_set():  # detached by Cancel: the artist no longer wants the files
+                self._post(token, "cancelled")
+            elif status == "succeeded":
                 self._post(token, "phase", ("downloading", "Fetching the layer files"))
-                folder = fetch_stack(client, job, plan.settings, server is not None)
+                folder = fetch_stack(client, job, plan.settings, server is not None, cancel)
                 self._post(token, "files", str(folder))
             elif status == "cancelled":
                 self._post(token, "cancelled")
@@ -324,6 +348,7 @@ class Watcher:
     def _follow(self, client: ServerClient, server, job: dict, cancel: threading.Event, token: str) -> dict:
         job_id = job["id"]
         version = -1
+        seen_previews = 0
         cancel_sent_at = None
         failures = 0
         while job.get("status") not in ("succeeded", "failed", "cancelled"):
@@ -348,7 +373,37 @@ class Watcher:
             if job.get("version", 0) != version:
                 version = job.get("version", 0)
                 self._post(token, "job", job)
+                seen_previews = self._fetch_previews(client, job, seen_previews, token)
         return job
+
+    def _fetch_previews(self, client: ServerClient, job: dict, seen: int, token: str) -> int:
+        """Download a running job's new live previews (small PNGs) into a scratch folder and
+        hand their paths to the panel; returns the preview version now shown. A failed fetch
+        only skips this refresh."""
+        previews = job.get("previews") or {}
+        if not previews or previews.get("version", 0) == seen or job.get("status") != "running":
+            return seen
+        folder = preview_folder(job["id"])
+        paths = {}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in sorted(previews.get("layers") or (), key=lambda n: (n == "blended", n != "background", n)):
+                if safe_folder_name(name) != name:
+                    continue  # never a path from the server
+                path = folder / f"{name}-{previews['version']}.png"
+                path.write_bytes(client.preview(job["id"], name))
+                paths[name] = str(path)
+        except (ServerError, OSError):
+            return seen
+        self._post(token, "previews", (paths, int(previews.get("step") or 0)))
+        return previews["version"]
+
+
+def preview_folder(job_id: str) -> Path:
+    """Where a job's live previews are kept while it runs (a scratch folder, never a stack)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "multiplane-previews" / safe_folder_name(job_id)
 
 
 def _submit_edit(submit, source: str, plan: JobPlan, what: str, verb: str, instead: str) -> dict:
@@ -368,10 +423,12 @@ def _submit_edit(submit, source: str, plan: JobPlan, what: str, verb: str, inste
         raise
 
 
-def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
+def fetch_stack(client: ServerClient, job: dict, settings, local: bool,
+                cancelled: Optional[threading.Event] = None) -> Path:
     """Copy (local server: straight from its output root) or download the job's files into
     the add-on's own stacks folder, as the engine wrote them: the artist's depths and the
-    stack's name travelled in the request, so nothing is patched in here."""
+    stack's name travelled in the request, so nothing is patched in here. Cancel stops
+    between files and leaves no folder behind (ServerError "cancelled")."""
     stack = job.get("stack") or {}
     name = stack.get("name") or "Multiplane stack"
     files = list(stack.get("files") or [])
@@ -383,12 +440,16 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
     partial.mkdir(parents=True)
     source = Path(stack.get("path") or "")
     for file_name in files:
+        if cancelled is not None and cancelled.is_set():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ServerError("cancelled while fetching the layer files")
         if Path(file_name).name != file_name:
             raise ServerError(f"the server listed an unsafe file name {file_name!r}")
         if local and (source / file_name).is_file():
             shutil.copyfile(source / file_name, partial / file_name)
         else:
             client.download_file(job["id"], file_name, partial / file_name)
+    library.write_job_record(partial, job["id"], server_identity(settings))  # regenerate from any .blend
     shutil.rmtree(destination, ignore_errors=True)
     partial.replace(destination)
     return destination
@@ -397,6 +458,9 @@ def fetch_stack(client: ServerClient, job: dict, settings, local: bool) -> Path:
 def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     """Remember a generated stack on the scene (newest first in the panel)."""
     history = scene.multiplane.history
+    for index in reversed(range(len(history))):  # the same folder again (the library listed it)
+        if history[index].path == str(folder):
+            history.remove(index)
     item = history.add()
     item.path = str(folder)
     item.job_id = job_id
@@ -404,16 +468,10 @@ def add_history(scene, folder: Path, fields: dict, job_id: str) -> None:
     for key, value in fields.items():
         if hasattr(item, key):
             setattr(item, key, value)
-    if not item.name:
-        item.name = folder.name
     try:
-        layers = read_stack(folder, check_images=False).layers
+        library.fill_history_item(item, library.entry_for(folder))
     except StackReadError:  # just imported, so not expected: the item then lists no layers
-        layers = ()
-    for layer in layers:
-        entry = item.layers.add()
-        entry.name = layer.name
-        entry.prompt = layer.prompt[:limits.MAX_PROMPT_CHARS]
+        item.name = item.name or folder.name
     history.move(len(history) - 1, 0)
     scene.multiplane.history_index = 0
 
@@ -460,4 +518,4 @@ def unregister() -> None:
         bpy.app.timers.unregister(tick)
     watcher.stop()
     installer.cancel_current_install()
-    backend.stop_all()
+    backend.stop_all_in_background()  # disabling must not hold Blender while processes exit

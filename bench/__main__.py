@@ -23,6 +23,8 @@ BENCHMARKS = (
     "bench.server_limits",
     "bench.import_stack",
     "bench.watcher_tick",
+    "bench.previews",
+    "bench.addon_disable",
 )
 
 

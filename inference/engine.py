@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .previews import use_family
 from .progress import CancelToken, Progress, ProgressCallback, ignore_progress
 from .request import StackRequest
 
@@ -198,6 +199,7 @@ class Engine:
         with self.lock:
             t0 = time.perf_counter()
             loaded = self.load(model, progress, cancel)
+            use_family(loaded.family)  # the live previews' latent → RGB map
             t_load = time.perf_counter() - t0
             cancel.raise_if_cancelled()
             result = make_layers(loaded, progress, cancel)

@@ -20,6 +20,7 @@ from .errors import Cancelled
 from .families import AttentionSetup, layered_family
 from .layered_attention import AttentionCapture, KVComposite
 from .masks import box_mask, confine, latent_alpha_over, latent_alpha_proxy, minmax
+from .previews import offer_preview
 from .progress import CancelToken, Progress, ProgressCallback
 from .request import StackRequest
 from .sampling import scale_latents, vae_scale_factor
@@ -253,6 +254,7 @@ class LayeredSampler:
                 self._confine_foregrounds(i, target)
                 self._place_in_blend(i, target)
                 latents = self._move_to_target(out.prev_sample, target - x0, t_next)
+                offer_preview(opt.step_offset + i + 1, total, x0, self.roles, self.empty)  # 5b. live preview
                 progress(Progress(phase="denoise", step=opt.step_offset + i + 1, total=total, layer=None,
                                   layers=layers))
         if cancel.cancelled:

@@ -5,11 +5,14 @@ pixels the same way (same noise, same upcasting, same clipping).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
 from .errors import Cancelled
 from .memory_model import tiled_decode_when_short
+from .previews import layer_preview_name, offer_preview
 from .progress import CancelToken, Progress, ProgressCallback
 
 
@@ -37,16 +40,21 @@ def job_pipeline(pipeline):
 
 def denoise(pipe, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
             guidance: float, noise: torch.Tensor, progress: ProgressCallback,
-            cancel: CancelToken, layer: int, layers: int) -> torch.Tensor:
+            cancel: CancelToken, layer: int, layers: int,
+            empty: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the pipeline's sampler to the final latent (scaled, as the UNet sees it).
 
     Cancel is checked after every step and raises out of the sampler, so a cancelled job
-    stops within one step and never reaches the VAE.
+    stops within one step and never reaches the VAE. Live previews (previews.py) show the
+    current latent (the pipeline keeps its clean estimate to itself: noisier early on);
+    `empty`, a transparent pixel's latent, lets a foreground's preview estimate its alpha.
     """
+    role = "background" if layer == 0 else "foreground"
 
     def on_step_end(_pipe, step, _timestep, kwargs):
         if cancel.cancelled:
             raise Cancelled(cancel.reason)
+        offer_preview(step + 1, steps, kwargs["latents"], [role], empty, [layer_preview_name(layer)])
         progress(Progress(phase="denoise", step=step + 1, total=steps, layer=layer, layers=layers))
         return kwargs
 

@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from inference.errors import StackFormatError
 from inference.models import preset_names
+from inference.previews import PreviewCollector, collect_previews
 from inference.progress import CancelToken, Progress, WorkPlan
 from inference.request import StackRequest, extension_plan, validate_layer_edit, validate_layer_index
 from inference.stack import IMPORTED_METHOD, cleanup_temp, list_stacks
@@ -32,8 +33,8 @@ from inference.stack import IMPORTED_METHOD, cleanup_temp, list_stacks
 from .errors import Conflict, NotFound, QueueFull, ShuttingDown
 from .journal import JobJournal, interrupted
 from .progress import download_fraction, eta_seconds, is_work, overall_fraction
-from .schemas import (TERMINAL_STATES, ExtendIn, ImportIn, JobCreate, JobOut, ProgressOut, RegenerateIn,
-                      StackOut, layered_path_problem, model_path_problem)
+from .schemas import (TERMINAL_STATES, ExtendIn, ImportIn, JobCreate, JobOut, PreviewsOut, ProgressOut,
+                      RegenerateIn, StackOut, layered_path_problem, model_path_problem)
 from .stacks import delete_stack, foreground_count, read_stack, stack_created, stack_files
 from .worker import Lane, Worker, download_model, failure, generate_stack, generation_plan, is_out_of_memory
 
@@ -81,6 +82,10 @@ class Job:
     restored_request: Optional[dict] = None  # the request of a job read back from the journal
     device: Optional[str] = None  # the device of the worker that runs (ran) it
     warnings: list[str] = field(default_factory=list)  # import: what the file could not carry over
+    # live previews while it runs: {name: PNG} (inference/previews.py), and their step/version
+    previews: dict = field(default_factory=dict)
+    preview_step: int = 0
+    preview_version: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -118,8 +123,11 @@ class Job:
         stack = None
         if self.status == "succeeded" and self.stack_dir is not None:
             stack = StackOut(name=self.stack_name or self.id, path=str(self.stack_dir), files=list(self.files))
+        previews = None
+        if self.previews and not self.terminal:
+            previews = PreviewsOut(step=self.preview_step, version=self.preview_version, layers=sorted(self.previews))
         return JobOut(id=self.id, kind=self.kind, status=self.status, position=self.position, model=self.model,
-                      progress=progress, error=self.error,
+                      progress=progress, error=self.error, previews=previews,
                       cancel_requested=self.cancel.cancelled and not self.terminal,
                       created=iso_time(self.created), started=iso_time(self.started),
                       finished=iso_time(self.finished), stack=stack,
@@ -499,13 +507,33 @@ class JobManager:
                 self._changed(job)
         return on_progress
 
+    def _preview_collector(self, job: Job) -> PreviewCollector:
+        """Keeps the latest preview of each layer on the job (shown while it runs)."""
+        def publish(step: int, _total: int, pngs: dict) -> None:
+            with self._lock:
+                job.previews = {**job.previews, **pngs}
+                job.preview_step, job.preview_version = step, job.preview_version + 1
+                self._changed(job)
+        return PreviewCollector(publish)
+
+    def preview_png(self, job_id: str, name: str) -> bytes:
+        """The latest live preview of one layer of a running job; NotFound otherwise."""
+        with self._lock:
+            job = self._job(job_id)
+            png = job.previews.get(name) if not job.terminal else None
+        if png is None:
+            raise NotFound(f"job {job_id} has no live preview {name!r} (previews exist while it runs: "
+                           f"see its 'previews' field)")
+        return png
+
     def _run_generate(self, job: Job, worker: Worker) -> None:
         if not self._start(job, self._generate, worker):
             return
         try:
             plan: WorkPlan = generation_plan(job, self.output_root)
             progress = self._progress_callback(job, functools.partial(overall_fraction, plan))
-            out_dir = generate_stack(worker.engine, job, self.output_root, progress)
+            with collect_previews(self._preview_collector(job)):
+                out_dir = generate_stack(worker.engine, job, self.output_root, progress)
             written = read_stack(out_dir)
             name, files = written.name or out_dir.name, stack_files(written)
             foregrounds = foreground_count(written)
@@ -556,6 +584,7 @@ class JobManager:
         job.error = error
         job.finished = time.time()
         job.position = None
+        job.previews = {}  # live previews end with the job (the stack has the real images)
         if status != "succeeded":
             job.eta_seconds = None
         self._changed(job)

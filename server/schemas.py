@@ -375,6 +375,15 @@ class StackOut(BaseModel):
     files: list[str]
 
 
+class PreviewsOut(BaseModel):
+    """Live previews of a running job: GET .../previews/{name} serves each as a small PNG
+    (latent resolution, a cheap latent → RGB map; foregrounds over a checkerboard)."""
+
+    step: int = Field(description="the denoising step they show (of the progress' total)")
+    version: int = Field(description="bumped whenever any preview changes")
+    layers: list[str] = Field(description="names: background, layer_01…, blended")
+
+
 class JobOut(BaseModel):
     id: str
     kind: JobKind
@@ -390,6 +399,7 @@ class JobOut(BaseModel):
     started: Optional[str] = None
     finished: Optional[str] = None
     stack: Optional[StackOut] = None
+    previews: Optional[PreviewsOut] = Field(default=None, description="while it runs, once the first exists")
     request: Optional[dict] = Field(default=None, description="the submitted body (generate jobs)")
     device: Optional[str] = Field(default=None, description="the device that runs (ran) it; null "
                                                             "until it starts, and for downloads")

@@ -131,6 +131,21 @@ def test_no_ready_line_times_out(tmp_path):
     server.stop()
 
 
+def test_stopping_in_the_background_never_waits_for_a_stubborn_server(tmp_path):
+    """Disabling the add-on runs on Blender's UI thread: it hands the waiting to a thread.
+    This server ignores stdin EOF and SIGTERM, so only the kill after the grace ends it."""
+    python = _fake_python(tmp_path, "trap '' TERM\n"
+                                    'echo \'{"event": "ready", "url": "http://127.0.0.1:9"}\'\n'
+                                    "exec sleep 60")
+    server = backend.ManagedServer(python, log_path=tmp_path / "server.log")
+    server.start()
+    server.wait_ready(20)
+    thread = backend.stop_all_in_background()
+    assert server._proc.poll() is None and server.poll() == "stopped"  # returned without waiting
+    thread.join(30)
+    assert server._proc.poll() is not None and server not in backend._running
+
+
 def test_find_python_prefers_the_checkout_venv(tmp_path):
     assert backend.find_python(tmp_path / "managed") == REPO / ".venv" / "bin" / "python"
 
@@ -233,6 +248,19 @@ def test_install_cancel_and_failure(tmp_path):
     assert job.wait(30)
     assert job.error.startswith("Installing torch failed (exit code 1): ERROR: No matching distribution")
     assert str(tmp_path / "install.log") in job.error
+
+
+def test_install_cancel_returns_at_once_and_kills_a_stubborn_step(tmp_path):
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('Collecting x', flush=True); time.sleep(60)")
+    job = installer.start_install(tmp_path / "venv", online_access=True, steps=[("Stubborn", _step(code))])
+    deadline = time.monotonic() + 10
+    while "collecting x" not in job.status and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    assert job._proc.poll() is None and job.cancelled  # the caller was not held
+    assert job.wait(30) and job.status == "cancelled"
+    assert job._proc.poll() is not None
 
 
 def test_install_steps_follow_the_makefile(tmp_path):

@@ -101,8 +101,14 @@ def test_end_to_end_with_sse_and_downloadable_stack(server, tmp_path):
     assert fractions[-1] == 1.0
     phases = [e["progress"]["phase"] for e in events]
     assert {"denoise", "decode", "save"} <= set(phases)
-    denoise_steps = [(e["progress"]["layer"], e["progress"]["step"]) for e in events
-                     if e["progress"]["phase"] == "denoise"]
+    denoise_events = [e for e in events if e["progress"]["phase"] == "denoise"]
+    denoise_steps = [(e["progress"]["layer"], e["progress"]["step"]) for e in denoise_events]
+    for before, after in zip(denoise_events, denoise_events[1:]):
+        if (before["progress"]["layer"], before["progress"]["step"]) == (after["progress"]["layer"],
+                                                                         after["progress"]["step"]):
+            # a live-preview refresh is a change too: the same step, new previews
+            assert after["previews"] and after["previews"] != before["previews"], (before, after)
+    denoise_steps = [step for i, step in enumerate(denoise_steps) if i == 0 or step != denoise_steps[i - 1]]
     # The stream starts with the snapshot current when it connects (a warm tiny model may be
     # past its first step by then), then carries one event per change.
     expected = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from ..layered_sampler import empty_latent
+from ..previews import collecting
 from ..progress import CancelToken, Progress, ProgressCallback
 from ..prompts import combine_prompts, layer_seeds
 from ..request import StackRequest
@@ -41,6 +43,8 @@ def generate_independent(loaded, request: StackRequest, *, progress: ProgressCal
     timings["decode"] += time.perf_counter() - t
 
     foregrounds = []
+    # A transparent pixel's latent, for the live previews' alpha estimate (encoded once per VAE).
+    empty = empty_latent(loaded, vae) if collecting() and request.layers else None
     for i, layer in enumerate(request.layers, start=1):
         cancel.raise_if_cancelled()
         t = time.perf_counter()
@@ -48,7 +52,7 @@ def generate_independent(loaded, request: StackRequest, *, progress: ProgressCal
             latents = denoise(pipe, prompt=combine_prompts(layer.prompt, request.prompt),
                               noise=initial_noise(seeds[i], vae, unet, request.width, request.height,
                                                   device, dtype),
-                              layer=i, **common)
+                              layer=i, empty=empty, **common)
         timings["denoise"] += time.perf_counter() - t
         t = time.perf_counter()
         foregrounds.append(decode_foreground(loaded, vae, latents, request.tta_passes, progress,

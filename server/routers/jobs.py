@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Path as PathParam, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from ..events import SnapshotQueue, status_stream
 from ..jobs import JobManager
@@ -91,6 +91,14 @@ def get_file(job_id: str, name: str = PathParam(max_length=255),
     """A file the job's stack.json lists (stack.json itself included); 404 otherwise."""
     path = manager.file_path(job_id, name)
     return FileResponse(path, media_type=media_type(path.name), filename=path.name)
+
+
+@router.get("/{job_id}/previews/{name}",
+            responses={**NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "the preview"}})
+def get_preview(job_id: str, name: str = PathParam(max_length=64),
+                manager: JobManager = Depends(get_manager)) -> Response:
+    """The latest live preview of one layer of a running job (names in its `previews`)."""
+    return Response(manager.preview_png(job_id, name), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 def media_type(name: str) -> str:
