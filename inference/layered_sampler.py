@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .clean_estimate import predicted_clean
 from .errors import Cancelled
 from .families import AttentionSetup, layered_family
 from .layered_attention import AttentionCapture, KVComposite
@@ -142,18 +143,6 @@ def clean_coefficient(scheduler, t_next, like: torch.Tensor) -> torch.Tensor:
         return torch.ones((), device=like.device, dtype=like.dtype)
     ones = torch.ones(1, 1, 1, 1, device=like.device, dtype=like.dtype)
     return scheduler.add_noise(ones, torch.zeros_like(ones), t_next.reshape(1)).reshape(())
-
-
-def predicted_clean(scheduler, step_output, model_input: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """x̂0 from the step output, or from ᾱ_t for schedulers that do not report it."""
-    x0 = getattr(step_output, "pred_original_sample", None)
-    if x0 is not None:
-        return x0
-    alpha = scheduler.alphas_cumprod.to(model_input.device)[int(round(float(t)))].to(model_input.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "v_prediction":
-        return alpha.sqrt() * model_input - (1 - alpha).sqrt() * eps
-    return (model_input - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 
 
 def pack_chunks(units: Sequence[Sequence[int]], max_rows: int) -> list[list[int]]:

@@ -1,11 +1,12 @@
 """Live previews: a cheap picture of each layer while it is being denoised.
 
 Every few steps the samplers offer their current clean estimate x̂0 (UNet latents) through
-`offer_preview()`, which does nothing unless a collector is installed for the running job
-with `collect_previews()` (the server does so per job). No VAE runs: a fixed linear map
-takes the 4 latent channels to RGB (the approximation preview tools use for SD-family
-latents), and a foreground's alpha is estimated from how far each latent pixel is from the
-latent of a fully transparent pixel. The collector gets small PNGs (latent resolution,
+`offer_preview()` (the layered sampler from its own steps, the independent method's pipeline
+through a `clean_estimate.CleanEstimateScheduler`), which does nothing unless a collector
+is installed for the running job with `collect_previews()` (the server does so per job).
+No VAE runs: a fixed linear map takes the 4 latent channels to RGB (the approximation
+preview tools use for SD-family latents), and a foreground's alpha is estimated from how
+far each latent pixel is from the latent of a fully transparent pixel. The collector gets small PNGs (latent resolution,
 1/8 of the image) per layer: the background, each foreground over a checkerboard, and the
 blended image (the sampler's own blended row where the method has one, else the previews
 composited). Cost: a few small tensor ops and PNG encodes per refresh (bench/previews.py).

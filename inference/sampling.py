@@ -10,9 +10,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .clean_estimate import CleanEstimateScheduler
 from .errors import Cancelled
 from .memory_model import tiled_decode_when_short
-from .previews import layer_preview_name, offer_preview
+from .previews import collecting, layer_preview_name, offer_preview
 from .progress import CancelToken, Progress, ProgressCallback
 
 
@@ -46,22 +47,31 @@ def denoise(pipe, *, prompt: str, negative_prompt: str, width: int, height: int,
 
     Cancel is checked after every step and raises out of the sampler, so a cancelled job
     stops within one step and never reaches the VAE. Live previews (previews.py) show the
-    current latent (the pipeline keeps its clean estimate to itself: noisier early on);
-    `empty`, a transparent pixel's latent, lets a foreground's preview estimate its alpha.
+    current clean estimate x̂0: while previews are collected the pipeline runs with a
+    `CleanEstimateScheduler` that keeps it; `empty`, a transparent pixel's latent, lets a
+    foreground's preview estimate its alpha.
     """
     role = "background" if layer == 0 else "foreground"
+    scheduler = pipe.scheduler
+    estimate = CleanEstimateScheduler(scheduler) if collecting() else None
 
     def on_step_end(_pipe, step, _timestep, kwargs):
         if cancel.cancelled:
             raise Cancelled(cancel.reason)
-        offer_preview(step + 1, steps, kwargs["latents"], [role], empty, [layer_preview_name(layer)])
+        if estimate is not None:
+            offer_preview(step + 1, steps, estimate.clean, [role], empty, [layer_preview_name(layer)])
         progress(Progress(phase="denoise", step=step + 1, total=steps, layer=layer, layers=layers))
         return kwargs
 
     progress(Progress(phase="denoise", step=0, total=steps, layer=layer, layers=layers))
-    out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, width=width, height=height,
-               num_inference_steps=steps, guidance_scale=guidance, latents=noise,
-               output_type="latent", callback_on_step_end=on_step_end, return_dict=False)
+    if estimate is not None:
+        pipe.scheduler = estimate
+    try:
+        out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, width=width, height=height,
+                   num_inference_steps=steps, guidance_scale=guidance, latents=noise,
+                   output_type="latent", callback_on_step_end=on_step_end, return_dict=False)
+    finally:
+        pipe.scheduler = scheduler
     return out[0]
 
 

@@ -136,3 +136,33 @@ def test_a_running_job_serves_its_previews_then_drops_them(engine, tmp_path):
         assert after.status_code == 404
     finally:
         api.close()
+
+
+def test_independent_previews_show_the_clean_estimate_not_the_noisy_latent(engine, monkeypatch):
+    """The pipeline path offers x̂0: solved independently from two Euler latents
+    (x_next = x + (σ_next − σ)(x − x̂0)/σ), it differs clearly from the noisy latent."""
+    from inference import sampling
+    from inference.progress import CancelToken
+
+    loaded = engine._loaded
+    pipe = sampling.job_pipeline(loaded.pipeline)
+    noise = sampling.initial_noise(3, pipe.vae, pipe.unet, 256, 256, loaded.device, pipe.unet.dtype)
+    offered = []
+    monkeypatch.setattr(previews, "preview_pngs", lambda x0, *a, **k: offered.append(x0.clone()) or {})
+    args = dict(prompt="hills", negative_prompt="", width=256, height=256, steps=4, guidance=5.0)
+    with collect_previews(PreviewCollector(lambda *a: None, refreshes=4)):
+        sampling.denoise(pipe, noise=noise.clone(), progress=lambda p: None, cancel=CancelToken(),
+                         layer=0, layers=1, **args)
+    assert pipe.scheduler.__class__.__name__ == "EulerDiscreteScheduler"  # the real one is back
+
+    latents = []  # the same run through the plain pipeline, keeping each step's latent
+    pipe(prompt=args["prompt"], width=256, height=256, num_inference_steps=4, guidance_scale=5.0,
+         latents=noise.clone(), output_type="latent", return_dict=False,
+         callback_on_step_end=lambda _p, _i, _t, kw: latents.append(kw["latents"].clone()) or kw)
+    sigma, sigma_next = pipe.scheduler.sigmas[0], pipe.scheduler.sigmas[1]
+    start = noise * pipe.scheduler.init_noise_sigma
+    clean = start - sigma * (latents[0] - start) / (sigma_next - sigma)
+    assert len(offered) == 4
+    error = (offered[0] - clean).abs().max()
+    assert error < 1e-3 * clean.abs().max()
+    assert (latents[0] - clean).abs().max() > 100 * error  # the old preview: the noisy latent
