@@ -29,6 +29,7 @@ class EngineSettings:
     vae_tiling: bool = False
     max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
     dtype: Optional[str] = None  # "float32", "bfloat16", "float16"; None = the device's default
+    compile: bool = False  # torch.compile the UNet's attention-free blocks (inference/compilation.py)
 
     def __post_init__(self):
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
@@ -38,6 +39,10 @@ class EngineSettings:
             raise InvalidRequest("max_batch", f"must be a positive integer (UNet rows per call), "
                                               f"got {self.max_batch!r}; leave it unset to size chunks "
                                               "from the free memory")
+        if not isinstance(self.compile, bool):
+            from .errors import InvalidRequest
+
+            raise InvalidRequest("compile", f"must be true or false, got {self.compile!r}")
 
 
 def quiet_libraries() -> None:
@@ -61,6 +66,10 @@ class Engine:
         # Held while a job uses the warm model: generate here, edits in methods/editing.py.
         self.lock = threading.Lock()
         self._device = None
+        if self.settings.compile:  # fail at start-up, not at the first job's first step
+            from .compilation import check_compile_support
+
+            check_compile_support(self.device)
 
     # -- models -------------------------------------------------------------------------
     @property
@@ -94,6 +103,10 @@ class Engine:
         self._loaded = load_model(resolved, self.device, run_dtype(self.device, self.settings.dtype),
                                   offload=self.settings.offload, vae_tiling=self.settings.vae_tiling)
         self._loaded.max_batch = self.settings.max_batch
+        if self.settings.compile:
+            from .compilation import compile_loaded_unet
+
+            compile_loaded_unet(self._loaded.pipeline.unet, self.device, progress)
         self._loaded_spec = model
         return self._loaded
 

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                        help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet's attention-free blocks (slower first load; see the README)")
     return parser
 
 
@@ -131,6 +133,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                  "float32 on the CPU; bfloat16 halves CPU memory)")
     p.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet's attention-free blocks (slower first load; see the README)")
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--exr", action="store_true",
@@ -242,7 +246,8 @@ def cmd_generate(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
-                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype))
+                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype,
+                                   compile=args.compile))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:
@@ -329,7 +334,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                       retention=args.retention, engine_factory=engine_factory,
                       allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
                       tls_key=args.tls_key, devices=args.devices,
-                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
+                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype,
+                                          compile=args.compile)) or EXIT_OK
     exit_process(code)
     return code
 
