@@ -2,7 +2,7 @@
 
 On this CPU with the tiny model (256², one UNet call of 8 rows, fastest of 5 interleaved
 runs): SDPA processors vs diffusers' explicit-softmax ones, channels-last vs contiguous
-UNet, bfloat16 vs float32; at SDXL 1024² from the memory model: the activation peak of one
+UNet, bfloat16 vs float32, `--compile` (its warm-up, then compiled vs eager); at SDXL 1024² from the memory model: the activation peak of one
 UNet row with explicit-softmax attention vs SDPA (the T×T scores it materializes); TTA
 passes from the FLOP model (bench.real_size_flops) and on the tiny decoder; and the latency
 from `generate` to the first progress event and to the first finished step, with the
@@ -29,15 +29,21 @@ def _fastest(samples: dict[str, list[float]]) -> dict[str, float]:
     return {k: min(v) for k, v in samples.items()}
 
 
-def unet_levers(engine) -> dict:
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
+def unet_inputs(unet) -> dict:
+    """Zeros for one UNet call of ROWS rows at a 32×32 latent (256²)."""
     from inference.memory_model import unet_meta_inputs
 
-    unet = engine.load("tiny").pipeline.unet
     inputs = {k: ({n: torch.zeros(t.shape) for n, t in v.items()} if isinstance(v, dict) else torch.zeros(v.shape))
               for k, v in unet_meta_inputs(unet.config, ROWS, (32, 32), torch.float32).items()}
     inputs["timestep"] = torch.tensor(500)
+    return inputs
+
+
+def unet_levers(engine) -> dict:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet = engine.load("tiny").pipeline.unet
+    inputs = unet_inputs(unet)
     bf16 = {k: ({n: t.bfloat16() for n, t in v.items()} if isinstance(v, dict) else
                 (v.bfloat16() if v.is_floating_point() else v)) for k, v in inputs.items()}
 
@@ -61,6 +67,48 @@ def unet_levers(engine) -> dict:
             "explicit_softmax_over_sdpa": round(best["explicit_softmax"] / best["sdpa"], 3),
             "channels_last_over_contiguous_cpu": round(best["channels_last"] / best["sdpa"], 3),
             "bf16_over_fp32_cpu": round(best["bfloat16"] / best["sdpa"], 3)}
+
+
+def compile_lever(engine) -> dict:
+    """`--compile` (inference.compilation) against eager on one tiny UNet call of ROWS rows:
+    the warm-up at load (cold: an empty inductor cache; cached: what a later process pays,
+    dynamo tracing again but inductor's compiled code read from its disk cache) and the
+    steady-state call, fastest of 5 interleaved."""
+    import os
+
+    import torch._dynamo
+
+    from inference.compilation import compile_unet_blocks, warm_up
+
+    unet = engine.load("tiny").pipeline.unet
+    inputs = unet_inputs(unet)
+    warm_ups = {}
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            for name in ("cold", "cached"):
+                torch._dynamo.reset()  # a new process: no graphs in memory
+                compiled = copy.deepcopy(unet)
+                compile_unet_blocks(compiled)
+                warm_ups[name] = round(warm_up(compiled, "cpu"), 2)
+            variants = {"eager": _call(unet, inputs), "compiled": _call(compiled, inputs)}
+            for fn in variants.values():
+                fn()
+            best = _fastest(alternate(variants, 5))
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            if previous is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    return {"warm_up_seconds": warm_ups, "tiny_unet_call_seconds": {k: round(v, 4) for k, v in best.items()},
+            "compiled_over_eager_cpu": round(best["compiled"] / best["eager"], 3)}
+
+
+def _call(unet, inputs):
+    def run():
+        with torch.inference_mode():
+            unet(**inputs)
+    return run
 
 
 def sdxl_attention_memory() -> dict:
@@ -126,11 +174,12 @@ def first_progress(engine) -> dict:
 def run() -> dict:
     engine = tiny_engine()
     return {"shape": f"tiny model, CPU, 256², UNet call of {ROWS} rows; SDXL 1024² from the memory model",
-            "unet": unet_levers(engine), "attention_memory": sdxl_attention_memory(), "tta": tta_levers(engine),
+            "unet": unet_levers(engine), "compile": compile_lever(engine), "attention_memory": sdxl_attention_memory(), "tta": tta_levers(engine),
             "first_progress": first_progress(engine),
             "kept": "SDPA everywhere (our processors and diffusers' default); channels-last for the "
                     "transparent decoder on CPU/CUDA; float32 on the CPU by default, bfloat16 by --dtype; "
-                    "TTA 8 default (about 1 % of the FLOPs at SDXL 1024²)"}
+                    "TTA 8 default (about 1 % of the FLOPs at SDXL 1024²); --compile off by default (no gain "
+                    "on this CPU for a minute of warm-up; on CUDA see bench.gpu)"}
 
 
 if __name__ == "__main__":
