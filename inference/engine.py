@@ -66,6 +66,7 @@ class Engine:
         # Held while a job uses the warm model: generate here, edits in methods/editing.py.
         self.lock = threading.Lock()
         self._device = None
+        self.compile_seconds: Optional[float] = None  # the last load's compile warm-up (--compile)
         if self.settings.compile:  # fail at start-up, not at the first job's first step
             from .compilation import check_compile_support
 
@@ -106,7 +107,7 @@ class Engine:
         if self.settings.compile:
             from .compilation import compile_loaded_unet
 
-            compile_loaded_unet(self._loaded.pipeline.unet, self.device, progress)
+            self.compile_seconds = compile_loaded_unet(self._loaded.pipeline.unet, self.device, progress)
         self._loaded_spec = model
         return self._loaded
 
