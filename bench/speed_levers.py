@@ -30,11 +30,10 @@ def _fastest(samples: dict[str, list[float]]) -> dict[str, float]:
 
 
 def unet_inputs(unet) -> dict:
-    """Zeros for one UNet call of ROWS rows at a 32×32 latent (256²)."""
-    from inference.memory_model import unet_meta_inputs
+    """Zeros for one UNet call of ROWS rows at a 32×32 latent (256²), at timestep 500."""
+    from inference.compilation import zero_inputs
 
-    inputs = {k: ({n: torch.zeros(t.shape) for n, t in v.items()} if isinstance(v, dict) else torch.zeros(v.shape))
-              for k, v in unet_meta_inputs(unet.config, ROWS, (32, 32), torch.float32).items()}
+    inputs = zero_inputs(unet, ROWS, (32, 32), "cpu")
     inputs["timestep"] = torch.tensor(500)
     return inputs
 

@@ -92,15 +92,20 @@ def compile_unet_blocks(unet: nn.Module, backend: str = "inductor") -> int:
     return len(blocks)
 
 
+def zero_inputs(unet: nn.Module, rows: int, latent_size: tuple[int, int], device) -> dict:
+    """Zeros for one call of `unet` on `rows` rows (SDXL's added conditioning too), in its dtype."""
+    from .memory_model import unet_meta_inputs
+
+    meta = unet_meta_inputs(unet.config, rows, latent_size, unet.dtype)
+    return {k: ({n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in v.items()}
+                if isinstance(v, dict) else torch.zeros(v.shape, dtype=v.dtype, device=device))
+            for k, v in meta.items()}
+
+
 def warm_up(unet: nn.Module, device, latent_size: tuple[int, int] = (16, 16)) -> float:
     """One UNet call on 2 rows of zeros (under inference mode, like the samplers), so the
     first job's first step does not pay for compiling; returns its seconds."""
-    from .memory_model import unet_meta_inputs
-
-    meta = unet_meta_inputs(unet.config, 2, latent_size, unet.dtype)
-    inputs = {k: ({n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in v.items()}
-                  if isinstance(v, dict) else torch.zeros(v.shape, dtype=v.dtype, device=device))
-              for k, v in meta.items()}
+    inputs = zero_inputs(unet, 2, latent_size, device)
     t = time.perf_counter()
     with torch.inference_mode():
         unet(**inputs)
