@@ -6,9 +6,9 @@ would be recompiled per job and per chunk. The repeated compute that holds no st
 residual blocks, the transformer blocks' feed-forwards, the up/down-samplers — is compiled in
 place (`module.compile`: the module object and its parameters stay, so the transparency patch,
 offload hooks and wrappers around these modules keep working); attention stays eager. Shapes
-are symbolic (`dynamic=True`, no duck sizing, size 1 not specialized), so another batch size,
+are symbolic (`dynamic=True`, no duck sizing, size-oblivious batches), so another batch size,
 chunk size or canvas reuses the compiled code: one graph per block configuration (channel
-counts), compiled by `warm_up` once per loaded model. Design notes: docs/methods.md.
+counts; a batch of 1 apart), compiled by `warm_up` once per loaded model. Design notes: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -103,12 +103,15 @@ def zero_inputs(unet: nn.Module, rows: int, latent_size: tuple[int, int], device
 
 
 def warm_up(unet: nn.Module, device, latent_size: tuple[int, int] = (16, 16)) -> float:
-    """One UNet call on 2 rows of zeros (under inference mode, like the samplers), so the
-    first job's first step does not pay for compiling; returns its seconds."""
-    inputs = zero_inputs(unet, 2, latent_size, device)
+    """UNet calls on 2 rows and on 1 row of zeros (under inference mode, like the samplers),
+    so the first job's first step does not pay for compiling; returns their seconds. Both
+    batch sizes: a batch of 1 gets graphs of its own (size 1 broadcasts), and it is the
+    common case on GPUs, where lean activations run the ResNet blocks row by row."""
     t = time.perf_counter()
-    with torch.inference_mode():
-        unet(**inputs)
+    for rows in (2, 1):
+        inputs = zero_inputs(unet, rows, latent_size, device)
+        with torch.inference_mode():
+            unet(**inputs)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t

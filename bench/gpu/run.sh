@@ -3,8 +3,10 @@
 #   bash bench/gpu/run.sh [--out results.json] [--steps 30] [--size 1024]
 # 1. installs what the machine lacks from bench/gpu/wheels (python -m bench.gpu.fetch_wheels
 #    fills it beforehand), 2. writes a full-size random-weight SDXL (tools/full_size.py) into a
-# temporary Hugging Face cache, 3. runs python -m bench.gpu against it, offline. $PYTHON picks
-# the interpreter (default python3); the cache is deleted on exit.
+# temporary Hugging Face cache, 3. runs python -m bench.gpu against it, offline: the scenarios
+# at 30 steps, then the speed levers (bf16, --compile, lean activations, TTA) at 10 steps
+# (--lever-steps), each row fail-soft, rows past --budget-s skipped; one JSON object on stdout.
+# $PYTHON picks the interpreter (default python3); the cache is deleted on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
