@@ -582,6 +582,7 @@ class LoadedModel:
     dtype: object
     offloaded: bool = False
     max_batch: Optional[int] = None  # rows per UNet call of a layered run; None = what fits
+    lean_activations: str = "auto"  # layered runs' UNet in lean activations (auto | on | off)
     _description: Optional[dict] = None
     _adapters: dict = field(default_factory=dict)
 
@@ -620,6 +621,36 @@ class LoadedModel:
             self._description = {"preset": self.resolved.preset, "base": self.resolved.base_label,
                                  "files": self.resolved.file_hashes()}
         return dict(self._description)
+
+
+HOST = "cpu"  # where model offload parks the transparent decoder and encoder between uses
+_CODEC_USERS: dict[int, int] = {}  # id(loaded) → open codecs_on_device blocks
+
+
+@contextlib.contextmanager
+def codecs_on_device(loaded) -> Iterator[None]:
+    """The transparent decoder and offset encoder of `loaded` on its device for the block.
+
+    Under model offload they wait in host memory while the UNet runs (so an 8 GiB card
+    holds only the UNet, the transparency factors and the activations when denoising) and
+    come over only to decode or encode, then go back; without offload they live on the
+    device and nothing moves. Nested blocks move them once.
+    """
+    parked = [m for m in (loaded.decoder, loaded.encoder) if m is not None] \
+        if getattr(loaded, "offloaded", False) else []
+    depth = _CODEC_USERS.get(id(loaded), 0)
+    if depth == 0:
+        for module in parked:
+            module.to(loaded.device)
+    _CODEC_USERS[id(loaded)] = depth + 1
+    try:
+        yield
+    finally:
+        _CODEC_USERS[id(loaded)] = depth
+        if depth == 0:
+            del _CODEC_USERS[id(loaded)]
+            for module in parked:
+                module.to(HOST)
 
 
 def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
@@ -663,12 +694,14 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     if vae_tiling:
         pipeline.vae.enable_tiling()
 
-    # 3. The transparent decoder and (when the family has one) the offset encoder at its file's scale.
+    # 3. The transparent decoder and (when the family has one) the offset encoder at its file's
+    #    scale; under model offload they wait in host memory (`codecs_on_device`).
+    home = torch.device(HOST) if offloaded else device
     decoder = fast_memory_format(TransparentDecoder.from_single_file(
-        resolved.files["decoder"], dtype=dtype, device=device, **resolved.decoder_config), device)
+        resolved.files["decoder"], dtype=dtype, device=home, **resolved.decoder_config), device)
     encoder = None
     if "encoder" in resolved.files:
-        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,
+        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=home,
                                                       offset_scale=resolved.encoder_offset_scale,
                                                       **resolved.encoder_config)
     return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,

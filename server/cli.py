@@ -41,6 +41,11 @@ def parse_margins(text: str) -> tuple[float, float, float, float]:
     return _four_numbers(text, "margins", "L,T,R,B")
 
 
+LEAN_HELP = ("lean activations in joint/harmonized runs: the UNet's feed-forwards in token pieces and its "
+             "ResNet blocks row by row, the same result in less memory (auto: on GPUs, and on the CPU "
+             "when memory is short)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m server", description="Multiplane inference engine and server")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: PEM private key")
     serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                        help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    serve.add_argument("--lean-activations", default="auto", metavar="auto|on|off", help=LEAN_HELP)
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     return parser
 
@@ -131,6 +137,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                  "float32 on the CPU; bfloat16 halves CPU memory)")
     p.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    p.add_argument("--lean-activations", default="auto", metavar="auto|on|off", help=LEAN_HELP)
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--exr", action="store_true",
@@ -242,7 +249,8 @@ def cmd_generate(args) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
-                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype))
+                                   vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype,
+                                   lean_activations=args.lean_activations))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:
@@ -329,7 +337,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                       retention=args.retention, engine_factory=engine_factory,
                       allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
                       tls_key=args.tls_key, devices=args.devices,
-                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype)) or EXIT_OK
+                      engine_options=dict(max_batch=args.max_batch, dtype=args.dtype,
+                                          lean_activations=args.lean_activations)) or EXIT_OK
     exit_process(code)
     return code
 
