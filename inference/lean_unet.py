@@ -79,12 +79,25 @@ class RowChunked(_Wrapper):
             cut = tree_map(lambda v: v[part] if _is_per_row(v, n) else v, (args, kwargs))
             leaves, spec = tree_flatten(self.inner(hidden_states[part], *cut[0], **cut[1]))
             if outs is None:
-                outs = [t.new_empty((n, *t.shape[1:])) if isinstance(t, torch.Tensor) else t for t in leaves]
-            for out, piece in zip(outs, leaves):
-                if isinstance(piece, torch.Tensor):
+                outs = _assembly_buffers(leaves, n)
+            for i, (out, piece) in enumerate(zip(outs, leaves)):
+                if isinstance(piece, torch.Tensor) and not any(out is o for o in outs[:i]):
                     out[part] = piece
             del leaves
         return tree_unflatten(outs, spec)
+
+
+def _assembly_buffers(leaves: list, rows: int) -> list:
+    """One full-batch buffer per tensor of a piece's result; a tensor returned twice (a down
+    block's hidden states are also its last skip connection) gets one buffer, as unsplit."""
+    buffers: list = []
+    for i, t in enumerate(leaves):
+        first = next((j for j in range(i) if leaves[j] is t), None)
+        if first is not None:
+            buffers.append(buffers[first])
+        else:
+            buffers.append(t.new_empty((rows, *t.shape[1:])) if isinstance(t, torch.Tensor) else t)
+    return buffers
 
 
 class TokenChunked(_Wrapper):

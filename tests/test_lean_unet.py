@@ -12,6 +12,7 @@ from inference.engine import Engine, EngineSettings
 from inference.errors import InvalidRequest
 from inference.lean_unet import RowChunked, TokenChunked, lean_activations, lean_targets
 from tests.test_chunked_unet import BOX, assert_same_layers, request, run_method
+from tests.test_joint import engine, sd15_loaded  # noqa: F401 (fixtures: the tiny SD 1.5 model)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,22 @@ def test_lean_call_equals_plain_call(loaded, family):
     assert set(seen["resnet"]) == {1}  # the original module ran row by row
     assert all(rows * tokens <= 64 for rows, tokens in seen["ff"]) and len(seen["ff"]) > 1
     assert torch.allclose(lean, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_row_chunked_block_returns_what_the_block_returns(loaded):
+    """A plain down block split by rows: the same hidden states and skips, and its hidden
+    states still the very tensor of its last skip (one buffer, as unsplit)."""
+    from diffusers.models.unets.unet_2d_blocks import DownBlock2D
+
+    block = next(m for m in loaded.pipeline.unet.down_blocks if isinstance(m, DownBlock2D))
+    channels = block.resnets[0].in_channels
+    x, temb = torch.randn(3, channels, 16, 16), torch.randn(3, block.resnets[0].time_emb_proj.in_features)
+    with torch.inference_mode():
+        plain_h, plain_skips = block(x, temb)
+        lean_h, lean_skips = RowChunked(block)(x, temb)
+    assert (lean_h is lean_skips[-1]) == (plain_h is plain_skips[-1])
+    assert torch.allclose(lean_h, plain_h, atol=1e-5) and len(lean_skips) == len(plain_skips)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean_skips, plain_skips))
 
 
 def test_lean_restores_the_exact_modules_also_after_an_error(loaded):
@@ -183,6 +200,27 @@ def test_lean_run_equals_plain_run(loaded, method, max_batch):
         assert (set(seen) == {1}) == (lean == "on")
         assert max_batch is None or max(batches) <= max(max_batch, 4)
     assert_same_layers(results["off"], results["on"])
+
+
+@pytest.mark.slow
+def test_sd15_joint_run_with_lean_equals_plain(sd15_loaded):
+    """SD 1.5's frame triples (attention sharing processors) under lean activations."""
+    from inference.methods.joint import generate_joint
+    from inference.progress import CancelToken, ignore_progress
+    from tests.test_joint import request as sd15_request
+
+    runs = {}
+    for lean in ("off", "on"):
+        seen, handle = lean_batches(sd15_loaded.pipeline.unet)
+        try:
+            runs[lean] = generate_joint(SimpleNamespace(**{**vars(sd15_loaded), "lean_activations": lean}),
+                                        sd15_request(steps=2), progress=ignore_progress, cancel=CancelToken())
+        finally:
+            handle.remove()
+        assert (set(seen) == {1}) == (lean == "on")
+    for a, b in [(runs["off"].background, runs["on"].background), (runs["off"].blended, runs["on"].blended),
+                 *zip(runs["off"].foregrounds, runs["on"].foregrounds)]:
+        assert abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_engine_setting_is_checked_and_reaches_the_model(tmp_path):
