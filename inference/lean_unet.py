@@ -1,14 +1,15 @@
 """Lean activations: a UNet call that holds fewer activation bytes at once, with the same result.
 
 At SDXL 1024² the peak of a UNet call sits in work that never mixes batch rows or tokens:
-the GEGLU feed-forward of the 64² transformer blocks (4096 tokens × 10240 features per
-row) and the ResNet blocks of the 128² level (960-channel GroupNorm → SiLU → conv). Both
-are exact to split: a feed-forward acts on each token alone, and `ResnetBlock2D`,
-`Upsample2D`, `Downsample2D` (GroupNorm, convolution, interpolation, the time embedding)
-on each sample alone. `lean_activations(unet)` swaps, for a `with` block, each such module
-in its parent for a small wrapper that calls the ORIGINAL module on slices (about
-`tokens` (row, token) pairs, `rows` rows) and writes the pieces into one output, so only one slice's
-transients are alive at a time. No FLOPs are added (the same operations on smaller
+the GEGLU feed-forwards of the transformer blocks (per row 4096 tokens × 5120 features at
+64², 1024 × 10240 at 32²) and the ResNet blocks of the 128² level (960-channel GroupNorm →
+SiLU → conv). Both are exact to split: a feed-forward acts on each token alone, and
+`ResnetBlock2D`, `Upsample2D`, `Downsample2D` and the blocks made of nothing else
+(`DownBlock2D`, `UpBlock2D`: GroupNorm, convolution, interpolation, the time embedding) on
+each sample alone. `lean_activations(unet)` swaps, for a `with` block, each such module in
+its parent for a small wrapper that calls the ORIGINAL module on slices (about `tokens`
+(row, token) pairs, `rows` rows) and writes the pieces into one output, so only one
+slice's transients are alive at a time. No FLOPs are added (the same operations on smaller
 pieces), weights are never copied, and on exit every original module is back in its
 place, also when the body raises. Attention modules and their processors are untouched,
 so it composes with `layered_attention` and the chunked UNet of `LayeredSampler`.
@@ -127,8 +128,9 @@ class TokenChunked(_Wrapper):
 
 def lean_targets(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of what `lean_activations` wraps: every transformer block's
-    feed-forward and every ResNet block / up- / downsampler, outermost only (a ResNet's own
-    resampler is wrapped with it), none inside a wrapper already installed."""
+    feed-forward and every ResNet block, up- / downsampler and attention-free UNet block,
+    outermost only (a plain block's ResNets go with it), none inside a wrapper already
+    installed."""
     from diffusers.models.attention import FeedForward
 
     row_wise = _row_wise_types()
@@ -148,9 +150,10 @@ def lean_targets(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 @contextlib.contextmanager
 def lean_activations(unet: nn.Module, *, rows: int = ROWS_PER_PIECE,
                      tokens: int = FF_CHUNK_TOKENS) -> Iterator[int]:
-    """For the `with` body, run `unet`'s feed-forwards on about `tokens` (row, token) pairs at a time and its
-    ResNet blocks and resamplers `rows` rows at a time (see the module docstring); yields
-    how many modules were wrapped. The originals are put back in their parents on exit."""
+    """For the `with` body, run `unet`'s feed-forwards on about `tokens` (row, token) pairs
+    at a time and its ResNet blocks, resamplers and attention-free blocks `rows` rows at a
+    time (see the module docstring); yields how many modules were wrapped. The originals
+    are put back in their parents on exit."""
     if rows < 1 or tokens < 1:
         raise ValueError(f"rows and tokens must be ≥ 1, got rows={rows}, tokens={tokens}")
     row_wise = _row_wise_types()
