@@ -178,6 +178,24 @@ def test_planner_picks_lean_on_accelerators_and_on_the_cpu_only_when_short(loade
         plan("cpu", lean="sometimes")
 
 
+@pytest.mark.slow
+def test_a_short_cpu_run_turns_lean_on_by_itself(loaded, monkeypatch):
+    """auto on the CPU: when the plain call of a step's 8 rows does not fit, the sampler
+    runs the UNet in lean activations, with the rows the lean model allows."""
+    from inference import memory_model
+
+    unet = loaded.pipeline.unet
+    plain_row, _ = memory_model.unet_activation_model(unet.config, (32, 32), unet.dtype)
+    monkeypatch.setattr(memory_model, "free_memory", lambda device: memory_model.HEADROOM + int(7.5 * plain_row))
+    seen, handle = lean_batches(unet)
+    try:
+        _, batches = run_method(loaded, request(steps=1), max_batch=None)
+    finally:
+        handle.remove()
+    assert set(seen) == {1}  # lean: the ResNet blocks ran row by row
+    assert sum(batches) == 8 and max(batches) <= 7
+
+
 def lean_batches(unet) -> tuple[list, object]:
     """The batch sizes the first ResNet block sees (1s: lean activations are on)."""
     seen: list[int] = []
@@ -240,6 +258,14 @@ def test_cli_refuses_a_bad_lean_choice(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lean_activations: must be one of auto, on, off" in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_bad_lean_choice_before_ready(tmp_path):
+    from tests.test_server_lifecycle import _serve, one_line_failure
+
+    line = one_line_failure(_serve(["--port", "0", "--device", "cpu", "--lean-activations", "always"], tmp_path))
+    assert "lean_activations: must be one of auto, on, off" in line
 
 
 # ------------------------------------------------------------------ offload parking
