@@ -18,6 +18,7 @@ BENCHMARKS = (
     "bench.real_size_flops",
     "bench.memory_model",
     "bench.patch_load",
+    "bench.full_size_load",
     "bench.speed_levers",
     "bench.server_latency",
     "bench.server_limits",

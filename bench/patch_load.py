@@ -1,7 +1,7 @@
 """Load-time work and resident bytes of the SDXL transparency patch, before and after.
 
 Before: the patch kept patched copies of the 560 attention tensors beside the UNet, and the
-first joint run factored all 140 matrices (rank 256) before its first step. After: the
+first joint run factored all 560 matrices (rank 256) before its first step. After: the
 rank-256 factors are the one resident form, read from the factor cache on every load but
 the first. Per shape kind of SDXL's patch (counts from the real UNet config), one matrix is
 factored (fp32, this CPU) and one cached entry read back; totals scale by the counts (the

@@ -28,6 +28,7 @@ class EngineSettings:
     offload: bool = False
     vae_tiling: bool = False
     max_batch: Optional[int] = None  # rows per UNet call in layered runs; None = from free memory
+    lean_activations: str = "auto"  # layered runs' UNet in lean activations: auto | on | off
     dtype: Optional[str] = None  # "float32", "bfloat16", "float16"; None = the device's default
     compile: bool = False  # torch.compile the UNet's attention-free blocks (inference/compilation.py)
 
@@ -39,6 +40,14 @@ class EngineSettings:
             raise InvalidRequest("max_batch", f"must be a positive integer (UNet rows per call), "
                                               f"got {self.max_batch!r}; leave it unset to size chunks "
                                               "from the free memory")
+        from .memory_model import LEAN_CHOICES
+
+        if self.lean_activations not in LEAN_CHOICES:
+            from .errors import InvalidRequest
+
+            raise InvalidRequest("lean_activations", f"must be one of {', '.join(LEAN_CHOICES)}, got "
+                                                     f"{self.lean_activations!r}; auto (the default) turns "
+                                                     "it on on GPUs and on the CPU when memory is short")
         if not isinstance(self.compile, bool):
             from .errors import InvalidRequest
 
@@ -104,6 +113,7 @@ class Engine:
         self._loaded = load_model(resolved, self.device, run_dtype(self.device, self.settings.dtype),
                                   offload=self.settings.offload, vae_tiling=self.settings.vae_tiling)
         self._loaded.max_batch = self.settings.max_batch
+        self._loaded.lean_activations = self.settings.lean_activations
         if self.settings.compile:
             from .compilation import compile_loaded_unet
 

@@ -126,9 +126,11 @@ def empty_latent(loaded, vae) -> torch.Tensor:
     size = 8 * f
     param = next(vae.parameters())
     if loaded.encoder is not None:
+        from .models import codecs_on_device
         from .transparent_vae import encode_transparent
 
-        z = encode_transparent(vae, loaded.encoder, torch.zeros(1, 4, size, size))
+        with codecs_on_device(loaded):
+            z = encode_transparent(vae, loaded.encoder, torch.zeros(1, 4, size, size))
     else:
         z = vae.encode(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)).latent_dist.mean
     centre = z[:, :, 3:5, 3:5].float().mean(dim=(2, 3), keepdim=True)
@@ -225,7 +227,7 @@ class LayeredSampler:
         total = opt.total_steps or steps
         if opt.step_offset == 0:
             progress(Progress(phase="denoise", step=0, total=total, layer=None, layers=layers))
-        with processors, torch.inference_mode():
+        with processors, self._lean_activations(), torch.inference_mode():
             for i, t in enumerate(timesteps):
                 if cancel.cancelled:
                     raise Cancelled(cancel.reason)
@@ -346,16 +348,26 @@ class LayeredSampler:
 
     def _max_rows(self, rows: int) -> int:
         """Rows per UNet call: the engine's `max_batch` if set, else what the memory model
-        says fits the device's free memory (decided once per run)."""
+        says fits the device's free memory (decided once per run, with `_lean`)."""
         if getattr(self, "_rows_per_call", None) is None:
-            from .memory_model import unet_rows_that_fit
+            from .memory_model import unet_call_plan
 
-            fixed = getattr(self.loaded, "max_batch", None)
-            fit = fixed or unet_rows_that_fit(self.unet, self.latent_size, self.device,
-                                              context_tokens=self.context.shape[1],
-                                              offloaded=getattr(self.loaded, "offloaded", False))
-            self._rows_per_call = rows if fit is None else max(1, int(fit))
+            self._rows_per_call, self._lean = unet_call_plan(
+                self.unet, self.latent_size, self.device, rows, context_tokens=self.context.shape[1],
+                offloaded=getattr(self.loaded, "offloaded", False),
+                max_batch=getattr(self.loaded, "max_batch", None),
+                lean=getattr(self.loaded, "lean_activations", "auto"))
         return self._rows_per_call
+
+    def _lean_activations(self):
+        """The UNet under lean activations for the denoising loop when the plan says so
+        (`inference.lean_unet`: exact, no FLOPs; docs/methods.md, "Chunked UNet")."""
+        import contextlib
+
+        from .lean_unet import lean_activations
+
+        self._max_rows(self.groups * len(self.layout.items))
+        return lean_activations(self.unet) if self._lean else contextlib.nullcontext()
 
     def _estimate_masks(self, x0: torch.Tensor) -> None:
         """Self-mask per generated foreground: content (own-token cross attention, running

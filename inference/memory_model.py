@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from functools import partial
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -141,23 +142,38 @@ def meta_unet(config, dtype):
 
 
 def unet_activation_model(config, latent_size: tuple[int, int], dtype, context_tokens: int = 77,
-                          unet=None) -> tuple[int, int]:
+                          unet=None, lean: bool = False) -> tuple[int, int]:
     """(bytes per batch row, fixed bytes) of one UNet call's activation peak at this size.
 
-    Activations grow linearly with the batch and with no fixed part (SDXL at 1024²: 0.154
+    Plain calls grow linearly with the batch and with no fixed part (SDXL at 1024²: 0.154
     GiB per row at 1, 2, 5 and 10 rows), so one trace at batch 1 on a meta copy gives the
-    per-row bytes; an intercept would only make this conservative. Cached per config,
-    size and dtype: the first job of a size pays it (about 2–4 s for SDXL on a CPU core).
-    `unet`: a meta UNet to trace instead (e.g. with layered processors installed).
+    per-row bytes. With `lean` (`inference.lean_unet`: feed-forwards in token pieces,
+    ResNet blocks row by row) one piece's transients are a fixed part, so the call is
+    traced at batch 2 and 4 under the real context manager: slope and intercept. Cached per
+    config, size, dtype and lean: the first job of a size pays it (SDXL 1024² on one CPU
+    core: 1.4 s plain, 3.1 s lean). `unet`: a meta UNet to trace instead (e.g. with layered
+    processors installed).
     """
-    key = (repr(sorted(dict(config).items())), tuple(latent_size), dtype, context_tokens)
-    if unet is not None or key not in _ACTIVATION_CACHE:
-        model = unet if unet is not None else meta_unet(config, dtype)
-        per_row = traced_peak(lambda: model(**unet_meta_inputs(config, 1, latent_size, dtype, context_tokens)))
-        if unet is not None:
-            return per_row, 0
-        _ACTIVATION_CACHE[key] = (per_row, 0)
-    return _ACTIVATION_CACHE[key]
+    key = (repr(sorted(dict(config).items())), tuple(latent_size), dtype, context_tokens, lean)
+    if unet is None and key in _ACTIVATION_CACHE:
+        return _ACTIVATION_CACHE[key]
+    model = unet if unet is not None else meta_unet(config, dtype)
+
+    def peak(batch: int) -> int:
+        return traced_peak(lambda: model(**unet_meta_inputs(config, batch, latent_size, dtype, context_tokens)))
+
+    if lean:
+        from .lean_unet import lean_activations
+
+        with lean_activations(model):  # at 2 and 4 rows: small canvases split their FFs from 3 rows on
+            two, four = peak(2), peak(4)
+        per_row = max((four - two) // 2, 1)
+        result = (per_row, max(two - 2 * per_row, 0))
+    else:
+        result = (peak(1), 0)
+    if unet is None:
+        _ACTIVATION_CACHE[key] = result
+    return result
 
 
 def free_memory(device) -> Optional[int]:
@@ -175,18 +191,49 @@ def free_memory(device) -> Optional[int]:
 
 
 def unet_rows_that_fit(unet, latent_size: tuple[int, int], device, *, context_tokens: int = 77,
-                       offloaded: bool = False) -> Optional[int]:
-    """How many batch rows one UNet call may carry in the device's free memory (≥ 1); None
-    when the free memory is unknown. With model offload the UNet's own weights still have
-    to come onto the device when it runs, so they are taken off the free memory first."""
+                       offloaded: bool = False, lean: bool = False) -> Optional[int]:
+    """How many batch rows one UNet call (`lean`: under lean activations) may carry in the
+    device's free memory (≥ 1); None when the free memory is unknown. With model offload
+    the UNet's own weights still have to come onto the device when it runs, so they are
+    taken off the free memory first."""
     free = free_memory(device)
     if free is None:
         return None
     dtype = unet.dtype
     if offloaded and next(unet.parameters()).device.type != torch.device(device).type:
         free -= sum(weight_bytes([unet]).values())
-    per_row, fixed = unet_activation_model(unet.config, latent_size, dtype, context_tokens)
+    per_row, fixed = unet_activation_model(unet.config, latent_size, dtype, context_tokens, lean=lean)
     return max(1, int((usable_memory(free) - fixed) // max(per_row, 1)))
+
+
+LEAN_CHOICES = ("auto", "on", "off")
+
+
+def unet_call_plan(unet, latent_size: tuple[int, int], device, rows: int, *, context_tokens: int = 77,
+                   offloaded: bool = False, max_batch: Optional[int] = None,
+                   lean: str = "auto") -> tuple[int, bool]:
+    """(rows per UNet call, lean activations?) for a layered step of `rows` rows.
+
+    `lean` "on"/"off" forces it; "auto" turns it on on accelerators (exact, no FLOPs, a
+    few more kernel launches: memory is what they lack) and on the CPU only when the plain
+    call of the rows wanted would not fit. Rows are `max_batch` when set, else what fits
+    the free memory with that choice (all of them when the free memory is unknown).
+    """
+    if lean not in LEAN_CHOICES:
+        raise ValueError(f"lean must be one of {LEAN_CHOICES}, got {lean!r}")
+    kind = torch.device(device).type
+    fit = partial(unet_rows_that_fit, unet, latent_size, device, context_tokens=context_tokens,
+                  offloaded=offloaded)
+    wanted = min(rows, max_batch) if max_batch else rows
+    if lean == "auto":
+        plain = None if kind != "cpu" else fit(lean=False)
+        use_lean = kind != "cpu" or (plain is not None and plain < wanted)
+    else:
+        use_lean = lean == "on"
+    if max_batch:
+        return max_batch, use_lean
+    got = fit(lean=use_lean)
+    return (rows if got is None else max(1, min(rows, int(got)))), use_lean
 
 
 def vae_decode_peak(vae, latent_shape: tuple[int, ...], dtype) -> int:

@@ -582,6 +582,8 @@ class LoadedModel:
     dtype: object
     offloaded: bool = False
     max_batch: Optional[int] = None  # rows per UNet call of a layered run; None = what fits
+    lean_activations: str = "auto"  # layered runs' UNet in lean activations (auto | on | off)
+    load_seconds: dict = field(default_factory=dict)  # per load step (pipeline, patch, decoders)
     _description: Optional[dict] = None
     _adapters: dict = field(default_factory=dict)
 
@@ -622,6 +624,36 @@ class LoadedModel:
         return dict(self._description)
 
 
+HOST = "cpu"  # where model offload parks the transparent decoder and encoder between uses
+_CODEC_USERS: dict[int, int] = {}  # id(loaded) → open codecs_on_device blocks
+
+
+@contextlib.contextmanager
+def codecs_on_device(loaded) -> Iterator[None]:
+    """The transparent decoder and offset encoder of `loaded` on its device for the block.
+
+    Under model offload they wait in host memory while the UNet runs (so an 8 GiB card
+    holds only the UNet, the transparency factors and the activations when denoising) and
+    come over only to decode or encode, then go back; without offload they live on the
+    device and nothing moves. Nested blocks move them once.
+    """
+    parked = [m for m in (loaded.decoder, loaded.encoder) if m is not None] \
+        if getattr(loaded, "offloaded", False) else []
+    depth = _CODEC_USERS.get(id(loaded), 0)
+    if depth == 0:
+        for module in parked:
+            module.to(loaded.device)
+    _CODEC_USERS[id(loaded)] = depth + 1
+    try:
+        yield
+    finally:
+        _CODEC_USERS[id(loaded)] = depth
+        if depth == 0:
+            del _CODEC_USERS[id(loaded)]
+            for module in parked:
+                module.to(HOST)
+
+
 def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
                vae_tiling: bool = False) -> LoadedModel:
     """Build the pipeline and the LayerDiffuse parts from a ResolvedModel (local files only).
@@ -631,11 +663,14 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     VAE for large images. The transparency patch is built against the UNet's tensors after
     they reached their final dtype/device.
     """
+    import time
+
     import torch
 
     from .transparent_vae import TransparentDecoder, TransparentEncoder, fast_memory_format
 
     device = torch.device(device)
+    seconds, t = {}, time.perf_counter()
     # 1. The base pipeline, from local files only.
     pipeline = _load_pipeline(resolved, dtype)
     _check_all_weights_loaded(pipeline, resolved)
@@ -645,12 +680,12 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
     offloaded = bool(offload and device.type != "cpu")
     if not offloaded:
         pipeline.to(device)
+    seconds["pipeline"], t = time.perf_counter() - t, time.perf_counter()
     if resolved.family == "sdxl":
-        from .sdxl_transparency import FactorCache, TransparencyPatch
+        from .sdxl_transparency import TransparencyPatch
 
-        cache = FactorCache(default_cache_dir() / "transparency-factors",
-                            HashCache(default_cache_dir() / "file_hashes.json").sha256)
-        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet, factor_cache=cache)
+        unet_patch = TransparencyPatch.from_file(resolved.files["unet_patch"], pipeline.unet,
+                                                 factor_cache=transparency_factor_cache())
     else:
         from .sd15_attention_sharing import LAYER_SD15_FILES, load_attention_sharing
 
@@ -662,18 +697,31 @@ def load_model(resolved: ResolvedModel, device, dtype, *, offload: bool = False,
         pipeline.enable_model_cpu_offload(device=device)
     if vae_tiling:
         pipeline.vae.enable_tiling()
+    seconds["transparency_patch"], t = time.perf_counter() - t, time.perf_counter()
 
-    # 3. The transparent decoder and (when the family has one) the offset encoder at its file's scale.
+    # 3. The transparent decoder and (when the family has one) the offset encoder at its file's
+    #    scale; under model offload they wait in host memory (`codecs_on_device`).
+    home = torch.device(HOST) if offloaded else device
     decoder = fast_memory_format(TransparentDecoder.from_single_file(
-        resolved.files["decoder"], dtype=dtype, device=device, **resolved.decoder_config), device)
+        resolved.files["decoder"], dtype=dtype, device=home, **resolved.decoder_config), device)
     encoder = None
     if "encoder" in resolved.files:
-        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=device,
+        encoder = TransparentEncoder.from_single_file(resolved.files["encoder"], dtype=dtype, device=home,
                                                       offset_scale=resolved.encoder_offset_scale,
                                                       **resolved.encoder_config)
+    seconds["transparent_vae"] = time.perf_counter() - t
     return LoadedModel(pipeline=pipeline, decoder=decoder, encoder=encoder, unet_patch=unet_patch,
                        family=resolved.family, resolved=resolved, device=device, dtype=dtype,
-                       offloaded=offloaded)
+                       offloaded=offloaded, load_seconds=seconds)
+
+
+def transparency_factor_cache():
+    """Where the SDXL patch's low-rank factors are kept between loads (`FactorCache`):
+    `<cache>/transparency-factors/`, keyed by the delta file's sha256 (the hash cache)."""
+    from .sdxl_transparency import FactorCache
+
+    return FactorCache(default_cache_dir() / "transparency-factors",
+                       HashCache(default_cache_dir() / "file_hashes.json").sha256)
 
 
 def _load_pipeline(resolved: ResolvedModel, dtype):

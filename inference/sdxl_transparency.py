@@ -129,7 +129,7 @@ class TransparencyPatch:
 
         The header is validated against the UNet before any tensor is read; tensors are
         then read one at a time, so peak extra memory is the stored deltas plus one delta.
-        Factoring SDXL's 140 matrices takes about a minute on a CPU: `factor_cache` keeps
+        Factoring SDXL's 560 matrices takes about a minute on a CPU: `factor_cache` keeps
         the result on disk, keyed by the file's sha256, so a second load reads it instead.
         """
         path = Path(path)
@@ -309,7 +309,7 @@ def _patched_tensor(base: torch.Tensor, stored: Stored) -> torch.Tensor:
 
 class FactorCache:
     """The stored deltas of delta files on disk (safetensors), so a second load of SDXL's
-    patch reads 0.7 GiB instead of factoring 140 matrices. One file per delta file path and
+    patch reads 0.7 GiB instead of factoring 560 matrices. One file per delta file path and
     dtype; it records the delta file's sha256 and is rebuilt when that changes (or when it
     does not match the UNet). `sha256(path)` is the project's hash cache (`HashCache`)."""
 
@@ -388,7 +388,7 @@ def factor_low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     When r is well below the matrix size, a randomized SVD (Halko et al.: r + 16 random
     probes, two power iterations) finds the same leading subspace as a full SVD — for the
     rank-256 LayerDiffuse deltas the error is the fp16 storage floor either way — at a
-    fraction of the time (SDXL has 140 such matrices, minutes of full SVDs on a CPU). Its
+    fraction of the time (SDXL has 560 such matrices, minutes of full SVDs on a CPU). Its
     random probes come from a fixed seed on a forked RNG, so factors (and every image made
     with them) are the same in every process and the caller's RNG is untouched.
     """

@@ -214,9 +214,12 @@ def _source_digest(module_file: Optional[str]) -> str:
 
 
 def tiny_model_key(seed: int = 0) -> str:
-    """Content key of a tiny build: everything that can change its bytes."""
-    from . import transparent_vae
+    """Content key of a tiny build: everything that can change its bytes. Reads the
+    decoder's source without importing it: GET /v1/models asks this, and importing
+    transparent_vae would import torch (seconds on a cold server)."""
+    import importlib.util
 
+    decoder_source = importlib.util.find_spec(f"{__package__}.transparent_vae").origin
     payload = {
         "format": TINY_FORMAT_VERSION,
         "seed": seed,
@@ -225,7 +228,7 @@ def tiny_model_key(seed: int = 0) -> str:
                     DELTA_SCALE],
         "versions": {d: _version(d) for d in ("torch", "diffusers", "transformers", "tokenizers",
                                              "safetensors", "open_clip_torch")},
-        "sources": [_source_digest(__file__), _source_digest(transparent_vae.__file__)],
+        "sources": [_source_digest(__file__), _source_digest(decoder_source)],
     }
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

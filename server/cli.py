@@ -41,6 +41,11 @@ def parse_margins(text: str) -> tuple[float, float, float, float]:
     return _four_numbers(text, "margins", "L,T,R,B")
 
 
+LEAN_HELP = ("lean activations in joint/harmonized runs: the UNet's feed-forwards in token pieces and its "
+             "ResNet blocks row by row, the same result in less memory (auto: on GPUs, and on the CPU "
+             "when memory is short)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m server", description="Multiplane inference engine and server")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, default=None, help="serve HTTPS: PEM private key")
     serve.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
                        help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
+    serve.add_argument("--lean-activations", default="auto", metavar="auto|on|off", help=LEAN_HELP)
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the UNet's attention-free blocks (slower first load; see the README)")
@@ -135,6 +141,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per UNet call in joint/harmonized runs (default: what fits the free memory)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet's attention-free blocks (slower first load; see the README)")
+    p.add_argument("--lean-activations", default="auto", metavar="auto|on|off", help=LEAN_HELP)
     p.add_argument("--psd", action="store_true", help="also write a layered stack.psd")
     p.add_argument("--ora", action="store_true", help="also write an OpenRaster stack.ora")
     p.add_argument("--exr", action="store_true",
@@ -247,7 +254,7 @@ def cmd_generate(args) -> int:
     engine = Engine(EngineSettings(device=args.device, models_dir=args.models_dir,
                                    allow_download=not args.offline, offload=args.offload,
                                    vae_tiling=args.vae_tiling, max_batch=args.max_batch, dtype=args.dtype,
-                                   compile=args.compile))
+                                   lean_activations=args.lean_activations, compile=args.compile))
     bar = ProgressBar(args.quiet)
     cancel = CancelToken()
     try:
@@ -335,7 +342,7 @@ def cmd_serve(args, engine_factory=None) -> int:
                       allow_hosts=tuple(args.allow_host), tls_cert=args.tls_cert,
                       tls_key=args.tls_key, devices=args.devices,
                       engine_options=dict(max_batch=args.max_batch, dtype=args.dtype,
-                                          compile=args.compile)) or EXIT_OK
+                                          lean_activations=args.lean_activations, compile=args.compile)) or EXIT_OK
     exit_process(code)
     return code
 

@@ -256,9 +256,10 @@ def blender_pythons() -> list:
     import pytest
 
     found = bpy42_python()
-    return [pytest.param(None, id="bpy-current"),
+    return [pytest.param(None, id="bpy-current", marks=pytest.mark.each_blender),
             pytest.param(found, id="bpy-4.2",
-                         marks=pytest.mark.skipif(found is None, reason="no bpy 4.2 environment (make bpy42)"))]
+                         marks=[pytest.mark.each_blender,
+                                pytest.mark.skipif(found is None, reason="no bpy 4.2 environment (make bpy42)")])]
 
 
 def per_blender(kinds) -> list:

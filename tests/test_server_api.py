@@ -543,6 +543,19 @@ def test_models_are_listed_with_availability(api, tmp_path):
         assert models[name]["details"]["pixel_budget"] == size * size
 
 
+def test_listing_models_does_not_import_torch(tmp_path):
+    """GET /v1/models on a cold server answers Test Connection's short timeout: listing the
+    presets reads files only (importing torch alone took seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.presets import list_presets; list_presets(None); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_download_of_unknown_model_is_404(api):
     r = api.client.post("/v1/models/no-such-model/download", headers=AUTH)
     assert r.status_code == 404 and "no-such-model" in r.json()["detail"]

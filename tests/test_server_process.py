@@ -168,17 +168,13 @@ def test_cancel_running_job_stops_within_one_step(server):
     watcher = threading.Thread(target=watch)
     watcher.start()
     assert seen_steps.wait(60)
-    cancel_sent["t"] = time.monotonic()
     r = server.client.delete(f"/v1/jobs/{job['id']}")
     cancel_sent["answered"] = time.monotonic()
     assert r.status_code == 200 and r.json()["cancel_requested"]
     watcher.join(30)
     assert events and events[-1][1]["status"] == "cancelled"
-    # "Fast" is relative to a step: the machine may be busy, so measure the step time.
-    step_times = [t for t, e in events if t < cancel_sent["t"] and e["progress"]["phase"] == "denoise"]
-    step_seconds = max(b - a for a, b in zip(step_times, step_times[1:])) if len(step_times) > 1 else 1.0
-    stopped_after = events[-1][0] - cancel_sent["t"]
-    assert stopped_after < max(2.0, 3 * step_seconds), (stopped_after, step_seconds)
+    # "Within one step" counted in steps, not seconds (a busy machine stretches both alike):
+    # after the cancel was answered, only the step in flight and at most one more report.
     after = [e for t, e in events if t > cancel_sent["answered"] and e["progress"]["phase"] == "denoise"
              and e["status"] == "running"]
     steps_after = {e["progress"]["step"] for e in after}

@@ -306,9 +306,11 @@ def _encode_layer(loaded, vae, image: np.ndarray) -> torch.Tensor:
         if loaded.encoder is None:
             raise InvalidRequest("model", "editing needs the model's transparent (offset) encoder to "
                                           "re-encode the kept foreground layers; this model has none")
+        from ..models import codecs_on_device
         from ..transparent_vae import encode_transparent
 
-        z = encode_transparent(vae, loaded.encoder, pixels)
+        with codecs_on_device(loaded):
+            z = encode_transparent(vae, loaded.encoder, pixels)
     return scale_latents(vae, z.float())
 
 

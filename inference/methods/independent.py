@@ -66,9 +66,11 @@ def generate_independent(loaded, request: StackRequest, *, progress: ProgressCal
 def decode_foreground(loaded, vae, latents, passes: int, progress: ProgressCallback,
                       cancel: CancelToken, *, layer: int, layers: int):
     """Latent → straight RGBA uint8 through the VAE and the transparent decoder."""
+    from ..models import codecs_on_device
     from ..transparent_vae import decode_transparent
 
     pixels, z = decode_rgb(vae, latents)
-    rgba = decode_transparent(loaded.decoder, pixels, z, passes=passes, cancel=cancel,
-                              progress=progress, layer=layer, layers=layers)
+    with codecs_on_device(loaded):
+        rgba = decode_transparent(loaded.decoder, pixels, z, passes=passes, cancel=cancel,
+                                  progress=progress, layer=layer, layers=layers)
     return to_uint8(rgba)

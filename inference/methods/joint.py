@@ -46,6 +46,7 @@ def decode_items(loaded, vae, items: list[LayerItem], latents: torch.Tensor, tta
     images: one call instead of one per layer; 1024² ones: one at a time, as memory wants);
     the foregrounds of a call then go through the transparent decoder together.
     """
+    from ..models import codecs_on_device
     from ..transparent_vae import decode_transparent
 
     layer_of = {i: n for n, i in enumerate(i for i, it in enumerate(items) if it.role != "blended")}
@@ -71,9 +72,10 @@ def decode_items(loaded, vae, items: list[LayerItem], latents: torch.Tensor, tta
         if not fg:
             continue
         single = len(fg) == 1  # one layer reports each TTA pass; a batch reports per layer when done
-        rgba = decode_transparent(loaded.decoder, pixels[fg], z[fg], passes=tta_passes, cancel=cancel,
-                                  progress=progress if single else None, layer=layer_of[chunk[fg[0]]],
-                                  layers=layers)
+        with codecs_on_device(loaded):  # host → device for the decode under model offload
+            rgba = decode_transparent(loaded.decoder, pixels[fg], z[fg], passes=tta_passes, cancel=cancel,
+                                      progress=progress if single else None, layer=layer_of[chunk[fg[0]]],
+                                      layers=layers)
         for row, n in enumerate(fg):
             foregrounds[fg_slot[chunk[n]]] = to_uint8(rgba[row:row + 1])
             if not single:
