@@ -35,10 +35,15 @@ def unique_graphs() -> int:
 
 @pytest.fixture(scope="module")
 def compiled():
+    """The compiled tiny model; past dynamo's recompile limit a block would silently run
+    eager (no new graph counted), so here hitting it raises instead."""
+    import torch._dynamo.config as dynamo_config
+
     messages = []
     engine = Engine(EngineSettings(device="cpu", allow_download=False, compile=True))
     loaded = engine.load("tiny", progress=lambda p: messages.append(p.message))
-    return loaded, messages
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+        yield loaded, messages
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +125,13 @@ def test_attention_processors_still_run_and_capture_under_compile(compiled, eage
     torch.testing.assert_close(spread, eager_spread, atol=1e-4, rtol=1e-4)
 
 
-def run_joint(loaded, max_batch):
+def run_joint(loaded, max_batch, **changes):
     from inference.methods import run_method
 
     req = StackRequest(prompt="a forest at dusk", background="pine trees",
                        layers=(LayerSpec("a red fox", box=(0.5, 0.0, 1.0, 0.5)),), width=256, height=256,
                        steps=3, guidance=4.0, seed=5, tta_passes=1, method="joint").validated()
-    return run_method(dataclasses.replace(loaded, max_batch=max_batch), req, progress=ignore_progress,
+    return run_method(dataclasses.replace(loaded, max_batch=max_batch, **changes), req, progress=ignore_progress,
                       cancel=CancelToken())
 
 
@@ -139,6 +144,24 @@ def test_compiled_joint_run_equals_eager_with_chunks_and_no_recompile(compiled, 
              *zip(got.foregrounds, want.foregrounds), *zip(got.masks, want.masks)]
     for a, b in pairs:
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # one 8-bit level
+
+
+def test_compiled_blocks_run_inside_lean_activations_wrappers(compiled, eager, monkeypatch):
+    """Lean activations wrap the compiled blocks (row by row, feed-forwards in token pieces)
+    and call them: the same layers as eager without lean, and nothing recompiled."""
+    from inference import lean_unet
+
+    calls = []
+    row_chunked = lean_unet.RowChunked.forward
+    monkeypatch.setattr(lean_unet.RowChunked, "forward",
+                        lambda self, *a, **kw: calls.append(1) or row_chunked(self, *a, **kw))
+    graphs = unique_graphs()
+    got = run_joint(compiled[0], max_batch=None, lean_activations="on")
+    assert calls and unique_graphs() == graphs  # the wrappers ran, the compiled blocks inside them
+    want = run_joint(eager, max_batch=None, lean_activations="off")
+    for a, b in [(got.background, want.background), (got.blended, want.blended),
+                 *zip(got.foregrounds, want.foregrounds), *zip(got.masks, want.masks)]:
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_settings_refuse_a_non_boolean_compile():
