@@ -4,9 +4,10 @@ On this CPU with the tiny model (256², one UNet call of 8 rows, fastest of 5 in
 runs): SDPA processors vs diffusers' explicit-softmax ones, channels-last vs contiguous
 UNet, bfloat16 vs float32, `--compile` (its warm-up, then compiled vs eager); at SDXL 1024²
 from the memory model: the activation peak of one UNet row with explicit-softmax attention
-vs SDPA (the T×T scores it materializes); TTA passes from the FLOP model (bench.real_size_flops) and on the tiny decoder; and the latency
-from `generate` to the first progress event and to the first finished step, with the
-chunk size taken from the memory model (cold: traced at the first job of a size) or fixed.
+vs SDPA (the T×T scores it materializes); TTA passes from the FLOP model
+(bench.real_size_flops) and on the tiny decoder; and the latency from `generate` to the
+first progress event and to the first finished step, with the chunk size taken from the
+memory model (cold: traced at the first job of a size) or fixed.
 
 `python -m bench.speed_levers` prints one JSON line.
 """
