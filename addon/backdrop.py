@@ -299,14 +299,22 @@ CLASSES = (
     MULTIPLANE_OT_parallax_move,
 )
 
-_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
 
 
-def register() -> None:
-    _register_classes()
-    bpy.types.TOPBAR_MT_file_import.append(_menu_import)
+def import_menu_registration(classes, draw_menu):
+    """(register, unregister) of a module's `classes` plus its File › Import entry
+    `draw_menu` (the entry goes after the classes and comes off before them)."""
+    register_classes, unregister_classes = bpy.utils.register_classes_factory(classes)
+
+    def register() -> None:
+        register_classes()
+        bpy.types.TOPBAR_MT_file_import.append(draw_menu)
+
+    def unregister() -> None:
+        bpy.types.TOPBAR_MT_file_import.remove(draw_menu)
+        unregister_classes()
+
+    return register, unregister
 
 
-def unregister() -> None:
-    bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
-    _unregister_classes()
+register, unregister = import_menu_registration(CLASSES, _menu_import)

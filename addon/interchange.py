@@ -12,6 +12,7 @@ from bpy.props import BoolProperty, StringProperty
 from bpy.types import Operator
 from bpy_extras.io_utils import ImportHelper
 
+from .backdrop import import_menu_registration
 from .generate import backend_settings_or_report, ready_to_start_or_report
 from .importer import PROP_DEPTH, PROP_LAYER, PROP_STACK_NAME, backdrop_planes, find_backdrop
 from .limits import MAX_NAME_CHARS
@@ -86,14 +87,4 @@ def _menu_import(self, _context):
 
 
 CLASSES = (MULTIPLANE_OT_import_layered_file,)
-_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
-
-
-def register() -> None:
-    _register_classes()
-    bpy.types.TOPBAR_MT_file_import.append(_menu_import)
-
-
-def unregister() -> None:
-    bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
-    _unregister_classes()
+register, unregister = import_menu_registration(CLASSES, _menu_import)

@@ -28,15 +28,9 @@ def _stack(names=NAMES, **fields) -> LayerStack:
     return LayerStack(width=WIDTH, height=HEIGHT, prompt="test", layers=layers, **fields)
 
 
-def _srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
-    """Written out here, not taken from the module under test."""
-    v = encoded / 255.0
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
-
-
 def _expected_premultiplied(image: np.ndarray) -> np.ndarray:
     alpha = image[..., 3:4] / 255.0 if image.shape[2] == 4 else np.ones(image.shape[:2] + (1,))
-    return np.concatenate([_srgb_to_linear(image[..., :3].astype(np.float64)) * alpha, alpha], axis=2)
+    return np.concatenate([helpers.srgb_to_linear(image[..., :3] / 255.0) * alpha, alpha], axis=2)
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -89,7 +83,7 @@ def test_the_composite_is_the_linear_light_over_of_the_layers(written):
         _assert_half_close(channels[f"Composite.{channel}"], result[..., index])
     assert np.allclose(linear_composite(images), result)
     # ...which is not the sRGB-space composite.png at the soft edges.
-    encoded_over = _srgb_to_linear(helpers.composite_encoded(images).astype(np.float64))
+    encoded_over = helpers.srgb_to_linear(helpers.composite_encoded(images) / 255.0)
     assert np.abs(encoded_over - result[..., :3]).max() > 0.01
 
 
